@@ -1,0 +1,1 @@
+"""ShotStream model package."""

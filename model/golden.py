@@ -1,0 +1,286 @@
+"""Replay of golden vectors recorded from the original implementation (../shared/golden).
+
+A golden file is a safetensors file of every tensor that crossed a call boundary, with a
+JSON sidecar of the same stem giving the sizes, the ordered calls and the tolerances.
+Nothing here assumes the sizes of a particular file: they come from the sidecar.
+
+Two replays, as the golden README describes:
+- per call (teacher-forced): each generator call gets its recorded inputs; its outputs,
+  caches and activations are compared (tolerance `per_call_abs`);
+- chained (free-running): only noises (and, for the whole loop, token ids) are injected,
+  everything else comes from our own outputs (tolerance `chain_abs`).
+
+Results are `Check` rows grouped like the file's own `tolerances.observed` groups.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from cache.kv import KVCache, KVLayout
+from model.config import ModelConfig, config_from_golden
+from model.dit import CausalDiT, Pass
+from model.sampler import FlowSchedule
+from model.steps import chunk_pass, denoise_chunk, prefill_context, refresh_cache
+from model.weights import load_dit_state, strip_prefix
+
+
+@dataclass
+class Check:
+    """One compared tensor: its group, name, max abs error and tolerance."""
+
+    group: str
+    name: str
+    max_abs: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs <= self.tolerance
+
+
+@dataclass
+class GroupResult:
+    group: str
+    tolerance: float
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def max_abs(self) -> float:
+        return max((c.max_abs for c in self.checks), default=0.0)
+
+    @property
+    def worst(self) -> str:
+        return max(self.checks, key=lambda c: c.max_abs).name if self.checks else ""
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+class Golden:
+    """A golden file: lazy tensor access plus its JSON sidecar."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        sidecar = self.path.with_suffix(".json")
+        if not self.path.is_file():
+            raise FileNotFoundError(f"golden tensors not found: {self.path}")
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"golden sidecar not found beside it: {sidecar}")
+        self.meta = json.loads(sidecar.read_text())
+        if self.meta.get("format") != "shotstream-golden":
+            raise ValueError(f"{sidecar}: not a shotstream-golden sidecar")
+        self._file = safe_open(str(self.path), framework="pt")
+        self._names = set(self._file.keys())
+        self.cfg: ModelConfig = config_from_golden(self.meta)
+        self.calls: list[dict] = self.meta["calls"]
+        self.calls_by_id = {c["id"]: c for c in self.calls}
+        tol = self.meta["tolerances"]
+        self.per_call_tol = float(tol["per_call_abs"])
+        self.chain_tol = float(tol["chain_abs"])
+        self.num_shots = int(self.meta["config"]["shots"]["num_shots"])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(name)
+
+    def weights(self, part: str) -> dict[str, torch.Tensor]:
+        """Tensors of `weights.<part>.` with that prefix removed (the checkpoint's own keys)."""
+        prefix = self.meta["weights"][part]["prefix"]
+        return {k[len(prefix) :]: self[k] for k in self._names if k.startswith(prefix)}
+
+    def shot_calls(self, shot: int, kinds: tuple[str, ...] = ("dit_prefill", "dit")) -> list[dict]:
+        return [c for c in self.calls if c.get("shot") == shot and c["kind"] in kinds]
+
+    def build_dit(self) -> CausalDiT:
+        sd = strip_prefix(self.weights("generator"), "model.", where=str(self.path))
+        return load_dit_state(self.cfg, sd, what=f"{self.path.name} generator")
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: ours {tuple(a.shape)} vs golden {tuple(b.shape)}")
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def caption_index_for(flags: torch.Tensor, n_captions: int) -> torch.Tensor:
+    """Frame -> caption row: its shot flag when there are several captions, else row 0."""
+    return flags.long() if n_captions > 1 else torch.zeros_like(flags, dtype=torch.long)
+
+
+def new_cache(cfg: ModelConfig) -> KVCache:
+    return KVCache(KVLayout.for_config(cfg), batch=1, dtype=torch.float32)
+
+
+# -- per-call replay of the generator ------------------------------------------------
+def replay_dit_calls(g: Golden, dit: CausalDiT, schedule: FlowSchedule) -> Iterator[Check]:
+    """Teacher-forced replay of every recorded generator call, shot by shot, in order."""
+    cfg, tol = g.cfg, g.per_call_tol
+    ctx = cfg.context_tokens
+    for shot in range(g.num_shots):
+        calls = g.shot_calls(shot)
+        if not calls:
+            continue
+        kv = new_cache(cfg)
+        for call in calls:
+            ins = call["inputs"]
+            x = g[ins["x"]]
+            flags = g[ins["shot_flags"]].long()[None]  # (1, F)
+            prompt = g[ins["prompt_embeds"]][None]  # (1, S, T, text_dim)
+            n_cap = prompt.shape[1]
+            captions = caption_index_for(flags, n_cap)
+            record: dict[str, torch.Tensor] | None = {} if call.get("activations") else None
+            cid = call["id"]
+            if call["kind"] == "dit_prefill":
+                prefill_context(dit, kv, x, flags, captions, prompt, record=record)
+                for name in call["caches"].get("ctx", []):
+                    kind, layer = _cache_key(name)
+                    ours = (kv.k if kind == "k" else kv.v)[layer, :, :ctx]
+                    yield Check("dit.caches", name, max_abs(ours, g[name]), tol)
+                for name in call["caches"].get("xattn", []):
+                    kind, layer = _cache_key(name)
+                    ours = (kv.text_k if kind == "k" else kv.text_v)[layer, 0, :n_cap]
+                    yield Check("dit.caches", name, max_abs(ours, g[name]), tol)
+            else:
+                chunk = int(call["chunk"])
+                pass_ = chunk_pass(dit, kv, chunk, flags[:, 0], captions[:, 0])
+                t = g[ins["t"]].float()
+                flow = dit(x, t, pass_, record=record)
+                t_value = float(call["params"]["timestep_value"])
+                x0 = schedule.to_x0(x, flow, schedule.sigma_at(t_value))
+                yield Check("dit.flow", call["outputs"]["flow"], max_abs(flow, g[call["outputs"]["flow"]]), tol)
+                yield Check("dit.x0", call["outputs"]["x0"], max_abs(x0, g[call["outputs"]["x0"]]), tol)
+                filled = int(call["params"]["local_end_index"])
+                for name in call["caches"].get("local", []):
+                    kind, layer = _cache_key(name)
+                    ours = (kv.k if kind == "k" else kv.v)[layer, :, ctx : ctx + filled]
+                    yield Check("dit.caches", name, max_abs(ours, g[name]), tol)
+                if "renoise" in call:
+                    rn = call["renoise"]
+                    t_next = float(g[rn["t_next"]][0])
+                    x_next = schedule.renoise(x0, g[rn["noise"]], schedule.sigma_at(t_next))
+                    yield Check("scheduler.renoise", rn["x_next"], max_abs(x_next, g[rn["x_next"]]), tol)
+            if record is not None:
+                for act, name in call["activations"].items():
+                    if act == "text_embedding":
+                        # computed once per shot, at the prefill: (S, T, D) for batch row 0
+                        ours = record.get(act, dit.embed_text(prompt))[0]
+                    else:
+                        ours = record[act]
+                    yield Check("dit.activations", name, max_abs(ours, g[name]), tol)
+            del cid
+
+
+def _cache_key(name: str) -> tuple[str, int]:
+    """'shot0.prefill.cache.ctx.k.L1' -> ('k', 1)."""
+    parts = name.split(".")
+    return parts[-2], int(parts[-1][1:])
+
+
+# -- chained replay of a shot's generator loop ---------------------------------------
+def run_shot(
+    dit: CausalDiT,
+    schedule: FlowSchedule,
+    ctx_latents: torch.Tensor,
+    ctx_flags: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    noise: torch.Tensor,
+    renoise_for: Callable[[int], list[torch.Tensor]],
+    on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Generate one shot through the verbs: prefill, then per chunk denoise + refresh.
+
+    ctx_latents (1, Fc, C, h, w), ctx_flags (1, Fc), prompt_embeds (1, S, T, text_dim),
+    noise (1, F_shot, C, h, w); `renoise_for(chunk)` gives that chunk's re-noise draws.
+    Returns the shot's latents (1, F_shot, C, h, w).
+    """
+    cfg = dit.cfg
+    kv = new_cache(cfg)
+    n_cap = prompt_embeds.shape[1]
+    prefill_context(dit, kv, ctx_latents, ctx_flags, caption_index_for(ctx_flags, n_cap), prompt_embeds)
+    gen_flag = ctx_flags[:, -1] + 1
+    caption = caption_index_for(gen_flag, n_cap)
+    n_chunks = noise.shape[1] // cfg.chunk_frames
+    out = []
+    for c in range(n_chunks):
+        pass_ = chunk_pass(dit, kv, c, gen_flag, caption)
+        eps = noise[:, c * cfg.chunk_frames : (c + 1) * cfg.chunk_frames]
+        x0 = denoise_chunk(dit, schedule, pass_, eps, renoise_for(c))
+        if on_chunk is not None:
+            on_chunk(c, x0)
+        refresh_cache(dit, pass_, x0)
+        out.append(x0)
+    return torch.cat(out, dim=1)
+
+
+def recorded_renoise(g: Golden, shot: int) -> Callable[[int], list[torch.Tensor]]:
+    def draws(chunk: int) -> list[torch.Tensor]:
+        steps = g.cfg.sampler.num_steps
+        return [g[f"shot{shot}.chunk{chunk}.step{k}.renoise.noise"] for k in range(steps - 1)]
+
+    return draws
+
+
+def replay_dit_chain(g: Golden, dit: CausalDiT, schedule: FlowSchedule) -> Iterator[Check]:
+    """Free-running replay of each shot's generator loop from its recorded conditioning:
+    context latents and prompt embeddings as recorded, noises injected."""
+    for shot in range(g.num_shots):
+        prefill = g.calls_by_id.get(f"shot{shot}.prefill")
+        if prefill is None:
+            continue
+        ins = prefill["inputs"]
+        flags = g[ins["shot_flags"]].long()[None]
+        latents = run_shot(
+            dit, schedule, g[ins["x"]], flags, g[ins["prompt_embeds"]][None],
+            g[f"shot{shot}.noise"], recorded_renoise(g, shot),
+        )  # fmt: skip
+        name = f"shot{shot}.latents"
+        yield Check("latents (chain)", name, max_abs(latents, g[name]), g.chain_tol)
+
+
+# -- the selftest entry point ----------------------------------------------------------
+Replay = Callable[[Golden], Iterator[Check]]
+
+
+def dit_replays() -> list[tuple[str, Replay]]:
+    def per_call(g: Golden) -> Iterator[Check]:
+        yield from replay_dit_calls(g, g.build_dit(), FlowSchedule(g.cfg.sampler))
+
+    def chain(g: Golden) -> Iterator[Check]:
+        yield from replay_dit_chain(g, g.build_dit(), FlowSchedule(g.cfg.sampler))
+
+    def schedule(g: Golden) -> Iterator[Check]:
+        sch = FlowSchedule(g.cfg.sampler)
+        for name, ours in (
+            ("scheduler.sigmas", sch.sigmas),
+            ("scheduler.timesteps", sch.timesteps),
+            ("scheduler.denoising_step_list", torch.tensor(sch.step_timesteps)),
+        ):
+            yield Check("scheduler", name, max_abs(ours, g[name]), 0.0)
+
+    return [("scheduler", schedule), ("dit per call", per_call), ("dit chain", chain)]
+
+
+REPLAYS: list[Callable[[], list[tuple[str, Replay]]]] = [dit_replays]
+
+
+def run_selftest(path: str | Path) -> list[GroupResult]:
+    """Run every registered replay on one golden file; results grouped by tensor group."""
+    g = Golden(path)
+    groups: dict[str, GroupResult] = {}
+    with torch.inference_mode():
+        for make in REPLAYS:
+            for _label, replay in make():
+                for check in replay(g):
+                    grp = groups.setdefault(check.group, GroupResult(check.group, check.tolerance))
+                    grp.checks.append(check)
+    return list(groups.values())
