@@ -62,9 +62,7 @@ class KVLayout:
 class KVCache:
     """Preallocated self-attention and cross-attention K/V for `batch` sessions."""
 
-    def __init__(
-        self, layout: KVLayout, batch: int = 1, dtype=torch.float32, device="cpu"
-    ) -> None:
+    def __init__(self, layout: KVLayout, batch: int = 1, dtype=torch.float32, device="cpu") -> None:
         self.layout = layout
         self.batch = batch
         shape = (layout.num_layers, batch, layout.total_tokens, layout.num_heads, layout.head_dim)

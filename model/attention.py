@@ -33,7 +33,9 @@ def available_backends(device: torch.device | str) -> list[str]:
 
 def resolve_backend(requested: str, device: torch.device | str) -> str:
     """`auto` picks the first available backend; a named one must be available."""
-    requested = os.environ.get("SHOTSTREAM_ATTENTION", requested) if requested == "auto" else requested
+    requested = (
+        os.environ.get("SHOTSTREAM_ATTENTION", requested) if requested == "auto" else requested
+    )
     names = available_backends(device)
     if requested == "auto":
         return names[0]

@@ -211,8 +211,14 @@ def _wan_1_3b() -> ModelConfig:
             num_layers=30, dim=1536, num_heads=12, ffn_dim=8960, text_dim=4096, freq_dim=256
         ),
         text=TextConfig(
-            vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-            num_heads=64, text_len=512, tokenizer="umt5",
+            vocab_size=256384,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=24,
+            num_heads=64,
+            text_len=512,
+            tokenizer="umt5",
         ),  # fmt: skip
         vae=VAEConfig(base_dim=96),
         height=480,
@@ -226,8 +232,14 @@ def _tiny() -> ModelConfig:
         name="tiny",
         dit=DiTConfig(num_layers=2, dim=64, num_heads=2, ffn_dim=128, text_dim=32, freq_dim=32),
         text=TextConfig(
-            vocab_size=384, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-            text_len=128, tokenizer="byt5",
+            vocab_size=384,
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            text_len=128,
+            tokenizer="byt5",
         ),  # fmt: skip
         vae=VAEConfig(base_dim=8),
         height=64,
@@ -258,24 +270,40 @@ def config_from_golden(meta: dict[str, Any]) -> ModelConfig:
     cfg = ModelConfig(
         name=meta.get("config_name", "golden"),
         dit=DiTConfig(
-            num_layers=dit["num_layers"], dim=dit["dim"], num_heads=dit["num_heads"],
-            ffn_dim=dit["ffn_dim"], text_dim=dit["text_dim"], freq_dim=dit["freq_dim"],
-            in_dim=dit["in_dim"], out_dim=dit["out_dim"],
-            patch_size=tuple(dit["patch_size"]), eps=dit["eps"],
+            num_layers=dit["num_layers"],
+            dim=dit["dim"],
+            num_heads=dit["num_heads"],
+            ffn_dim=dit["ffn_dim"],
+            text_dim=dit["text_dim"],
+            freq_dim=dit["freq_dim"],
+            in_dim=dit["in_dim"],
+            out_dim=dit["out_dim"],
+            patch_size=tuple(dit["patch_size"]),
+            eps=dit["eps"],
         ),  # fmt: skip
         text=TextConfig(
-            vocab_size=t5["vocab"], d_model=t5["dim"], d_kv=d_kv, d_ff=t5["dim_ffn"],
-            num_layers=t5["num_layers"], num_heads=t5["num_heads"], text_len=dit["text_len"],
-            num_buckets=t5["num_buckets"], tokenizer="recorded",
+            vocab_size=t5["vocab"],
+            d_model=t5["dim"],
+            d_kv=d_kv,
+            d_ff=t5["dim_ffn"],
+            num_layers=t5["num_layers"],
+            num_heads=t5["num_heads"],
+            text_len=dit["text_len"],
+            num_buckets=t5["num_buckets"],
+            tokenizer="recorded",
         ),  # fmt: skip
         vae=VAEConfig(
-            base_dim=vae["base_dim"], z_dim=vae["z_dim"], dim_mult=tuple(vae["dim_mult"]),
+            base_dim=vae["base_dim"],
+            z_dim=vae["z_dim"],
+            dim_mult=tuple(vae["dim_mult"]),
             num_res_blocks=vae["num_res_blocks"],
             temperal_downsample=tuple(vae["temperal_downsample"]),
-            latents_mean=tuple(c["vae_latent_mean"]), latents_std=tuple(c["vae_latent_std"]),
+            latents_mean=tuple(c["vae_latent_mean"]),
+            latents_std=tuple(c["vae_latent_std"]),
         ),  # fmt: skip
         sampler=SamplerConfig(
-            num_train_timesteps=sch["num_train_timesteps"], shift=sch["shift"],
+            num_train_timesteps=sch["num_train_timesteps"],
+            shift=sch["shift"],
             denoising_step_list=tuple(sch["denoising_step_list_config"]),
             warp_denoising_step=sch["warp_denoising_step"],
         ),  # fmt: skip

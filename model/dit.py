@@ -165,7 +165,18 @@ class Pass:
     and attention runs over `[0, end)`; without one, over the pass's own tokens with `mask`.
     """
 
-    __slots__ = ("cos", "sin", "caption_index", "text_k", "text_v", "kv", "start", "end", "mask", "backend")
+    __slots__ = (
+        "cos",
+        "sin",
+        "caption_index",
+        "text_k",
+        "text_v",
+        "kv",
+        "start",
+        "end",
+        "mask",
+        "backend",
+    )
 
     def __init__(
         self,
@@ -195,7 +206,9 @@ class CausalDiT(nn.Module):
         super().__init__()
         d = cfg.dit
         self.cfg = cfg
-        self.patch_embedding = nn.Conv3d(d.in_dim, d.dim, kernel_size=d.patch_size, stride=d.patch_size)
+        self.patch_embedding = nn.Conv3d(
+            d.in_dim, d.dim, kernel_size=d.patch_size, stride=d.patch_size
+        )
         self.text_embedding = nn.Sequential(
             nn.Linear(d.text_dim, d.dim), nn.GELU(approximate="tanh"), nn.Linear(d.dim, d.dim)
         )
@@ -207,6 +220,10 @@ class CausalDiT(nn.Module):
         self.head = Head(cfg)
         self.reset_rope("cpu")
         self.attn_backend = "sdpa"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
 
     def reset_rope(self, device) -> None:
         """Rebuild the RoPE tables on `device` (after loading onto a meta-built module)."""
@@ -230,14 +247,14 @@ class CausalDiT(nn.Module):
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t (B, F) -> e (B, F, D) and its modulation projection e0 (B, F, 6, D)."""
         b, f = t.shape
-        dtype = self.patch_embedding.weight.dtype
+        dtype = self.dtype
         e = self.time_embedding(sinusoidal_embedding(t, self.cfg.dit.freq_dim).to(dtype))
         e0 = self.time_projection(e)
         return e.view(b, f, -1), e0.view(b, f, 6, -1)
 
     def embed_text(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """umT5 rows (..., T, text_dim), padding rows zero -> (..., T, D); padding stays attended."""
-        return self.text_embedding(prompt_embeds.to(self.patch_embedding.weight.dtype))
+        return self.text_embedding(prompt_embeds.to(self.dtype))
 
     def text_kv(self, prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention K/V of every layer for captions (B, S, T, text_dim): (L, B, S, T, H, d)."""
@@ -245,7 +262,9 @@ class CausalDiT(nn.Module):
         ks, vs = zip(*(blk.cross_attn.project_text(c) for blk in self.blocks), strict=True)
         return torch.stack(ks), torch.stack(vs)
 
-    def rope_for(self, positions: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_for(
+        self, positions: torch.Tensor, flags: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope.cos_sin(positions, flags, self.cfg.grid_h, self.cfg.grid_w)
 
     def unpatchify(self, out: torch.Tensor) -> torch.Tensor:
@@ -270,8 +289,7 @@ class CausalDiT(nn.Module):
         With `need_output=False` the pass only fills the cache: the last block stops after
         its K/V write and the head is skipped (prefill and refresh passes).
         """
-        dtype = self.patch_embedding.weight.dtype
-        h = self.embed_patches(x.to(dtype))
+        h = self.embed_patches(x.to(self.dtype))
         e, e0 = self.embed_time(t)
         if record is not None:
             record["patch_embed"] = h

@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from cache.kv import KVCache, KVLayout
 from model.config import ModelConfig, config_from_golden
-from model.dit import CausalDiT, Pass
+from model.dit import CausalDiT
 from model.sampler import FlowSchedule
 from model.steps import chunk_pass, denoise_chunk, prefill_context, refresh_cache
 from model.weights import load_dit_state, strip_prefix
@@ -117,8 +117,8 @@ def caption_index_for(flags: torch.Tensor, n_captions: int) -> torch.Tensor:
     return flags.long() if n_captions > 1 else torch.zeros_like(flags, dtype=torch.long)
 
 
-def new_cache(cfg: ModelConfig) -> KVCache:
-    return KVCache(KVLayout.for_config(cfg), batch=1, dtype=torch.float32)
+def new_cache(cfg: ModelConfig, dtype=torch.float32, device="cpu") -> KVCache:
+    return KVCache(KVLayout.for_config(cfg), batch=1, dtype=dtype, device=device)
 
 
 # -- per-call replay of the generator ------------------------------------------------
@@ -157,8 +157,15 @@ def replay_dit_calls(g: Golden, dit: CausalDiT, schedule: FlowSchedule) -> Itera
                 flow = dit(x, t, pass_, record=record)
                 t_value = float(call["params"]["timestep_value"])
                 x0 = schedule.to_x0(x, flow, schedule.sigma_at(t_value))
-                yield Check("dit.flow", call["outputs"]["flow"], max_abs(flow, g[call["outputs"]["flow"]]), tol)
-                yield Check("dit.x0", call["outputs"]["x0"], max_abs(x0, g[call["outputs"]["x0"]]), tol)
+                yield Check(
+                    "dit.flow",
+                    call["outputs"]["flow"],
+                    max_abs(flow, g[call["outputs"]["flow"]]),
+                    tol,
+                )
+                yield Check(
+                    "dit.x0", call["outputs"]["x0"], max_abs(x0, g[call["outputs"]["x0"]]), tol
+                )
                 filled = int(call["params"]["local_end_index"])
                 for name in call["caches"].get("local", []):
                     kind, layer = _cache_key(name)
@@ -168,7 +175,9 @@ def replay_dit_calls(g: Golden, dit: CausalDiT, schedule: FlowSchedule) -> Itera
                     rn = call["renoise"]
                     t_next = float(g[rn["t_next"]][0])
                     x_next = schedule.renoise(x0, g[rn["noise"]], schedule.sigma_at(t_next))
-                    yield Check("scheduler.renoise", rn["x_next"], max_abs(x_next, g[rn["x_next"]]), tol)
+                    yield Check(
+                        "scheduler.renoise", rn["x_next"], max_abs(x_next, g[rn["x_next"]]), tol
+                    )
             if record is not None:
                 for act, name in call["activations"].items():
                     if act == "text_embedding":
@@ -204,9 +213,11 @@ def run_shot(
     Returns the shot's latents (1, F_shot, C, h, w).
     """
     cfg = dit.cfg
-    kv = new_cache(cfg)
+    kv = new_cache(cfg, dit.dtype, ctx_latents.device)
     n_cap = prompt_embeds.shape[1]
-    prefill_context(dit, kv, ctx_latents, ctx_flags, caption_index_for(ctx_flags, n_cap), prompt_embeds)
+    prefill_context(
+        dit, kv, ctx_latents, ctx_flags, caption_index_for(ctx_flags, n_cap), prompt_embeds
+    )
     gen_flag = ctx_flags[:, -1] + 1
     caption = caption_index_for(gen_flag, n_cap)
     n_chunks = noise.shape[1] // cfg.chunk_frames

@@ -46,7 +46,14 @@ class RopeTables(torch.nn.Module):
     def cos_sin(
         self, positions: torch.Tensor, flags: torch.Tensor, grid_h: int, grid_w: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (B, F*grid_h*grid_w, d/2) float32 for frames at `positions` (F,) with
+        """cos/sin (B, F*grid_h*grid_w, d/2) float32 of `angles`."""
+        angles = self.angles(positions, flags, grid_h, grid_w)
+        return torch.cos(angles).to(torch.float32), torch.sin(angles).to(torch.float32)
+
+    def angles(
+        self, positions: torch.Tensor, flags: torch.Tensor, grid_h: int, grid_w: int
+    ) -> torch.Tensor:
+        """Angles (B, F*grid_h*grid_w, d/2) float64 for frames at `positions` (F,) with
         shot `flags` (B, F), one row of flags per batched session.
 
         Tokens are frame-major, then row, then column. Indices are integer tensors on the
@@ -61,7 +68,7 @@ class RopeTables(torch.nn.Module):
         h = self.h_angles[:grid_h]  # (gh, c_h)
         w = self.w_angles[:grid_w]  # (gw, c_w)
         shape = (batch, n_frames, grid_h, grid_w)
-        angles = torch.cat(
+        return torch.cat(
             [
                 t[:, :, None, None, :].expand(*shape, -1),
                 h[None, None, :, None, :].expand(*shape, -1),
@@ -69,7 +76,6 @@ class RopeTables(torch.nn.Module):
             ],
             dim=-1,
         ).reshape(batch, n_frames * grid_h * grid_w, self.pairs)
-        return torch.cos(angles).to(torch.float32), torch.sin(angles).to(torch.float32)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

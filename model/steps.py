@@ -50,7 +50,9 @@ def prefill_context(
     positions = torch.arange(n_ctx, device=latents.device)
     cos, sin = dit.rope_for(positions, flags)
     end = kv.layout.context_tokens
-    pass_ = Pass(cos, sin, caption_index, kv.text_k, kv.text_v, kv, 0, end, backend=dit.attn_backend)
+    pass_ = Pass(
+        cos, sin, caption_index, kv.text_k, kv.text_v, kv, 0, end, backend=dit.attn_backend
+    )
     t = _timesteps(0.0, b, n_ctx, latents.device)
     return dit(latents, t, pass_, need_output=record is not None, record=record)
 

@@ -53,7 +53,9 @@ def read_generator_file(path: str | Path) -> dict[str, torch.Tensor]:
     return strip_prefix(sd, GENERATOR_PREFIX, where=str(path))
 
 
-def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str, where: str) -> dict[str, torch.Tensor]:
+def strip_prefix(
+    sd: Mapping[str, torch.Tensor], prefix: str, where: str
+) -> dict[str, torch.Tensor]:
     """Remove `prefix` from every key; all keys or none must carry it."""
     has = [k.startswith(prefix) for k in sd]
     if all(has):
@@ -80,7 +82,9 @@ def check_state_dict(
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if items:
-            shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+            shown = ", ".join(items[:10]) + (
+                f", ... ({len(items)} in all)" if len(items) > 10 else ""
+            )
             problems.append(f"{label} keys: {shown}")
     if problems:
         raise WeightsError(f"{what}: " + "; ".join(problems))
@@ -106,6 +110,8 @@ def load_dit_state(
     return model.eval().requires_grad_(False)
 
 
-def load_generator(cfg: ModelConfig, path: str | Path, device="cpu", dtype=torch.float32) -> CausalDiT:
+def load_generator(
+    cfg: ModelConfig, path: str | Path, device="cpu", dtype=torch.float32
+) -> CausalDiT:
     """Load the causal DiT from a ShotStream checkpoint (.pt) or a safetensors file."""
     return load_dit_state(cfg, read_generator_file(path), device, dtype, what=str(path))
