@@ -295,3 +295,75 @@ def run_selftest(path: str | Path) -> list[GroupResult]:
                     grp = groups.setdefault(check.group, GroupResult(check.group, check.tolerance))
                     grp.checks.append(check)
     return list(groups.values())
+
+
+# -- text encoder and VAE ------------------------------------------------------------
+def replay_t5_calls(g: Golden, encoder) -> Iterator[Check]:
+    """Each recorded umT5 call from its recorded token ids: raw output and prompt_embeds."""
+    for call in (c for c in g.calls if c["kind"] == "t5"):
+        ins, outs = call["inputs"], call["outputs"]
+        raw, embeds = encoder.encode_ids(g[ins["ids"]], g[ins["mask"]])
+        for ours, name in ((raw, outs["t5_out"]), (embeds, outs["prompt_embeds"])):
+            yield Check("t5", name, max_abs(ours, g[name]), g.per_call_tol)
+
+
+def replay_vae_encode_calls(g: Golden, vae) -> Iterator[Check]:
+    """Each recorded VAE encode: 1-frame clips through `encode_frames`, longer clips whole."""
+    for call in (c for c in g.calls if c["kind"] == "vae_encode"):
+        pixels, name = g[call["inputs"]["pixels"]], call["outputs"]["latents"]
+        if pixels.shape[2] == 1:  # context frames, each its own 1-frame clip
+            ours = vae.encode_frames(pixels[:, :, 0])[:, None]
+        else:
+            ours = vae.encode_clip(pixels)
+        yield Check("vae.encode", name, max_abs(ours, g[name]), g.per_call_tol)
+
+
+def replay_vae_decode_calls(g: Golden, vae) -> Iterator[Check]:
+    """Each shot's decode, whole and streamed chunk by chunk (state reset per shot),
+    against the recorded whole-shot pixels; streamed chunks are compared as slices."""
+    for call in (c for c in g.calls if c["kind"] == "vae_decode"):
+        latents, name = g[call["inputs"]["latents"]], call["outputs"]["pixels"]
+        ref = g[name]
+        whole = vae.decode_whole(latents)
+        yield Check("vae.decode", name, max_abs(whole, ref), g.per_call_tol)
+        step = int(call.get("chunk_latent_frames", g.cfg.chunk_frames))
+        counts = call.get("chunk_pixel_frames", [])
+        state = vae.new_decoder_state(batch=latents.shape[0])
+        start, streamed = 0, []
+        for c, z in enumerate(latents.split(step, dim=1)):
+            px = vae.decode_chunk(state, z)
+            want = counts[min(c, len(counts) - 1)] if counts else g.cfg.chunk_pixel_frames(c)
+            frames = f"{name}[chunk {c}].frames"
+            yield Check("vae.decode", frames, float(abs(px.shape[1] - want)), 0.0)
+            part = ref[:, start : start + px.shape[1]]
+            if part.shape == px.shape:
+                yield Check("vae.decode", f"{name}[chunk {c}]", max_abs(px, part), g.per_call_tol)
+            start += px.shape[1]
+            streamed.append(px)
+        streamed_all = torch.cat(streamed, dim=1)
+        diff = max_abs(streamed_all, whole) if streamed_all.shape == whole.shape else float("inf")
+        yield Check("vae.decode", f"{name} streamed vs whole", diff, g.per_call_tol)
+
+
+def codec_replays() -> list[tuple[str, Replay]]:
+    # Imported here so DiT-only replays do not pay for diffusers and transformers.
+    from model.text import TextEncoder
+    from model.vae import WanVAE
+
+    def t5(g: Golden) -> Iterator[Check]:
+        what = f"{g.path.name} t5"
+        encoder = TextEncoder.from_original_state(g.cfg, g.weights("t5"), what=what)
+        yield from replay_t5_calls(g, encoder)
+
+    def vae_encode(g: Golden) -> Iterator[Check]:
+        vae = WanVAE.from_original_state(g.cfg, g.weights("vae"), what=f"{g.path.name} vae")
+        yield from replay_vae_encode_calls(g, vae)
+
+    def vae_decode(g: Golden) -> Iterator[Check]:
+        vae = WanVAE.from_original_state(g.cfg, g.weights("vae"), what=f"{g.path.name} vae")
+        yield from replay_vae_decode_calls(g, vae)
+
+    return [("t5 per call", t5), ("vae encode per call", vae_encode), ("vae decode", vae_decode)]
+
+
+REPLAYS.append(codec_replays)

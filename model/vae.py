@@ -20,6 +20,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from cache.decoder import DecoderState
@@ -138,10 +139,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        raise WeightsError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from exc
+        raise WeightsError(
+            f"{path}: not a readable weights file ({type(exc).__name__}: {exc})"
+        ) from exc
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: expected a flat state dict of tensors, found {type(obj).__name__}")
+        raise WeightsError(
+            f"{path}: expected a flat state dict of tensors, found {type(obj).__name__}"
+        )
     return dict(obj)
+
+
+def safetensors_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor in the folder's safetensors files (headers only)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{folder}: no .safetensors files")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                    shapes[k] = tuple(sf.get_slice(k).get_shape())
+        except Exception as exc:
+            raise WeightsError(f"{f}: not a readable safetensors file ({exc})") from exc
+    return shapes
 
 
 class WanVAE:
@@ -156,7 +177,9 @@ class WanVAE:
         shape = (1, self.cfg.z_dim, 1, 1, 1)
         self._mean = torch.tensor(self.cfg.latents_mean, device=self.device).view(shape)
         self._std = torch.tensor(self.cfg.latents_std, device=self.device).view(shape)
-        self.num_decoder_slots = sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
+        self.num_decoder_slots = sum(
+            isinstance(m, WanCausalConv3d) for m in model.decoder.modules()
+        )
 
     # -- constructors -------------------------------------------------------------
     @classmethod
@@ -206,6 +229,10 @@ class WanVAE:
         if not config_file.is_file():
             raise WeightsError(f"{folder}: no config.json of a diffusers AutoencoderKLWan")
         _check_diffusers_config(cfg, json.loads(config_file.read_text()), str(config_file))
+        # Check names and shapes from the file headers first, so every problem is named.
+        expected = {k: v.shape for k, v in build_autoencoder(cfg, meta=True).state_dict().items()}
+        got = {k: torch.empty(s, device="meta") for k, s in safetensors_shapes(folder).items()}
+        check_state_dict(expected, got, str(folder))
         try:
             model, info = AutoencoderKLWan.from_pretrained(
                 str(folder), dtype=dtype, output_loading_info=True, low_cpu_mem_usage=False
@@ -290,7 +317,9 @@ class WanVAE:
         for t in range(x.shape[2]):
             idx = [0]  # a fresh slot counter per latent frame
             frames.append(
-                self.model.decoder(x[:, :, t : t + 1], feat_cache=slots, feat_idx=idx, first_chunk=first)
+                self.model.decoder(
+                    x[:, :, t : t + 1], feat_cache=slots, feat_idx=idx, first_chunk=first
+                )
             )
             first = False
         out = torch.cat(frames, dim=2).float().clamp_(-1.0, 1.0)
