@@ -1,0 +1,495 @@
+"""Wire protocol v1: every REST body and WebSocket message, as pydantic models.
+
+This module is the contract in `design/protocol.md`; clients import it, so it must stay
+importable without torch or any model code. Field names are fixed by the protocol: add
+fields, never rename them. Readers ignore unknown fields so either side can add some.
+
+Times: `expires_at` and `created_at` are ISO 8601 UTC datetimes; `pts`, `duration` and
+`server_time` are float seconds (`server_time` since the Unix epoch).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from enum import IntEnum
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+)
+
+PROTOCOL_VERSION = 1
+
+# Default limits; the server's settings may override each one (see `Limits`).
+DEFAULT_MAX_PROMPT_CHARS = 8_000
+DEFAULT_MAX_SHOTS = 32
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
+
+Mode: TypeAlias = Literal["cut", "queue"]
+SessionState: TypeAlias = Literal["waiting", "streaming", "paused", "ended", "failed"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits the server enforces; built from settings, defaults per protocol.md."""
+
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    max_shots: int = DEFAULT_MAX_SHOTS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class ErrorCode:
+    """`code` strings of `error` messages and REST `ErrorBody`s. Clients branch on these."""
+
+    # Bad client input (never fatal on its own; repeated abuse closes with 4400).
+    BAD_JSON = "bad_json"
+    BAD_MESSAGE = "bad_message"  # not an object, missing or wrong-typed field
+    UNKNOWN_TYPE = "unknown_type"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    BINARY_NOT_ALLOWED = "binary_not_allowed"
+    PROMPT_TOO_LONG = "prompt_too_long"  # over the character limit
+    PROMPT_TOO_MANY_TOKENS = "prompt_too_many_tokens"  # over the token limit, overflow=reject
+    TOO_MANY_SHOTS = "too_many_shots"
+    INVALID_STATE = "invalid_state"  # e.g. resume while not paused, prompt after stop
+    TOO_MANY_ERRORS = "too_many_errors"
+    # Connection and session.
+    UNAUTHORIZED = "unauthorized"
+    UNKNOWN_SESSION = "unknown_session"
+    ALREADY_CONNECTED = "already_connected"
+    RATE_LIMITED = "rate_limited"
+    OVER_CAPACITY = "over_capacity"
+    SLOW_READER = "slow_reader"
+    IDLE = "idle"
+    # Server side.
+    SESSION_FAILED = "session_failed"
+    OUT_OF_MEMORY = "out_of_memory"
+    INTERNAL = "internal"
+    DRAINING = "draining"
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes (application range 4000-4999); the reason repeats the error."""
+
+    UNAUTHORIZED = 4001  # missing or wrong token
+    UNKNOWN_SESSION = 4004  # no such session, or it has ended
+    ALREADY_CONNECTED = 4009  # a second stream connection (fixed by protocol.md)
+    BAD_MESSAGE = 4400  # repeated malformed or abusive input
+    IDLE = 4408  # idle or too slow a reader
+    SESSION_FAILED = 4500  # the session failed or an internal error
+    DRAINING = 4503  # the server is shutting down
+
+
+_CLOSE_FOR_ERROR = {
+    ErrorCode.UNAUTHORIZED: CloseCode.UNAUTHORIZED,
+    ErrorCode.UNKNOWN_SESSION: CloseCode.UNKNOWN_SESSION,
+    ErrorCode.ALREADY_CONNECTED: CloseCode.ALREADY_CONNECTED,
+    ErrorCode.BAD_JSON: CloseCode.BAD_MESSAGE,
+    ErrorCode.BAD_MESSAGE: CloseCode.BAD_MESSAGE,
+    ErrorCode.UNKNOWN_TYPE: CloseCode.BAD_MESSAGE,
+    ErrorCode.MESSAGE_TOO_LARGE: CloseCode.BAD_MESSAGE,
+    ErrorCode.BINARY_NOT_ALLOWED: CloseCode.BAD_MESSAGE,
+    ErrorCode.TOO_MANY_ERRORS: CloseCode.BAD_MESSAGE,
+    ErrorCode.SLOW_READER: CloseCode.IDLE,
+    ErrorCode.IDLE: CloseCode.IDLE,
+    ErrorCode.DRAINING: CloseCode.DRAINING,
+}
+
+
+def close_code_for(code: str) -> CloseCode:
+    """The close code that follows a fatal `error` with this `code` (4500 when unlisted)."""
+    return _CLOSE_FOR_ERROR.get(code, CloseCode.SESSION_FAILED)
+
+
+class _Schema(BaseModel):
+    # Ignore unknown fields: the protocol lets either side add fields without a version bump.
+    model_config = ConfigDict(extra="ignore")
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+# Client text: a real JSON string (no coercion from numbers) with something in it.
+Text: TypeAlias = Annotated[StrictStr, AfterValidator(_not_blank)]
+Seed: TypeAlias = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+
+
+# ---------------------------------------------------------------------------------- REST
+
+
+class CreateSessionRequest(_Schema):
+    """`POST /v1/sessions` body. Character and shot limits are settings: `validate_create`."""
+
+    prompt: Text = Field(description="global caption of the whole video")
+    shots: list[Text] = Field(default_factory=list, description="first shot prompts, in order")
+    seed: Seed | None = None
+    mode: Mode = Field(default="cut", description="default for this session's prompts")
+
+
+class CreateSessionResponse(_Schema):
+    """`201` reply to `POST /v1/sessions`."""
+
+    session_id: str
+    token: str = Field(description="bearer token for every route of this session")
+    stream_url: str
+    expires_at: datetime = Field(description="when the session ends if no stream connects")
+    preset: str
+    width: int
+    height: int
+    fps: int
+    truncated_tokens: int = Field(
+        default=0, ge=0, description="text tokens cut from the prompt and shots together"
+    )
+
+
+class SessionStatus(_Schema):
+    """`GET /v1/sessions/{id}` reply."""
+
+    session_id: str
+    state: SessionState
+    shot: int = Field(ge=0, description="index of the current shot, from 0")
+    chunk_seq: int = Field(ge=0, description="seq the next chunk will carry")
+    frames_sent: int = Field(ge=0)
+    queued_prompts: int = Field(ge=0)
+    created_at: datetime
+    error: str | None = None
+
+
+class PromptRequest(_Schema):
+    """`POST /v1/sessions/{id}/prompts` body; same effect as the WebSocket `prompt`."""
+
+    prompt: Text
+    mode: Mode | None = Field(default=None, description="None: the session's mode")
+
+
+class PromptAccepted(_Schema):
+    """`202` reply to a prompt: the shot it starts and the chunk where it takes effect."""
+
+    shot_id: int
+    starts_at_seq: int = Field(ge=0)
+    truncated_tokens: int = Field(default=0, ge=0)
+
+
+class ModelInfo(_Schema):
+    """`GET /v1/models` reply: the loaded preset and what a client needs to size a player."""
+
+    preset: str
+    description: str
+    width: int
+    height: int
+    fps: int
+    chunk_frames: int = Field(description="pixel frames in a chunk (12 for the real model)")
+    first_chunk_frames: int = Field(description="pixel frames in a shot's first chunk (9)")
+    chunks_per_shot: int
+    max_prompt_tokens: int = Field(description="text encoder token limit (512)")
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    max_shots: int = DEFAULT_MAX_SHOTS
+    real_weights: bool = Field(description="False: random weights (tests, CPU demo)")
+
+
+class ErrorBody(_Schema):
+    """Body of every REST error: a readable `detail` and, where known, an `ErrorCode`."""
+
+    detail: str
+    code: str | None = None
+
+
+# ----------------------------------------------------------------- server -> client (WS)
+
+
+class ChunkTimings(_Schema):
+    """Where a chunk's time went, in milliseconds."""
+
+    denoise_ms: float = Field(default=0.0, ge=0)
+    refresh_ms: float = Field(default=0.0, ge=0)
+    decode_ms: float = Field(default=0.0, ge=0)
+    encode_ms: float = Field(default=0.0, ge=0)
+    queue_ms: float = Field(default=0.0, ge=0)
+
+
+class HelloMessage(_Schema):
+    """First message of every connection."""
+
+    type: Literal["hello"] = "hello"
+    protocol: int = PROTOCOL_VERSION
+    session_id: str
+    mime: str = Field(description='e.g. video/mp4; codecs="avc1.42C01E"')
+    width: int
+    height: int
+    fps: int
+
+
+class InitMessage(_Schema):
+    """Announces the binary frame with the fMP4 init segment (once per connection)."""
+
+    type: Literal["init"] = "init"
+    bytes: int = Field(ge=0)
+
+
+class ChunkMessage(_Schema):
+    """Announces the binary frame with one media segment; it starts with a keyframe."""
+
+    type: Literal["chunk"] = "chunk"
+    seq: int = Field(ge=0, description="from 0; never repeats or skips within a session")
+    shot: int = Field(ge=0)
+    shot_id: int
+    first_frame: int = Field(ge=0)
+    frames: int = Field(ge=1)
+    pts: float = Field(ge=0, description="seconds")
+    duration: float = Field(ge=0, description="seconds")
+    bytes: int = Field(ge=0)
+    timings: ChunkTimings = Field(default_factory=ChunkTimings)
+
+
+class ShotMessage(_Schema):
+    """A new shot begins at `starts_at_seq`."""
+
+    type: Literal["shot"] = "shot"
+    shot_id: int
+    shot: int = Field(ge=0)
+    prompt: str
+    starts_at_seq: int = Field(ge=0)
+    truncated_tokens: int = Field(default=0, ge=0)
+
+
+class PromptAckMessage(_Schema):
+    """Answer to a `prompt` message."""
+
+    type: Literal["prompt_ack"] = "prompt_ack"
+    shot_id: int
+    starts_at_seq: int = Field(ge=0)
+    truncated_tokens: int = Field(default=0, ge=0)
+
+
+class ErrorMessage(_Schema):
+    """An error; after a fatal one the server closes with `close_code_for(code)`."""
+
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    fatal: bool = False
+
+
+class EndedMessage(_Schema):
+    """Sent before a normal close (`reason`: stopped, deleted, expired, ...)."""
+
+    type: Literal["ended"] = "ended"
+    reason: str
+
+
+class PongMessage(_Schema):
+    """Answer to `ping`."""
+
+    type: Literal["pong"] = "pong"
+    server_time: float
+
+
+# ----------------------------------------------------------------- client -> server (WS)
+
+
+class PromptMessage(_Schema):
+    """A new shot prompt; answered by `prompt_ack`."""
+
+    type: Literal["prompt"] = "prompt"
+    prompt: Text
+    mode: Mode | None = None
+
+
+class PauseMessage(_Schema):
+    type: Literal["pause"] = "pause"
+
+
+class ResumeMessage(_Schema):
+    type: Literal["resume"] = "resume"
+
+
+class StopMessage(_Schema):
+    type: Literal["stop"] = "stop"
+
+
+class PingMessage(_Schema):
+    type: Literal["ping"] = "ping"
+
+
+ServerMessage: TypeAlias = Annotated[
+    HelloMessage
+    | InitMessage
+    | ChunkMessage
+    | ShotMessage
+    | PromptAckMessage
+    | ErrorMessage
+    | EndedMessage
+    | PongMessage,
+    Field(discriminator="type"),
+]
+ClientMessage: TypeAlias = Annotated[
+    PromptMessage | PauseMessage | ResumeMessage | StopMessage | PingMessage,
+    Field(discriminator="type"),
+]
+
+SERVER_MESSAGE_TYPES: dict[str, type[BaseModel]] = {
+    m.model_fields["type"].default: m
+    for m in (
+        HelloMessage,
+        InitMessage,
+        ChunkMessage,
+        ShotMessage,
+        PromptAckMessage,
+        ErrorMessage,
+        EndedMessage,
+        PongMessage,
+    )
+}
+CLIENT_MESSAGE_TYPES: dict[str, type[BaseModel]] = {
+    m.model_fields["type"].default: m
+    for m in (PromptMessage, PauseMessage, ResumeMessage, StopMessage, PingMessage)
+}
+
+server_message_adapter: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
+client_message_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+
+
+# -------------------------------------------------------------------- parsing and limits
+
+
+@dataclass(frozen=True)
+class ProtocolError:
+    """Why a message was rejected: an `ErrorCode` and a short readable message."""
+
+    code: str
+    message: str
+
+    def to_message(self, fatal: bool = False) -> ErrorMessage:
+        return ErrorMessage(code=self.code, message=self.message, fatal=fatal)
+
+
+class LimitError(ValueError):
+    """A request over a configured limit (REST answers 422 with `message`)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def validate_create(req: CreateSessionRequest, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Check a create request against the configured limits; raises LimitError."""
+    _check_prompt("prompt", req.prompt, limits)
+    if len(req.shots) > limits.max_shots:
+        raise LimitError(
+            ErrorCode.TOO_MANY_SHOTS,
+            f"{len(req.shots)} shots given; the limit is {limits.max_shots}",
+        )
+    for i, shot in enumerate(req.shots):
+        _check_prompt(f"shots[{i}]", shot, limits)
+
+
+def validate_prompt(req: PromptRequest | PromptMessage, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Check a mid-stream prompt (REST or WebSocket) against the limits; raises LimitError."""
+    _check_prompt("prompt", req.prompt, limits)
+
+
+def _check_prompt(name: str, text: str, limits: Limits) -> None:
+    if len(text) > limits.max_prompt_chars:
+        raise LimitError(
+            ErrorCode.PROMPT_TOO_LONG,
+            f"{name} is {len(text)} characters; the limit is {limits.max_prompt_chars}",
+        )
+
+
+def parse_client_message(
+    data: str | bytes, limits: Limits = DEFAULT_LIMITS
+) -> ClientMessage | ProtocolError:
+    """Parse one client WebSocket frame; bad input becomes a ProtocolError, never an exception."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return ProtocolError(ErrorCode.BINARY_NOT_ALLOWED, "clients send JSON text frames only")
+    obj = _load_object(data, limits.max_message_bytes)
+    if isinstance(obj, ProtocolError):
+        return obj
+    msg = _validate(obj, CLIENT_MESSAGE_TYPES)
+    if isinstance(msg, PromptMessage):
+        try:
+            validate_prompt(msg, limits)
+        except LimitError as exc:
+            return ProtocolError(exc.code, exc.message)
+    return msg  # type: ignore[return-value]
+
+
+def parse_server_message(data: str, max_bytes: int | None = None) -> ServerMessage | ProtocolError:
+    """Parse one server text frame (for clients); an unknown `type` from a newer server is
+    returned as a ProtocolError with code `unknown_type`, which clients may skip."""
+    obj = _load_object(data, max_bytes)
+    if isinstance(obj, ProtocolError):
+        return obj
+    return _validate(obj, SERVER_MESSAGE_TYPES)  # type: ignore[return-value]
+
+
+def _load_object(data: Any, max_bytes: int | None) -> dict[str, Any] | ProtocolError:
+    if not isinstance(data, str):
+        return ProtocolError(ErrorCode.BAD_MESSAGE, "expected a JSON text frame")
+    # Characters never outnumber UTF-8 bytes, so only encode when the length is ambiguous.
+    if max_bytes is not None and (
+        len(data) > max_bytes
+        or (len(data) * 4 > max_bytes and len(data.encode("utf-8", "surrogatepass")) > max_bytes)
+    ):
+        return ProtocolError(
+            ErrorCode.MESSAGE_TOO_LARGE, f"message over the limit of {max_bytes} bytes"
+        )
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        return ProtocolError(ErrorCode.BAD_JSON, f"malformed JSON: {_short(str(exc))}")
+    if not isinstance(obj, dict):
+        return ProtocolError(ErrorCode.BAD_MESSAGE, 'a message must be a JSON object with "type"')
+    return obj
+
+
+def _validate(obj: dict[str, Any], types: dict[str, type[BaseModel]]) -> BaseModel | ProtocolError:
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        return ProtocolError(ErrorCode.BAD_MESSAGE, 'missing "type" string')
+    model = types.get(kind)
+    if model is None:
+        known = ", ".join(sorted(types))
+        return ProtocolError(
+            ErrorCode.UNKNOWN_TYPE, f"unknown message type {_short(kind)!r}; known: {known}"
+        )
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        return ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"bad {kind!r} message: {describe_validation_error(exc)}"
+        )
+
+
+def describe_validation_error(exc: ValidationError, max_errors: int = 3) -> str:
+    """One readable line per field ("prompt: Input should be a valid string"), no input echo."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    parts = []
+    for err in errors[:max_errors]:
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for our ValueErrors
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    if len(errors) > max_errors:
+        parts.append(f"and {len(errors) - max_errors} more")
+    return "; ".join(parts)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """Bound what we echo back, so an error never repeats a huge input."""
+    return text if len(text) <= limit else text[:limit] + "..."
