@@ -312,8 +312,8 @@ class H264Encoder:
             "x264-params": "scenecut=0",
         }
         ctx.open()
-        self._ctx = ctx
-        self._reformatter = VideoReformatter()
+        self._ctx: Any = ctx
+        self._reformatter: VideoReformatter | None = VideoReformatter()
 
         params = split_annexb(ctx.extradata or b"")
         sps = next((n for n in params if nal_type(n) == NAL_SPS), None)
@@ -338,13 +338,17 @@ class H264Encoder:
 
     def encode_chunk(self, frames: Any) -> Segment:
         """Encode one chunk (n, H, W, 3) uint8 RGB (numpy or CPU/GPU torch) to one segment."""
-        array = _as_rgb_array(frames, self.height, self.width)
         ctx = self._ctx
+        if ctx is None:
+            raise RuntimeError("encoder is closed")
+        reformatter = self._reformatter
+        assert reformatter is not None
+        array = _as_rgb_array(frames, self.height, self.width)
         samples: list[Sample] = []
         first = self.frames_encoded
         for i in range(array.shape[0]):
             rgb = av.VideoFrame.from_numpy_buffer(array[i], format="rgb24")
-            yuv = self._reformatter.reformat(
+            yuv = reformatter.reformat(
                 rgb,
                 format="yuv420p",
                 dst_colorspace=Colorspace.ITU709,
@@ -373,9 +377,9 @@ class H264Encoder:
         )
 
     def close(self) -> None:
-        """Free the encoder; the object is unusable afterwards."""
+        """Free the encoder's native state now rather than at garbage collection."""
         self._ctx = None
-        self._reformatter = None  # type: ignore[assignment]
+        self._reformatter = None
 
     def _to_sample(self, packet: av.Packet, expected_pts: int) -> Sample:
         if packet.pts != expected_pts or packet.dts != expected_pts:

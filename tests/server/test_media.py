@@ -299,6 +299,15 @@ def test_bad_frames_are_rejected_before_encoding() -> None:
         H264Encoder(95, 64, FPS)
 
 
+def test_closed_encoder_refuses_work() -> None:
+    enc = H264Encoder(WIDTH, HEIGHT, FPS)
+    enc.encode_chunk(moving_frames(9, HEIGHT, WIDTH, 0))
+    enc.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        enc.encode_chunk(moving_frames(12, HEIGHT, WIDTH, 9))
+    assert enc.init_segment()  # still answerable: a late reconnect needs no encoder
+
+
 def test_split_annexb_handles_both_start_codes() -> None:
     stream = b"\x00\x00\x00\x01\x67\x42\x00\x00\x01\x68\xce\x00\x00\x00\x01\x65\x88\x80\x00"
     assert split_annexb(stream) == [b"\x67\x42", b"\x68\xce", b"\x65\x88\x80"]
