@@ -13,6 +13,9 @@ GOLDEN_DIR = Path(os.environ.get("SHOTSTREAM_GOLDEN_DIR", REPO.parent / "shared"
 GOLDEN_FILES = sorted(GOLDEN_DIR.glob("golden_*.safetensors"))
 
 torch.set_flush_denormal(True)  # random-weight nets hit denormals on CPU (10-30x slower)
+# One intra-op thread: on a 2-core host, two OpenMP threads competing with the encoder,
+# the server and the other test process run many times slower than one.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,124 @@
+"""Server settings: command-line flags and `SHOTSTREAM_*` environment variables.
+
+Every limit of protocol.md is here with its default. The README's configuration table is
+generated from this class (`python -m server.settings --markdown`), so the two never drift.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All settings of one server process."""
+
+    model_config = SettingsConfigDict(env_prefix="SHOTSTREAM_", extra="ignore")
+
+    # -- model -----------------------------------------------------------------------
+    preset: str = Field(
+        "tiny", description="model preset: `tiny` (random weights) or `wan2.1-1.3b`"
+    )
+    weights: str | None = Field(
+        None, description="weights folder (real weights); none = random weights, `tiny` only"
+    )
+    device: str = Field("auto", description="`auto` (CUDA if present), `cuda`, `cuda:N` or `cpu`")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="`auto`: bfloat16 on CUDA, float32 on CPU"
+    )
+    attention: str = Field("auto", description="attention backend: `auto`, `sdpa` or `xformers`")
+    seed: int = Field(0, description="seed of random weights (presets run without real weights)")
+    threads: int = Field(0, description="torch CPU threads (0 = torch default)")
+
+    # -- HTTP ------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
+    api_key: str | None = Field(
+        None,
+        description="if set, `POST /v1/sessions` needs `Authorization: Bearer <api_key>` or `X-API-Key`",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="allowed CORS origins (empty: same-origin only)"
+    )
+    public_url: str | None = Field(
+        None,
+        description="base URL clients reach us at (for `stream_url`); default from the request",
+    )
+    replica_id: str = Field(
+        "r0", description="stable id of this replica; carried in session ids for proxy affinity"
+    )
+
+    # -- sessions and limits ---------------------------------------------------------
+    max_sessions: int = Field(
+        0, description="hard cap on concurrent sessions (0 = from measured capacity only)"
+    )
+    max_sessions_per_client: int = Field(
+        4, description="concurrent sessions per client (IP or API key); over it: 429"
+    )
+    session_grace_s: float = Field(
+        30.0, description="a session with no stream connection for this long is ended and freed"
+    )
+    session_max_s: float = Field(3600.0, description="hard lifetime of a session (token expiry)")
+    max_prompt_chars: int = Field(8000, description="longest prompt text accepted (characters)")
+    max_shots_per_request: int = Field(
+        16, description="most shot prompts in one `POST /v1/sessions`"
+    )
+    max_queued_prompts: int = Field(16, description="most prompts waiting in a session's queue")
+    prompt_overflow: Literal["truncate", "reject", "fit"] = Field(
+        "truncate",
+        description="over the text encoder's token limit: `truncate` (as the original), `reject` (422), `fit` (shorten the global caption first)",
+    )
+    prompt_rate: float = Field(
+        4.0, description="prompts per second allowed per session (burst of 8)"
+    )
+    max_ws_message_bytes: int = Field(
+        65536, description="largest JSON text frame accepted from a client"
+    )
+    max_body_bytes: int = Field(262144, description="largest REST request body")
+    abuse_limit: int = Field(
+        8, description="bad messages tolerated on one connection before it is closed"
+    )
+    on_shot_end: Literal["continue", "pause"] = Field(
+        "continue",
+        description="when a shot ends with no queued prompt: start a new shot of the same prompt, or pause",
+    )
+
+    # -- engine ----------------------------------------------------------------------
+    lead_chunks: float = Field(
+        2.0, description="how far (in chunks) a session may run ahead of its playout clock"
+    )
+    outbox_chunks: int = Field(
+        4,
+        description="chunks buffered per session for a slow reader; past it, its generation pauses",
+    )
+    realtime_margin: float = Field(
+        0.85,
+        description="admission keeps the sum of sessions' chunk time under this fraction of real time",
+    )
+    warmup: bool = Field(True, description="generate one chunk before reporting ready")
+    drain_grace_s: float = Field(
+        20.0, description="on SIGTERM, how long sessions may continue before they are ended"
+    )
+
+    # -- logging ---------------------------------------------------------------------
+    log_level: str = Field("info", description="log level: debug, info, warning, error")
+    log_prompts: bool = Field(False, description="include prompt text in info-level logs")
+
+
+def settings_table() -> str:
+    """The README configuration table, from the fields above."""
+    rows = ["| setting | environment variable | default | meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        shown = "—" if default in (None, []) else f"`{default}`"
+        flag = f"`--{name.replace('_', '-')}`"
+        rows.append(f"| {flag} | `SHOTSTREAM_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if "--markdown" in sys.argv:
+        print(settings_table())

@@ -1,0 +1,108 @@
+"""The per-session multi-shot generator on the tiny preset (random weights)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from cache.kv import KVLayout
+from cache.pool import StatePool
+from model.config import get_preset
+from model.generator import ShotStreamGenerator, load_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(get_preset("tiny").replace(chunks_per_shot=3), seed=0)
+
+
+@pytest.fixture
+def pool(model):
+    return StatePool(
+        KVLayout.for_config(model.cfg), model.vae.new_decoder_state, model.dtype, model.device
+    )
+
+
+_owners = itertools.count()
+
+
+def _run(model, pool, seed, shots=(("wide shot", 2), ("close-up", 3))):
+    lease = pool.acquire(f"session-{next(_owners)}")
+    gen = ShotStreamGenerator(model, lease, "a red circle on a blue background", seed=seed)
+    out = []
+    for text, n in shots:
+        start = gen.start_shot(text)
+        out.append(start)
+        out.extend(gen.next_chunk() for _ in range(n))
+    return gen, lease, out
+
+
+def test_chunks_frames_and_shot_boundaries(model, pool):
+    gen, lease, out = _run(model, pool, seed=1)
+    starts = [o for o in out if hasattr(o, "context_indices")]
+    chunks = [o for o in out if hasattr(o, "frames")]
+    assert [c.frames.shape[0] for c in chunks] == [9, 12, 9, 12, 12]  # 9 first in each shot
+    h, w = model.cfg.height, model.cfg.width
+    assert all(c.frames.shape[1:] == (h, w, 3) and c.frames.dtype == torch.uint8 for c in chunks)
+    assert starts[0].context_indices == []
+    # the first shot was cut after 2 chunks (21 frames): its real range is used
+    assert starts[1].context_indices == [0, 4, 8, 12, 16, 20]
+    assert [c.last_in_shot for c in chunks] == [False, False, False, False, True]
+    assert {"denoise_ms", "decode_ms", "refresh_ms"} <= set(chunks[0].timings)
+    assert {"text_ms", "context_ms", "prefill_ms"} <= set(starts[1].timings)
+    pool.release(lease)
+
+
+def test_seeded_and_reproducible(model, pool):
+    shots = (("wide", 1), ("close-up", 1))
+    _, l1, a = _run(model, pool, seed=7, shots=shots)
+    _, l2, b = _run(model, pool, seed=7, shots=shots)
+    _, l3, c = _run(model, pool, seed=8, shots=shots)
+    fa = [o.frames for o in a if hasattr(o, "frames")]
+    fb = [o.frames for o in b if hasattr(o, "frames")]
+    fc = [o.frames for o in c if hasattr(o, "frames")]
+    assert all(torch.equal(x, y) for x, y in zip(fa, fb, strict=True))
+    assert not torch.equal(fa[0], fc[0])
+    for lease in (l1, l2, l3):
+        pool.release(lease)
+
+
+def test_failed_chunk_commits_nothing(model, pool):
+    """An exception in the refresh pass leaves decoder state, kept frames and counters as
+    they were; the retried chunk then equals an undisturbed run."""
+    gen, lease, _ = _run(model, pool, seed=3, shots=(("wide", 1),))
+    ref_gen, ref_lease, _ = _run(model, pool, seed=3, shots=(("wide", 1),))
+    slots, frames_before = list(lease.decoder.slots), lease.frames.keys()
+    real = gen.model.dit.forward
+
+    def broken(x, t, pass_, need_output=True, record=None):
+        if not need_output:  # the refresh pass, after the decode already ran
+            raise RuntimeError("injected failure")
+        return real(x, t, pass_, need_output, record)
+
+    gen.model.dit.forward = broken
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            gen.next_chunk()
+    finally:
+        del gen.model.dit.forward
+    assert gen.chunk == 1 and lease.frames.keys() == frames_before
+    assert all(a is b for a, b in zip(lease.decoder.slots, slots, strict=True))
+    retry, expected = gen.next_chunk(), ref_gen.next_chunk()
+    assert torch.equal(retry.frames, expected.frames)
+    pool.release(lease)
+    pool.release(ref_lease)
+
+
+def test_pool_returns_to_zero_and_reuses_buffers(model, pool):
+    _, lease, _ = _run(model, pool, seed=2, shots=(("wide", 1),))
+    assert pool.bytes_in_use > lease.kv.nbytes  # decoder slots and frames count too
+    kv = lease.kv
+    pool.release(lease)
+    pool.release(lease)  # idempotent
+    assert pool.bytes_in_use == 0 and pool.leases == 0
+    again = pool.acquire("next")
+    assert again.kv is kv  # buffers reused, not reallocated
+    pool.release(again)
