@@ -130,7 +130,7 @@ def tokenize_caption(
         raise ValueError(f"unknown overflow policy {policy!r}; one of {OVERFLOW_POLICIES}")
     eos = tokenizer.eos_token_id
     spec = caption if isinstance(caption, CaptionSpec) else None
-    text = clean_caption(spec.text if spec else caption)
+    text = clean_caption(caption.text if isinstance(caption, CaptionSpec) else caption)
     pieces = _pieces(tokenizer, text)
     full = len(pieces) + 1
     has_shot_text = spec is None or bool(clean_caption(spec.shot_text))
@@ -140,7 +140,7 @@ def tokenize_caption(
         raise PromptTooLong(full, text_len)
     if policy == "fit" and spec is not None:
         text, pieces, shot_cut = _fit_global(tokenizer, spec, text_len)
-        return TokenizedCaption(text, (*pieces, eos), full - len(pieces) - 1, shot_cut)
+        return TokenizedCaption(text, (*pieces, eos), max(0, full - len(pieces) - 1), shot_cut)
     kept = pieces[: text_len - 1]
     return TokenizedCaption(text, (*kept, eos), full - text_len, has_shot_text)
 
@@ -375,7 +375,7 @@ class TextEncoder:
         check_state_dict(
             expected, {k: torch.empty(s, device="meta") for k, s in got.items()}, str(folder)
         )
-        model, info = UMT5EncoderModel.from_pretrained(
+        model, info = UMT5EncoderModel.from_pretrained(  # type: ignore[misc]
             str(folder), dtype=dtype, attn_implementation=attn, output_loading_info=True
         )
         if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):

@@ -369,9 +369,8 @@ def load_vae(
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels (T, 3, H, W) in [-1, 1] -> (T, H, W, 3) uint8, rounded to nearest.
-
-    The reference truncates instead (floor without the +0.5), so frames differ by at most 1.
-    """
+    """Pixels (..., 3, H, W) in [-1, 1], e.g. (T, 3, H, W) -> (..., H, W, 3) uint8, rounded
+    to nearest. The reference truncates instead, so frames differ from it by at most 1."""
     x = pixels.float().clamp(-1.0, 1.0)
-    return torch.floor(127.5 * (x + 1.0) + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    u8 = torch.floor(127.5 * (x + 1.0) + 0.5).to(torch.uint8)
+    return u8.movedim(-3, -1).contiguous()
