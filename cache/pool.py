@@ -34,7 +34,7 @@ class FrameStore:
     def pop(self, key: object) -> torch.Tensor | None:
         return self._items.pop(key, None)
 
-    def keys(self) -> list[object]:
+    def names(self) -> list[object]:
         return list(self._items)
 
     def clear(self) -> None:

@@ -283,7 +283,7 @@ class ShotStreamGenerator:
         counts = context_counts(len(self.shot_lengths), self.cfg.context_frames)
         for offset in candidate_offsets(self._frames_in_shot, counts[s]):
             store.put(("px", s, offset), frames[offset].clone())
-        for key in store.keys():
+        for key in store.names():
             if key[0] in ("px", "lat"):
                 _, shot, offset = key
                 if offset not in candidate_offsets(self.shot_lengths[shot], counts[shot]):

@@ -74,7 +74,7 @@ def test_failed_chunk_commits_nothing(model, pool):
     they were; the retried chunk then equals an undisturbed run."""
     gen, lease, _ = _run(model, pool, seed=3, shots=(("wide", 1),))
     ref_gen, ref_lease, _ = _run(model, pool, seed=3, shots=(("wide", 1),))
-    slots, frames_before = list(lease.decoder.slots), lease.frames.keys()
+    slots, frames_before = list(lease.decoder.slots), lease.frames.names()
     real = gen.model.dit.forward
 
     def broken(x, t, pass_, need_output=True, record=None):
@@ -88,7 +88,7 @@ def test_failed_chunk_commits_nothing(model, pool):
             gen.next_chunk()
     finally:
         del gen.model.dit.forward
-    assert gen.chunk == 1 and lease.frames.keys() == frames_before
+    assert gen.chunk == 1 and lease.frames.names() == frames_before
     assert all(a is b for a, b in zip(lease.decoder.slots, slots, strict=True))
     retry, expected = gen.next_chunk(), ref_gen.next_chunk()
     assert torch.equal(retry.frames, expected.frames)
