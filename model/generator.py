@@ -334,6 +334,8 @@ class ShotStreamGenerator:
             decoder.slots, decoder.first, decoder.latent_frames = saved
             raise
         self.lease.frames.put(("cur", b), pixels.to(m.vae.dtype))
+        if self.trace is not None:
+            self.trace[("chunk", s, b)] = {"x0": x0, "pixels": pixels}
         self.chunk += 1
         self._frames_in_shot += pixels.shape[0]
         return ChunkOutput(frames, s, b, self.shot_complete, clock.read())

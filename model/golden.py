@@ -367,3 +367,97 @@ def codec_replays() -> list[tuple[str, Replay]]:
 
 
 REPLAYS.append(codec_replays)
+
+
+# -- the whole loop (scenario S2) through the production generator ---------------------
+class RecordedNoise:
+    """The golden run's noises in the generator's (shot, chunk, draw) order."""
+
+    def __init__(self, g: Golden):
+        self.g = g
+
+    def draw(self, shot: int, chunk: int, draw: int, shape) -> torch.Tensor:
+        if draw == 0:
+            f = self.g.cfg.chunk_frames
+            return self.g[f"shot{shot}.noise"][:, chunk * f : (chunk + 1) * f]
+        return self.g[f"shot{shot}.chunk{chunk}.step{draw - 1}.renoise.noise"]
+
+
+def recorded_caption_encoder(g: Golden, encoder):
+    """Encode captions from the token ids the golden run recorded for the same strings
+    (its stand-in tokenizer is not ours); everything after the ids is our code."""
+    from model.text import TextEncoding
+
+    ids_of: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for call in (c for c in g.calls if c["kind"] == "t5"):
+        ids, mask = g[call["inputs"]["ids"]], g[call["inputs"]["mask"]]
+        for i, text in enumerate(call["texts"]):
+            ids_of[text] = (ids[i], mask[i])
+
+    def encode(specs) -> TextEncoding:
+        rows = [ids_of[spec.text] for spec in specs]
+        ids, mask = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        _, embeds = encoder.encode_ids(ids, mask)
+        lengths = [int(m.sum()) for m in mask]
+        n = len(specs)
+        return TextEncoding(embeds, lengths, [0] * n, [False] * n, [s.text for s in specs])
+
+    return encode
+
+
+def replay_loop(g: Golden) -> Iterator[Check]:
+    """Scenario S2 free-running: token ids and noises injected; captions, context
+    selection, context VAE encode, prefill, chunks and streaming decode are ours."""
+    from cache.kv import KVLayout
+    from cache.pool import StatePool
+    from model.generator import LoadedModel, ShotStreamGenerator
+    from model.text import TextEncoder
+    from model.vae import WanVAE
+
+    cfg, tol = g.cfg, g.chain_tol
+    text = TextEncoder.from_original_state(cfg, g.weights("t5"), what=f"{g.path.name} t5")
+    vae = WanVAE.from_original_state(cfg, g.weights("vae"), what=f"{g.path.name} vae")
+    model = LoadedModel(
+        cfg, g.build_dit(), vae, text, torch.device("cpu"), torch.float32, str(g.path), False
+    )
+    pool = StatePool(KVLayout.for_config(cfg), vae.new_decoder_state, torch.float32, "cpu")
+    lease = pool.acquire("golden")
+    script = g.meta["config"]["script"]
+    trace: dict = {}
+    gen = ShotStreamGenerator(
+        model, lease, script["global_caption"], noise=RecordedNoise(g),  # type: ignore[arg-type]
+        encode_captions=recorded_caption_encoder(g, text), trace=trace,
+    )  # fmt: skip
+    try:
+        for s in range(g.num_shots):
+            start = gen.start_shot(script["shots"][s])
+            if s > 0:
+                ours = torch.tensor(start.context_indices)
+                name = f"shot{s}.ctx.indices"
+                yield Check("context.indices", name, max_abs(ours, g[name]), 0.0)
+                name = f"shot{s}.ctx.latents_vae"
+                ours = trace[s]["context_latents"][0][:, None]  # (6, 1, C, h, w)
+                yield Check("loop (chain)", name, max_abs(ours, g[name]), tol)
+            flags = torch.cat(
+                [
+                    trace[s]["flags"][0],
+                    (trace[s]["flags"][0, -1:] + 1).expand(cfg.latent_frames_per_shot),
+                ]
+            )
+            name = f"shot{s}.shot_flags"
+            yield Check("context.indices", name, max_abs(flags, g[name].long()), 0.0)
+            for _ in range(cfg.chunks_per_shot):
+                gen.next_chunk()
+            chunks = [trace[("chunk", s, c)] for c in range(cfg.chunks_per_shot)]
+            latents = torch.cat([c["x0"] for c in chunks], dim=1)
+            yield Check(
+                "loop (chain)", f"shot{s}.latents", max_abs(latents, g[f"shot{s}.latents"]), tol
+            )
+            pixels = torch.cat([c["pixels"] for c in chunks], dim=0)[None]
+            name = f"shot{s}.decode.pixels"
+            yield Check("loop (chain)", name, max_abs(pixels, g[name]), tol)
+    finally:
+        pool.release(lease)
+
+
+REPLAYS.append(lambda: [("whole loop (S2)", replay_loop)])

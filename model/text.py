@@ -24,8 +24,7 @@ import torch
 from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from model.config import ModelConfig, TextConfig
-from model.vae import read_state_dict, safetensors_shapes
-from model.weights import WeightsError, check_state_dict
+from model.weights import WeightsError, check_state_dict, read_state_dict, safetensors_shapes
 
 ORIGINAL_FILE = "models_t5_umt5-xxl-enc-bf16.pth"  # the original Wan2.1 release
 ORIGINAL_TOKENIZER_DIR = "google/umt5-xxl"

@@ -20,12 +20,10 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from cache.decoder import DecoderState
 from model.config import ModelConfig, VAEConfig
-from model.weights import WeightsError, check_state_dict
+from model.weights import WeightsError, check_state_dict, read_state_dict, safetensors_shapes
 
 ORIGINAL_FILE = "Wan2.1_VAE.pth"  # the original Wan2.1 release
 DIFFUSERS_SUBFOLDER = "vae"  # the Wan2.1-T2V-1.3B-Diffusers release
@@ -128,43 +126,6 @@ def original_vae_shapes(cfg: VAEConfig | ModelConfig) -> dict[str, torch.Size]:
     return {names[k]: s for k, s in ours.items()}
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A flat state dict from a .pth/.pt (torch.save) or .safetensors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise WeightsError(
-            f"{path}: not a readable weights file ({type(exc).__name__}: {exc})"
-        ) from exc
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(
-            f"{path}: expected a flat state dict of tensors, found {type(obj).__name__}"
-        )
-    return dict(obj)
-
-
-def safetensors_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of every tensor in the folder's safetensors files (headers only)."""
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise WeightsError(f"{folder}: no .safetensors files")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                    shapes[k] = tuple(sf.get_slice(k).get_shape())
-        except Exception as exc:
-            raise WeightsError(f"{f}: not a readable safetensors file ({exc})") from exc
-    return shapes
-
-
 class WanVAE:
     """The Wan2.1 VAE with normalised latents: encode frames/clips and decode, whole or streamed."""
 
@@ -190,7 +151,9 @@ class WanVAE:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_autoencoder(cfg)
-        return cls(model.to(device=device, dtype=dtype), cfg)
+        # nn.Module.to, not diffusers' override: that one warns about an empty list of
+        # fp32-only modules on every dtype cast.
+        return cls(torch.nn.Module.to(model, device=device, dtype=dtype), cfg)
 
     @classmethod
     def from_original_state(

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from model.config import ModelConfig
@@ -115,3 +116,40 @@ def load_generator(
 ) -> CausalDiT:
     """Load the causal DiT from a ShotStream checkpoint (.pt) or a safetensors file."""
     return load_dit_state(cfg, read_generator_file(path), device, dtype, what=str(path))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from a .pth/.pt (torch.save) or .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise WeightsError(
+            f"{path}: not a readable weights file ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(
+            f"{path}: expected a flat state dict of tensors, found {type(obj).__name__}"
+        )
+    return dict(obj)
+
+
+def safetensors_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor in the folder's safetensors files (headers only)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{folder}: no .safetensors files")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                    shapes[k] = tuple(sf.get_slice(k).get_shape())
+        except Exception as exc:
+            raise WeightsError(f"{f}: not a readable safetensors file ({exc})") from exc
+    return shapes

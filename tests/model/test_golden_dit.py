@@ -109,3 +109,17 @@ def test_selftest_cli_fails_on_a_corrupted_file(golden_dir, tmp_path):
     )  # fmt: skip
     assert out.returncode == 1
     assert '"ok": false' in out.stdout
+
+
+def test_whole_loop_through_the_generator(golden):
+    """Scenario S2 free-running through ShotStreamGenerator: only token ids and noises come
+    from the file; context selection, VAE encode, chunks and streaming decode are ours."""
+    from model.golden import replay_loop
+
+    with torch.inference_mode():
+        checks = _assert_all(replay_loop(golden), {"context.indices", "loop (chain)"})
+    names = {c.name for c in checks}
+    for s in range(golden.num_shots):
+        assert {f"shot{s}.latents", f"shot{s}.decode.pixels", f"shot{s}.shot_flags"} <= names
+    for s in range(1, golden.num_shots):
+        assert {f"shot{s}.ctx.indices", f"shot{s}.ctx.latents_vae"} <= names
