@@ -41,6 +41,34 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Offline generation of a multi-shot script into an MP4 file."""
+    from server.offline import run_generate
+
+    return run_generate(args)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """Fetch the real weights from the Hugging Face hub."""
+    from server.weights import run_download
+
+    return run_download(args)
+
+
+def cmd_check_weights(args: argparse.Namespace) -> int:
+    """Check a weights folder file by file, then optionally load it strictly."""
+    from server.weights import run_check_weights
+
+    return run_check_weights(args)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shotstream",
@@ -58,6 +86,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--golden", action="append", required=True, metavar="FILE",
                    help="golden .safetensors file (its .json sidecar must sit beside it); repeatable")  # fmt: skip
     p.set_defaults(func=cmd_selftest)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate a multi-shot script into an MP4 file (offline, no server)",
+        description="Generate every shot of a script in the original demo format "
+        '({"global_caption": "...", "shot1": "...", "shot2": "...", ...}) and write one '
+        "H.264 MP4 at the preset's fps. Without --weights the tiny preset runs on random "
+        "weights (the video is noise).",
+    )
+    p.add_argument("--script", required=True, metavar="FILE.json", help="the shot script (JSON)")
+    p.add_argument("--out", required=True, metavar="VIDEO.mp4", help="the MP4 file to write")
+    p.add_argument("--preset", default=None,
+                   help="model preset (default: wan2.1-1.3b with --weights, tiny without)")  # fmt: skip
+    p.add_argument("--weights", default=None, metavar="DIR",
+                   help="weights folder (see `shotstream download`); none = random weights")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="noise seed (and random weights' seed)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cuda, cuda:N or cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+    p.add_argument("--attention", default="auto", help="attention backend: auto, sdpa or xformers")
+    p.add_argument("--chunks-per-shot", type=_positive_int, default=None, metavar="N",
+                   help="chunks per shot (default: the preset's, 7 = 81 frames)")  # fmt: skip
+    p.add_argument("--prompt-overflow", default="truncate", choices=["truncate", "reject", "fit"],
+                   help="captions over the text length: cut the end (as the original), "
+                   "refuse, or shorten the global caption first")  # fmt: skip
+    p.add_argument("--crf", type=float, default=18.0, help="H.264 quality (0-51, lower is better)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "download",
+        help="fetch the real weights from the Hugging Face hub",
+        description="Fetch the ShotStream checkpoint (KlingTeam/ShotStream) and the Wan2.1 "
+        "VAE, umT5-xxl text encoder and tokenizer into DIR, in the layout --weights expects. "
+        "Interrupted downloads resume; completed repos are skipped.",
+    )
+    p.add_argument("--dir", default="weights", help="weights folder to fill (default: ./weights)")
+    p.add_argument("--layout", default="original", choices=["original", "diffusers"],
+                   help="original: Wan-AI/Wan2.1-T2V-1.3B files, ~12 GB (bf16 text encoder); "
+                   "diffusers: Wan-AI/Wan2.1-T2V-1.3B-Diffusers, ~23 GB (fp32 text encoder)")  # fmt: skip
+    p.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or login)")
+    p.add_argument("--recheck", action="store_true",
+                   help="ask the hub again even for repos recorded as complete")  # fmt: skip
+    p.add_argument("--preset", default="wan2.1-1.3b", help="preset to check the folder for")
+    p.add_argument("--skip-check", action="store_true",
+                   help="only locate the files afterwards; do not read their headers")  # fmt: skip
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser(
+        "check-weights",
+        help="name any missing or wrong file in a weights folder",
+        description="Locate every file the preset needs, check key names, shapes and "
+        "configs from the file headers (no tensor data read), and with --load load "
+        "everything strictly. Exits 1 naming each problem.",
+    )
+    p.add_argument("--weights", required=True, metavar="DIR", help="weights folder")
+    p.add_argument("--preset", default="wan2.1-1.3b", help="preset the weights are for")
+    p.add_argument("--load", action="store_true", help="also load every component strictly")
+    p.add_argument("--device", default="cpu", help="device for --load (default cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="dtype for --load (auto: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    p.set_defaults(func=cmd_check_weights)
     return parser
 
 
