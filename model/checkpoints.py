@@ -24,19 +24,15 @@ from model.text import (
     load_tokenizer,
     original_t5_shapes,
 )
-from model.vae import (
-    _check_diffusers_config,
-    build_autoencoder,
-    original_vae_shapes,
-    read_state_dict,
-    safetensors_shapes,
-)
+from model.vae import _check_diffusers_config, build_autoencoder, original_vae_shapes
 from model.weights import (
     GENERATOR_PREFIX,
     WeightsError,
     check_state_dict,
     expected_shapes,
     read_generator_file,
+    read_state_dict,
+    safetensors_shapes,
     strip_prefix,
 )
 
