@@ -62,6 +62,13 @@ def cmd_check_weights(args: argparse.Namespace) -> int:
     return run_check_weights(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the streaming server (uvicorn)."""
+    from server.serve import run_serve
+
+    return run_serve(args)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -149,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="dtype for --load (auto: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
     p.set_defaults(func=cmd_check_weights)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the streaming server (REST + WebSocket, protocol v1)",
+        description="Serve real-time multi-shot video over WebSocket. Every setting is a flag "
+        "here and a SHOTSTREAM_* environment variable (flags win).",
+    )
+    from server.serve import add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -200,6 +200,16 @@ class ModelInfo(_Schema):
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
     max_shots: int = DEFAULT_MAX_SHOTS
     real_weights: bool = Field(description="False: random weights (tests, CPU demo)")
+    weights: str = Field(default="", description="where the weights came from")
+    device: str = ""
+    dtype: str = ""
+    attention: str = Field(default="", description="attention backend in use")
+    notice: str | None = Field(
+        default=None, description="a warning users should see (random weights)"
+    )
+    vocabulary: dict[str, Any] | None = Field(
+        default=None, description="for trained demo models: the prompt vocabulary they learned"
+    )
 
 
 class ErrorBody(_Schema):
@@ -292,6 +302,15 @@ class EndedMessage(_Schema):
     reason: str
 
 
+class PromptDroppedMessage(_Schema):
+    """An acknowledged prompt that will never be shown (superseded by a later cut, or the
+    session ended), so every ack ends in a `shot` or in this."""
+
+    type: Literal["prompt_dropped"] = "prompt_dropped"
+    shot_id: int
+    reason: str
+
+
 class PongMessage(_Schema):
     """Answer to `ping`."""
 
@@ -334,6 +353,7 @@ ServerMessage: TypeAlias = Annotated[
     | PromptAckMessage
     | ErrorMessage
     | EndedMessage
+    | PromptDroppedMessage
     | PongMessage,
     Field(discriminator="type"),
 ]
@@ -352,6 +372,7 @@ SERVER_MESSAGE_TYPES: dict[str, type[BaseModel]] = {
         PromptAckMessage,
         ErrorMessage,
         EndedMessage,
+        PromptDroppedMessage,
         PongMessage,
     )
 }

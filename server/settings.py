@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     )
     attention: str = Field("auto", description="attention backend: `auto`, `sdpa` or `xformers`")
     seed: int = Field(0, description="seed of random weights (presets run without real weights)")
+    chunks_per_shot: int = Field(
+        0,
+        description="chunks per shot before a shot continues anew (0 = the preset's: 7 = 81 frames)",
+    )
     threads: int = Field(0, description="torch CPU threads (0 = torch default)")
 
     # -- HTTP ------------------------------------------------------------------------
@@ -78,6 +82,10 @@ class Settings(BaseSettings):
         65536, description="largest JSON text frame accepted from a client"
     )
     max_body_bytes: int = Field(262144, description="largest REST request body")
+    send_timeout_s: float = Field(
+        60.0,
+        description="a stream whose reader takes longer than this to accept one message is closed (4408)",
+    )
     abuse_limit: int = Field(
         8, description="bad messages tolerated on one connection before it is closed"
     )
@@ -101,6 +109,11 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="generate one chunk before reporting ready")
     drain_grace_s: float = Field(
         20.0, description="on SIGTERM, how long sessions may continue before they are ended"
+    )
+
+    fault_injection: bool = Field(
+        False,
+        description="TESTS ONLY: enable `POST /v1/debug/faults` to make a session's next step fail",
     )
 
     # -- logging ---------------------------------------------------------------------

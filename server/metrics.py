@@ -1,0 +1,158 @@
+"""Prometheus metrics of one server process (names and units per Prometheus conventions).
+
+Each app owns its registry, so several servers can live in one process (tests). Latency
+buckets span tens of milliseconds to seconds: the real-time budget of a chunk is 0.75 s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    30.0,
+)
+VERB_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.35,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+SEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+VERBS = ("text", "context", "prefill", "denoise", "refresh", "decode", "package")
+
+
+class Metrics:
+    """The server's metrics; `sample` callbacks fill the gauges at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.ttff = Histogram(
+            "shotstream_time_to_first_frame_seconds",
+            "Stream connection to the first chunk sent on it.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inter_chunk_gap = Histogram(
+            "shotstream_inter_chunk_gap_seconds",
+            "Time between consecutive chunks sent to one stream.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_to_visible = Histogram(
+            "shotstream_prompt_to_visible_seconds",
+            "A prompt received to the first chunk of its shot sent.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.verb_duration = Histogram(
+            "shotstream_verb_duration_seconds",
+            "Duration of one hot-path verb for one chunk or shot boundary.",
+            ["verb"], buckets=VERB_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ws_send = Histogram(
+            "shotstream_ws_send_seconds",
+            "Time to send one chunk (message and media segment) on a WebSocket.",
+            buckets=SEND_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.sessions_created = Counter(
+            "shotstream_sessions_created_total", "Sessions created.", registry=r
+        )
+        self.sessions_refused = Counter(
+            "shotstream_sessions_refused_total", "Session creations refused, by reason.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.sessions_ended = Counter(
+            "shotstream_sessions_ended_total", "Sessions ended, by reason.", ["reason"], registry=r
+        )
+        self.chunks = Counter("shotstream_chunks_generated_total", "Chunks generated.", registry=r)
+        self.frames = Counter(
+            "shotstream_frames_generated_total", "Pixel frames generated.", registry=r
+        )
+        self.frames_sent = Counter(
+            "shotstream_frames_sent_total", "Pixel frames sent to clients.", registry=r
+        )
+        self.bytes_sent = Counter(
+            "shotstream_bytes_sent_total", "Media bytes (init and segments) sent.", registry=r
+        )
+        self.deadline_misses = Counter(
+            "shotstream_deadline_misses_total",
+            "Chunks sent after the client's player would have run dry.", registry=r,
+        )  # fmt: skip
+        self.prompts_received = Counter(
+            "shotstream_prompts_received_total", "Shot prompts accepted.", registry=r
+        )
+        self.prompts_applied = Counter(
+            "shotstream_prompts_applied_total",
+            "Shot prompts that became a visible shot.",
+            registry=r,
+        )
+        self.prompts_dropped = Counter(
+            "shotstream_prompts_dropped_total", "Accepted prompts that never became a shot, by reason.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.errors = Counter("shotstream_errors_total", "Errors, by kind.", ["kind"], registry=r)
+        self.build_info = Info(
+            "shotstream_build", "Version, preset, device, torch, attention backend.", registry=r
+        )
+        self._samplers: list[Callable[[], list[GaugeMetricFamily]]] = []
+        r.register(_Sampled(self._samplers))
+
+    def add_sampler(self, fn: Callable[[], list[GaugeMetricFamily]]) -> None:
+        """Register a callback that returns gauge families, evaluated at every scrape."""
+        self._samplers.append(fn)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Sampled:
+    """A collector whose gauges come from callbacks at scrape time."""
+
+    def __init__(self, samplers: list[Callable[[], list[GaugeMetricFamily]]]):
+        self._samplers = samplers
+
+    def collect(self):
+        for fn in self._samplers:
+            yield from fn()
+
+    def describe(self):
+        return []
+
+
+def gauge(name: str, doc: str, value: float | None = None, labels: dict[str, float] | None = None,
+          label: str = "kind") -> GaugeMetricFamily:  # fmt: skip
+    """A gauge family with one value, or one value per label."""
+    if labels is None:
+        return GaugeMetricFamily(name, doc, value=value or 0.0)
+    fam = GaugeMetricFamily(name, doc, labels=[label])
+    for key, v in labels.items():
+        fam.add_metric([key], v)
+    return fam

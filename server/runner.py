@@ -1,0 +1,226 @@
+"""The runner: the one piece of the server that touches the model and its tensors.
+
+Everything here runs on a single worker thread that owns the device (architecture.md: one
+GPU worker). The event loop submits work with `await runner.step(...)` and never blocks on
+torch; results come back as plain numbers and uint8 numpy frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cache.kv import KVLayout
+from cache.pool import Lease, StatePool
+from model.config import ModelConfig
+from model.generator import LoadedModel, ShotStreamGenerator, load_model
+from model.text import CaptionSpec, PromptTooLong
+
+
+@dataclass(frozen=True)
+class TokenReport:
+    """How a caption fits the text encoder: tokens cut and whether the shot text was cut."""
+
+    truncated_tokens: int
+    shot_text_cut: bool
+
+
+@dataclass
+class StepResult:
+    """One chunk from the worker: frames, position, per-verb ms, and a new shot's report."""
+
+    frames: np.ndarray  # (n, H, W, 3) uint8
+    shot: int
+    chunk: int
+    last_in_shot: bool
+    timings: dict[str, float]
+    worker_s: float  # wall time the worker spent on this step
+    new_shot: TokenReport | None = None
+    shot_timings: dict[str, float] = field(default_factory=dict)
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory during a session's step."""
+
+
+class ModelRunner:
+    """Owns the loaded model, the state pool and the worker thread."""
+
+    def __init__(self, model: LoadedModel, threads: int = 0):
+        self.model = model
+        self.cfg: ModelConfig = model.cfg
+        self.pool = StatePool(
+            KVLayout.for_config(self.cfg), model.vae.new_decoder_state, model.dtype, model.device
+        )
+        self._threads = threads
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shotstream-worker")
+        self._executor.submit(self._init_worker_thread).result()
+        self._sessions: dict[str, tuple[Lease, ShotStreamGenerator]] = {}
+        self.faults: dict[str, str] = {}  # test-only: session id -> "exception" | "oom"
+        self.decoder_bytes_per_session = 0  # measured at warm-up (steady state)
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, weights: str | None, device: str, dtype: str,
+             attention: str, seed: int, prompt_overflow: str, threads: int) -> ModelRunner:  # fmt: skip
+        return cls(
+            load_model(cfg, weights, device, dtype, attention, seed, prompt_overflow), threads
+        )
+
+    def _init_worker_thread(self) -> None:
+        torch.set_flush_denormal(True)  # per thread: the worker computes, not the caller
+        if self._threads:
+            torch.set_num_threads(self._threads)
+        if self.model.device.type == "cuda":
+            torch.cuda.set_device(self.model.device)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- facts about the model (any thread) -----------------------------------------
+    @property
+    def device_name(self) -> str:
+        d = self.model.device
+        return torch.cuda.get_device_name(d) if d.type == "cuda" else "cpu"
+
+    @property
+    def torch_version(self) -> str:
+        return torch.__version__
+
+    def kv_bytes_per_session(self) -> int:
+        return self.pool.layout.nbytes(1, self.model.dtype)
+
+    def frame_bytes_per_session(self) -> int:
+        """Decoded frames a session keeps for context selection (a full shot, worst case)."""
+        c = self.cfg
+        el = torch.empty((), dtype=self.model.vae.dtype).element_size()
+        return c.pixel_frames_per_shot * 3 * c.height * c.width * el
+
+    def bytes_per_session(self) -> int:
+        return (
+            self.kv_bytes_per_session()
+            + self.decoder_bytes_per_session
+            + self.frame_bytes_per_session()
+        )
+
+    def free_device_bytes(self) -> int:
+        """Memory available for new sessions: device free + pool free list (CUDA), or RAM."""
+        if self.model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.model.device)
+            return int(free) + self.pool.bytes_reserved
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 1 << 40
+
+    def memory_stats(self) -> dict[str, int]:
+        if self.model.device.type != "cuda":
+            return {}
+        return {
+            "allocated": torch.cuda.memory_allocated(self.model.device),
+            "reserved": torch.cuda.memory_reserved(self.model.device),
+        }
+
+    def check_caption(self, global_caption: str, shot_index: int, shot_text: str) -> TokenReport:
+        """Tokenize a caption (no model call): what would be cut; PromptTooLong under `reject`."""
+        tc = self.model.text.tokenize(CaptionSpec(global_caption, shot_index, shot_text))
+        return TokenReport(tc.truncated_tokens, tc.shot_text_cut)
+
+    # -- work on the worker thread ----------------------------------------------------
+    async def warmup(self) -> StepResult:
+        """Run one throw-away session for a chunk: weights touched, kernels ready, costs known."""
+        result = await self._run(self._warmup)
+        return result
+
+    def _warmup(self) -> StepResult:
+        sid = "__warmup__"
+        try:
+            self._open(sid, "warm-up", 0)
+            first = self._step(sid, "warm-up")
+            second = self._step(sid, None)  # a steady chunk: decoder slots at full size
+            self.decoder_bytes_per_session = self._sessions[sid][0].decoder.nbytes
+            return second if second.worker_s else first
+        finally:
+            self._close(sid)
+
+    async def step(
+        self, sid: str, shot_text: str | None, init: tuple[str, int] | None = None
+    ) -> StepResult:
+        """Generate the next chunk of session `sid`; `shot_text` starts a new shot first.
+        `init` = (global caption, seed) opens the session's state on its first step."""
+        return await self._run(self._guarded_step, sid, shot_text, init)
+
+    async def close(self, sid: str) -> None:
+        """Return the session's state to the pool (serialised with its steps)."""
+        await self._run(self._close, sid)
+
+    def _guarded_step(
+        self, sid: str, shot_text: str | None, init: tuple[str, int] | None
+    ) -> StepResult:
+        try:
+            if init is not None and sid not in self._sessions:
+                self._open(sid, *init)
+            return self._step(sid, shot_text)
+        except torch.OutOfMemoryError as exc:
+            # Free this session's state now, so the others keep their headroom.
+            self._close(sid)
+            raise OutOfMemory(str(exc).splitlines()[0]) from None
+
+    def _open(self, sid: str, global_caption: str, seed: int) -> None:
+        lease = self.pool.acquire(sid)
+        try:
+            gen = ShotStreamGenerator(self.model, lease, global_caption, seed=seed)
+        except BaseException:
+            self.pool.release(lease)
+            raise
+        self._sessions[sid] = (lease, gen)
+
+    def _step(self, sid: str, shot_text: str | None) -> StepResult:
+        t0 = time.perf_counter()
+        _, gen = self._sessions[sid]
+        report, shot_timings = None, {}
+        if shot_text is not None:
+            start = gen.start_shot(shot_text)
+            report = TokenReport(start.truncated_tokens, start.shot_text_cut)
+            shot_timings = start.timings
+        fault = self.faults.pop(sid, None)
+        if fault == "oom":
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (injected)"
+            )
+        if fault == "exception":
+            raise RuntimeError("injected fault")
+        out = gen.next_chunk()
+        return StepResult(
+            frames=out.frames.numpy(), shot=out.shot, chunk=out.chunk,
+            last_in_shot=out.last_in_shot, timings=out.timings,
+            worker_s=time.perf_counter() - t0, new_shot=report, shot_timings=shot_timings,
+        )  # fmt: skip
+
+    def _close(self, sid: str) -> None:
+        entry = self._sessions.pop(sid, None)
+        if entry is None:
+            return
+        self.pool.release(entry[0])
+        if self.model.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+__all__ = ["ModelRunner", "OutOfMemory", "PromptTooLong", "StepResult", "TokenReport"]

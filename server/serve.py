@@ -1,0 +1,105 @@
+"""`shotstream serve`: uvicorn around the app, with a drain on SIGTERM.
+
+uvicorn's own shutdown closes every WebSocket at once (code 1012). We first drain: stop
+admitting, fail `/readyz`, let sessions run for the grace period, end them with `ended`
+(reason `draining`), and only then let uvicorn exit (status 0). A second signal exits at
+once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import typing
+
+import uvicorn
+
+from server.settings import Settings
+
+log = logging.getLogger("shotstream.serve")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains the app before exiting."""
+
+    def __init__(self, config: uvicorn.Config, state) -> None:
+        super().__init__(config)
+        self.app_state = state
+        self._drain_task: asyncio.Task | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises the captured signal after shutting down, so the process would
+        # die by SIGTERM; after a completed drain we exit 0 instead.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        loop = self.app_state.loop
+        if self._drain_task is not None or loop is None or self.app_state.manager is None:
+            return super().handle_exit(sig, frame)
+
+        async def drain_then_exit() -> None:
+            try:
+                await self.app_state.drain()
+            finally:
+                uvicorn.Server.handle_exit(self, sig, frame)
+
+        self._drain_task = loop.create_task(drain_then_exit())
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per setting (`--lead-chunks` for `lead_chunks`); flags beat SHOTSTREAM_* variables."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        ann = field.annotation
+        args = typing.get_args(ann)
+        if ann is bool:
+            p.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction,
+                           help=field.description)  # fmt: skip
+        elif typing.get_origin(ann) is list:
+            p.add_argument(flag, dest=name, default=None, action="append", help=field.description)
+        else:
+            kind = next((a for a in (int, float) if ann is a or a in args), str)
+            choices = list(args) if typing.get_origin(ann) is typing.Literal else None
+            p.add_argument(
+                flag, dest=name, default=None, type=kind, choices=choices, help=field.description
+            )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from server.app import create_app
+    from server.logs import setup_logging
+
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**given)
+    setup_logging(settings.log_level)
+    app = create_app(settings)
+    state = app.state.shotstream
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None,
+        log_level=settings.log_level, ws_max_size=max(1 << 20, 4 * settings.max_ws_message_bytes),
+        ws_ping_interval=20, ws_ping_timeout=20, timeout_graceful_shutdown=5,
+    )  # fmt: skip
+    server = DrainingServer(config, state)
+    host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
+    print(f"ShotStream server ({settings.preset} preset) at http://{host}:{settings.port}/ "
+          f"— open it in a browser; API docs at /docs", file=sys.stderr, flush=True)  # fmt: skip
+    if settings.weights is None:
+        print(f"note: no --weights given: the {settings.preset} preset runs with RANDOM weights",
+              file=sys.stderr, flush=True)  # fmt: skip
+    server.run()
+    return 0 if state.error is None else 1
