@@ -286,6 +286,7 @@ def run_generate(args: Any) -> int:
     """`shotstream generate`: check the script and the weights folder, load, generate, report."""
     import torch
 
+    from model.checkpoints import check_weights
     from model.config import get_preset
     from model.generator import load_model
     from model.layout import find_weights
@@ -312,7 +313,9 @@ def run_generate(args: Any) -> int:
         cfg = cfg.replace(chunks_per_shot=args.chunks_per_shot)
     try:  # before anything heavy: every missing file is named now, not after minutes of loading
         if args.weights:
-            find_weights(args.weights, cfg)
+            bad = [c for c in check_weights(cfg, find_weights(args.weights, cfg)) if not c.ok]
+            if bad:
+                raise WeightsError("; ".join(str(c.error) for c in bad))
         elif not cfg.random_weights_ok:
             raise WeightsError(
                 f"preset {cfg.name} needs real weights: pass --weights DIR "

@@ -16,6 +16,7 @@ from model.generator import ShotStreamGenerator, load_model
 from server.cli import main
 from server.media import iter_boxes
 from server.offline import MP4Writer, Script, ScriptError, generate_video, load_script
+from tests.model.tiny_weights import WAN_FOLDER, write_weights
 
 needs_ffprobe = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe not installed")
 
@@ -124,6 +125,23 @@ def test_weights_problems_are_named_before_loading(tmp_path, capsys, monkeypatch
     assert "weights folder not found" in capsys.readouterr().err
     assert main(["generate", "--script", path, "--out", out, "--weights", str(tmp_path)]) == 1
     assert "shotstream_merged.pt" in capsys.readouterr().err
+
+
+def test_generate_with_a_weights_folder_checks_it_first(tmp_path, capsys, monkeypatch):
+    root = write_weights(tmp_path / "w", get_preset("tiny"), "original")
+    script, out = str(_write_script(tmp_path, SCRIPT)), tmp_path / "v.mp4"
+    args = ["generate", "--script", script, "--out", str(out), "--weights", str(root),
+            "--preset", "tiny", "--chunks-per-shot", "1", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "RANDOM" not in captured.err and f"weights: {root}" in captured.err
+    assert "random weights" not in captured.out and "18 frames" in captured.out
+    # a wrong file is named before the model is loaded
+    vae = root / WAN_FOLDER["original"] / "Wan2.1_VAE.pth"
+    vae.write_bytes(vae.read_bytes()[:1000])
+    monkeypatch.setattr("model.generator.load_model", _must_not_load)
+    assert main(args) == 1
+    assert "Wan2.1_VAE.pth: not a readable weights file" in capsys.readouterr().err
 
 
 def test_overlong_caption_is_refused_before_generating_under_reject(tmp_path, capsys):
