@@ -1,0 +1,62 @@
+"""Readiness, graceful shutdown and a crashed engine."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+
+from tests.support.server import ServerProcess, StreamClient
+
+
+def test_sigterm_drains_streams_and_exits_zero(tmp_path):
+    srv = ServerProcess(tmp_path, drain_grace_s=1, realtime_margin=50, max_sessions=4).wait_ready()
+    ds = [srv.create(seed=i) for i in range(2)]
+
+    async def go():
+        clients = [StreamClient(d["stream_url"], d["token"]) for d in ds]
+        for c in clients:
+            await c.__aenter__()
+        await asyncio.gather(*(c.chunks(1) for c in clients))
+        srv.proc.send_signal(signal.SIGTERM)
+        # while draining: not ready, no admission; the streams keep going up to the grace
+        deadline = time.monotonic() + 5
+        while httpx.get(srv.base + "/readyz").status_code == 200 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert httpx.get(srv.base + "/readyz").status_code == 503
+        r = httpx.post(srv.base + "/v1/sessions", json={"prompt": "late"})
+        assert (
+            r.status_code == 503 and r.json()["code"] == "draining" and "Retry-After" in r.headers
+        )
+        assert httpx.get(srv.base + "/healthz").status_code == 200
+        return [await c.closed() for c in clients]
+
+    streams = asyncio.run(go())
+    assert srv.stop() == 0
+    for st in streams:
+        assert st.of("ended") == [{"type": "ended", "reason": "draining"}] and st.close_code == 1001
+    stopped = [e for e in srv.log_events() if e.get("event") == "stopped"]
+    assert stopped and stopped[-1]["pool_bytes"] == 0 and stopped[-1]["open_sessions"] == 0
+
+
+def test_engine_crash_reports_not_ready_and_fails_sessions(tmp_path):
+    srv = ServerProcess(tmp_path, fault_injection=True).wait_ready()
+    d = srv.create(seed=1)
+
+    async def go():
+        async with StreamClient(d["stream_url"], d["token"]) as c:
+            await c.chunks(1)
+            httpx.post(srv.base + "/v1/debug/faults", json={"kind": "engine"})
+            err = await c.until(lambda m: m["type"] == "error")
+            return err, await c.closed()
+
+    err, st = asyncio.run(go())
+    assert err["fatal"] and err["code"] == "internal" and st.close_code == 4500
+    r = httpx.get(srv.base + "/readyz")
+    assert r.status_code == 503 and "engine" in r.json()["reason"]
+    assert httpx.post(srv.base + "/v1/sessions", json={"prompt": "p"}).status_code == 503
+    assert srv.metric("shotstream_errors_total", {"kind": "engine"}) == 1
+    assert srv.wait_metric("shotstream_pool_bytes", 0) == 0
+    assert srv.stop() == 0
