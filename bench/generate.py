@@ -86,7 +86,9 @@ def main() -> None:
 
     shot_ms: dict[str, list[float]] = {v: [] for v in SHOT_VERBS}
     chunk_ms: dict[str, list[float]] = {v: [] for v in CHUNK_VERBS}
-    decode_first, decode_later = [], []  # a shot's first chunk decodes 9 frames, later ones 12
+    # a shot's first chunk decodes 9 frames, later ones 12
+    decode_first: list[float] = []
+    decode_later: list[float] = []
     start_wall, chunk_wall, steady_wall = [], [], []
     first_frame_ms = []  # shot start + its first chunk: what a cut costs before new frames
     frames = 0
