@@ -124,12 +124,20 @@ class DiTBlock(nn.Module):
         q, k, v = self.self_attn.qkv(a)
         q = apply_rope(q, pass_.cos, pass_.sin)
         k = apply_rope(k, pass_.cos, pass_.sin)
-        if pass_.kv is not None:
-            pass_.kv.write(layer, pass_.start, k, v)
+        if pass_.rows is None:
+            y = attention(q, k, v, pass_.backend, pass_.mask)
+        else:
+            # Each batch row (a session) writes its own cache slot, then attends over its own
+            # prefix: linear layers run batched, attention per row, no cache is copied.
+            ys = []
+            for i, (kv, start, end) in enumerate(pass_.rows):
+                kv.write(layer, start, k[i : i + 1], v[i : i + 1])
+                if need_output:
+                    keys, values = kv.prefix(layer, end)
+                    ys.append(attention(q[i : i + 1], keys, values, pass_.backend))
             if not need_output:
-                return x  # a K/V-only pass: nothing after this write reaches any cache
-            k, v = pass_.kv.prefix(layer, pass_.end)
-        y = attention(q, k, v, pass_.backend, pass_.mask)
+                return x  # a K/V-only pass: nothing after these writes reaches any cache
+            y = ys[0] if len(ys) == 1 else torch.cat(ys)
         y = self.self_attn.o(y.flatten(2))
         x = x + (y.view(per_frame) * gate1).view(b, length, dim)
 
@@ -160,23 +168,14 @@ class Head(nn.Module):
 class Pass:
     """Everything one forward needs besides the latents and timesteps.
 
-    `cos`/`sin`: RoPE for the pass's tokens; `caption_index` (B, F): caption row per frame;
-    `text_k`/`text_v` (L, B, S, T, H, d); with a cache, K/V are written at `[start, start+N)`
-    and attention runs over `[0, end)`; without one, over the pass's own tokens with `mask`.
+    `cos`/`sin`: RoPE for the pass's tokens (B or 1, N, d/2); `caption_index` (B, F): caption
+    row per frame into `text_k`/`text_v` (L, B, S, T, H, d). With caches, `rows` holds one
+    (cache, start, end) per batch row: the row's K/V are written at `[start, start+N)` and it
+    attends over its cache's `[0, end)`. Without caches, attention runs over the pass's own
+    tokens with `mask`.
     """
 
-    __slots__ = (
-        "cos",
-        "sin",
-        "caption_index",
-        "text_k",
-        "text_v",
-        "kv",
-        "start",
-        "end",
-        "mask",
-        "backend",
-    )
+    __slots__ = ("cos", "sin", "caption_index", "text_k", "text_v", "rows", "mask", "backend")
 
     def __init__(
         self,
@@ -190,11 +189,12 @@ class Pass:
         end: int = 0,
         mask: torch.Tensor | None = None,
         backend: str = "sdpa",
+        rows: list[tuple[KVCache, int, int]] | None = None,
     ):
         self.cos, self.sin = cos, sin
         self.caption_index = caption_index
         self.text_k, self.text_v = text_k, text_v
-        self.kv, self.start, self.end = kv, start, end
+        self.rows = rows if rows is not None else ([(kv, start, end)] if kv is not None else None)
         self.mask = mask
         self.backend = backend
 

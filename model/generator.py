@@ -25,7 +25,7 @@ from model.config import ModelConfig
 from model.context import candidate_offsets, context_counts, select_context
 from model.dit import CausalDiT, build_dit
 from model.sampler import FlowSchedule
-from model.steps import chunk_pass, denoise_chunk, prefill_context, refresh_cache
+from model.steps import ChunkRow, batched_chunk_pass, denoise_chunk, prefill_context, refresh_cache
 from model.text import CaptionSpec, TextEncoder, TextEncoding, load_tokenizer
 from model.vae import WanVAE, to_uint8
 from model.weights import WeightsError
@@ -307,35 +307,53 @@ class ShotStreamGenerator:
 
     # -- one chunk ----------------------------------------------------------------------
     def next_chunk(self) -> ChunkOutput:
-        """Generate, decode and cache one chunk of the current shot.
+        """Generate, decode and cache one chunk of the current shot (see `next_chunks`)."""
+        return next_chunks([self])[0]
 
-        Commit on success: if any verb raises, the decoder state, the frames kept and the
-        chunk counter are as before (the chunk's local cache slot is rewritten by a retry
-        before anything reads it).
-        """
-        if not self.in_shot:
+
+def next_chunks(gens: Sequence[ShotStreamGenerator]) -> list[ChunkOutput]:
+    """One chunk for each of several sessions: their DiT passes run as one batch (each row
+    attends over its own cache), then each decodes with its own decoder state.
+
+    Commit on success: if any verb raises, every session's decoder state, kept frames and
+    chunk counter are as before (each chunk's local cache slot is rewritten by a retry
+    before anything reads it), so a failed batch can be retried one session at a time.
+    """
+    for g in gens:
+        if not g.in_shot:
             raise RuntimeError("no shot in progress: call start_shot first")
-        m, cfg = self.model, self.cfg
-        clock = VerbClock(m.device)
-        shape = (1, cfg.chunk_frames, *cfg.latent_shape)
-        s, b = self.shot, self.chunk
-        noise = self.noise.draw(s, b, 0, shape)
-        renoise = [self.noise.draw(s, b, k, shape) for k in range(1, m.schedule.num_steps)]
-
-        pass_ = chunk_pass(m.dit, self.lease.kv, b, self._gen_flag, self._caption_row)
-        x0 = clock.measure("denoise", denoise_chunk, m.dit, m.schedule, pass_, noise, renoise)
-        decoder = self.lease.decoder
-        saved = (decoder.slots, decoder.first, decoder.latent_frames)
-        try:
-            pixels = clock.measure("decode", m.vae.decode_chunk, decoder, x0)[0]
-            clock.measure("refresh", refresh_cache, m.dit, pass_, x0)
-            frames = to_uint8(pixels).cpu()  # the chunk's one host sync
-        except BaseException:
-            decoder.slots, decoder.first, decoder.latent_frames = saved
-            raise
-        self.lease.frames.put(("cur", b), pixels.to(m.vae.dtype))
-        if self.trace is not None:
-            self.trace[("chunk", s, b)] = {"x0": x0, "pixels": pixels}
-        self.chunk += 1
-        self._frames_in_shot += pixels.shape[0]
-        return ChunkOutput(frames, s, b, self.shot_complete, clock.read())
+    m, cfg = gens[0].model, gens[0].cfg
+    clock = VerbClock(m.device)
+    shape = (1, cfg.chunk_frames, *cfg.latent_shape)
+    noise = torch.cat([g.noise.draw(g.shot, g.chunk, 0, shape) for g in gens])
+    renoise = [
+        torch.cat([g.noise.draw(g.shot, g.chunk, k, shape) for g in gens])
+        for k in range(1, m.schedule.num_steps)
+    ]
+    rows = [ChunkRow(g.lease.kv, g.chunk, g._gen_flag, g._caption_row) for g in gens]
+    pass_ = batched_chunk_pass(m.dit, rows)
+    x0 = clock.measure("denoise", denoise_chunk, m.dit, m.schedule, pass_, noise, renoise)
+    decoders = [g.lease.decoder for g in gens]
+    saved = [(d.slots, d.first, d.latent_frames) for d in decoders]
+    try:
+        pixels = clock.measure(
+            "decode",
+            lambda: [m.vae.decode_chunk(d, x0[i : i + 1])[0] for i, d in enumerate(decoders)],
+        )
+        clock.measure("refresh", refresh_cache, m.dit, pass_, x0)
+        frames = [to_uint8(p).cpu() for p in pixels]  # the step's one host sync
+    except BaseException:
+        for d, (slots, first, latent_frames) in zip(decoders, saved, strict=True):
+            d.slots, d.first, d.latent_frames = slots, first, latent_frames
+        raise
+    timings = clock.read()
+    outs = []
+    for i, g in enumerate(gens):
+        s, b = g.shot, g.chunk
+        g.lease.frames.put(("cur", b), pixels[i].to(m.vae.dtype))
+        if g.trace is not None:
+            g.trace[("chunk", s, b)] = {"x0": x0[i : i + 1], "pixels": pixels[i]}
+        g.chunk += 1
+        g._frames_in_shot += pixels[i].shape[0]
+        outs.append(ChunkOutput(frames[i], s, b, g.shot_complete, dict(timings)))
+    return outs

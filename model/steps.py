@@ -12,6 +12,7 @@ are deterministic and the golden replay can inject the recorded draws.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -60,16 +61,42 @@ def prefill_context(
 def chunk_pass(
     dit: CausalDiT, kv: KVCache, chunk_index: int, flag: torch.Tensor, caption: torch.Tensor
 ) -> Pass:
-    """Inputs of chunk `chunk_index`'s passes: RoPE at positions Fc+3b.., one flag and caption
-    row per batched session (`flag`, `caption`: (B,) int tensors)."""
+    """Inputs of one session's chunk `chunk_index` (flag, caption: (1,) int tensors)."""
+    return batched_chunk_pass(dit, [ChunkRow(kv, chunk_index, flag, caption)])
+
+
+class ChunkRow(NamedTuple):
+    """One session's place in a batched chunk pass."""
+
+    kv: KVCache
+    chunk_index: int
+    flag: torch.Tensor  # (1,) shot flag of the generated frames
+    caption: torch.Tensor  # (1,) the shot's caption row in the cache's text slots
+
+
+def batched_chunk_pass(dit: CausalDiT, rows: Sequence[ChunkRow]) -> Pass:
+    """Inputs shared by a chunk's denoise and refresh passes, for one or more sessions.
+
+    Rows may sit at different chunk indices: each has its RoPE positions Fc+3b.., its shot
+    flag, its caption (gathered from its cache's text slots, so cross-attention reads one
+    row per session) and its own cache slot and prefix.
+    """
     cfg = dit.cfg
-    first = cfg.context_frames + chunk_index * cfg.chunk_frames
-    positions = torch.arange(first, first + cfg.chunk_frames, device=flag.device)
-    flags = flag[:, None].expand(-1, cfg.chunk_frames)
+    f = cfg.chunk_frames
+    device = rows[0].flag.device
+    frames = torch.arange(f, device=device)
+    positions = torch.stack([cfg.context_frames + r.chunk_index * f + frames for r in rows])
+    flags = torch.cat([r.flag for r in rows])[:, None].expand(-1, f)
     cos, sin = dit.rope_for(positions, flags)
-    captions = caption[:, None].expand(-1, cfg.chunk_frames)
-    start, end = kv.layout.chunk_range(chunk_index)
-    return Pass(cos, sin, captions, kv.text_k, kv.text_v, kv, start, end, backend=dit.attn_backend)
+    text_k = torch.cat([r.kv.text_k[:, 0].index_select(1, r.caption) for r in rows], dim=1)[
+        :, :, None
+    ]
+    text_v = torch.cat([r.kv.text_v[:, 0].index_select(1, r.caption) for r in rows], dim=1)[
+        :, :, None
+    ]
+    captions = torch.zeros(len(rows), f, dtype=torch.long, device=device)
+    caches = [(r.kv, *r.kv.layout.chunk_range(r.chunk_index)) for r in rows]
+    return Pass(cos, sin, captions, text_k, text_v, rows=caches, backend=dit.attn_backend)
 
 
 def denoise_chunk(

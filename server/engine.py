@@ -109,6 +109,40 @@ class Engine:
         if plan is None:
             return
         seq, shot, starts = plan
+        group = [(s, plan)]
+        if not starts and s.opened:
+            group += self._companions(s)
+        if len(group) == 1:
+            await self._step_one(s, plan)
+            return
+        try:
+            results = await self.runner.step_batch([x.id for x, _ in group])
+        except Exception:
+            # A batch failed: retry each alone, so only the session at fault fails.
+            for x, p in group:
+                await self._step_one(x, p)
+            return
+        for (x, (seq, shot, starts)), result in zip(group, results, strict=True):
+            self.manager.on_step_done(x, seq, shot, starts, result)
+
+    def _companions(self, first: Session) -> list[tuple[Session, tuple]]:
+        """Other runnable sessions continuing their shots, earliest deadline first, planned."""
+        now = time.monotonic()
+        m = self.manager
+        others = [
+            x for x in m.active
+            if x is not first and m.continues_shot(x) and (at := x.ready_at(now)) is not None and at <= now
+        ]  # fmt: skip
+        others.sort(key=Session.deadline)
+        group = []
+        for x in others[: max(0, self.settings.max_batch - 1)]:
+            plan = m.plan_next(x)
+            if plan is not None:
+                group.append((x, plan))
+        return group
+
+    async def _step_one(self, s: Session, plan: tuple) -> None:
+        seq, shot, starts = plan
         init = None if s.opened else (s.global_prompt, s.seed)
         try:
             result = await self.runner.step(s.id, shot.text if starts else None, init)

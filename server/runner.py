@@ -19,7 +19,7 @@ import torch
 from cache.kv import KVLayout
 from cache.pool import Lease, StatePool
 from model.config import ModelConfig
-from model.generator import LoadedModel, ShotStreamGenerator, load_model
+from model.generator import LoadedModel, ShotStreamGenerator, load_model, next_chunks
 from model.text import CaptionSpec, PromptTooLong
 
 
@@ -159,6 +159,10 @@ class ModelRunner:
         `init` = (global caption, seed) opens the session's state on its first step."""
         return await self._run(self._guarded_step, sid, shot_text, init)
 
+    async def step_batch(self, sids: list[str]) -> list[StepResult]:
+        """The next chunk of several sessions in one batched step (none starts a shot)."""
+        return await self._run(self._step_batch, sids)
+
     async def close(self, sid: str) -> None:
         """Return the session's state to the pool (serialised with its steps)."""
         await self._run(self._close, sid)
@@ -205,6 +209,37 @@ class ModelRunner:
             last_in_shot=out.last_in_shot, timings=out.timings,
             worker_s=time.perf_counter() - t0, new_shot=report, shot_timings=shot_timings,
         )  # fmt: skip
+
+    def _step_batch(self, sids: list[str]) -> list[StepResult]:
+        t0 = time.perf_counter()
+        for sid in sids:
+            self._raise_injected(sid)
+        try:
+            outs = next_chunks([self._sessions[sid][1] for sid in sids])
+        except torch.OutOfMemoryError as exc:
+            # Whose? Unknown in a batch: the engine retries each session alone.
+            raise OutOfMemory(str(exc).splitlines()[0]) from None
+        per = (time.perf_counter() - t0) / len(sids)  # each session's share of the step
+        return [
+            StepResult(
+                frames=o.frames.numpy(),
+                shot=o.shot,
+                chunk=o.chunk,
+                last_in_shot=o.last_in_shot,
+                timings=o.timings,
+                worker_s=per,
+            )  # fmt: skip
+            for o in outs
+        ]
+
+    def _raise_injected(self, sid: str) -> None:
+        fault = self.faults.pop(sid, None)
+        if fault == "oom":
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (injected)"
+            )
+        if fault == "exception":
+            raise RuntimeError("injected fault")
 
     def _close(self, sid: str) -> None:
         entry = self._sessions.pop(sid, None)

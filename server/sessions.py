@@ -271,6 +271,7 @@ class SessionManager:
         self.sessions[sid] = s
         self._arm_idle_timer(s)
         self.metrics.sessions_created.inc()
+        self.metrics.prompts_received.inc(len(shots))  # so received >= applied + dropped
         log.info("session created", extra={"session_id": sid, "client": client, "seed": seed,
                                            "shots": len(shots)})  # fmt: skip
         self._wake_engine()
@@ -367,6 +368,13 @@ class SessionManager:
         s.inflight = True
         self._plan_queue(s)
         return seq, s.current, start is not None
+
+    def continues_shot(self, s: Session) -> bool:
+        """Whether the session's next chunk stays in its current shot (so it can batch)."""
+        return (
+            s.opened and s.current is not None and s.pending_cut is None
+            and s.chunks_in_shot < self.cfg.chunks_per_shot
+        )  # fmt: skip
 
     def on_step_failed(self, s: Session, exc: BaseException) -> None:
         s.inflight = False
@@ -516,6 +524,7 @@ class SessionManager:
         # A fresh player: its clock starts at the first chunk sent on this connection.
         s.play_start = None
         s.control.clear()  # acks for a dead connection mean nothing to a new one
+        log.info("stream connected", extra={"session_id": s.id})
         self._wake_engine()
 
     def detach(self, s: Session, conn: Connection) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     )
 
     # -- engine ----------------------------------------------------------------------
+    max_batch: int = Field(
+        4, description="sessions whose chunks may run as one batched forward (1 = never batch)"
+    )
     lead_chunks: float = Field(
         2.0, description="how far (in chunks) a session may run ahead of its playout clock"
     )
@@ -119,6 +122,12 @@ class Settings(BaseSettings):
     # -- logging ---------------------------------------------------------------------
     log_level: str = Field("info", description="log level: debug, info, warning, error")
     log_prompts: bool = Field(False, description="include prompt text in info-level logs")
+
+    @field_validator("weights", "api_key", "public_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        # `SHOTSTREAM_WEIGHTS=` (e.g. a compose override of an image default) means "none".
+        return None if value == "" else value
 
 
 def settings_table() -> str:
