@@ -1,0 +1,394 @@
+// The ShotStream page: create a session, play its stream, send shot prompts mid-stream.
+//
+// Modules: stream.js (WebSocket, reconnect), player.js (Media Source Extensions),
+// timeline.js (shots and prompts), stats.js (the stats panel). This file wires them to the page.
+//
+// URL options: ?back_buffer_s=N&trim_to_s=M bound the played video the player keeps
+// (default 30 and 10 seconds). `window.shotstream` exposes the page's state for tests.
+
+import { MsePlayer } from "./player.js";
+import { Stats } from "./stats.js";
+import { StreamSocket } from "./stream.js";
+import { Timeline } from "./timeline.js";
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  modelInfo: $("model-info"),
+  connection: $("connection"),
+  notice: $("notice"),
+  error: $("error"),
+  errorCode: $("error-code"),
+  errorMessage: $("error-message"),
+  sessionForm: $("session-form"),
+  caption: $("caption"),
+  firstShot: $("first-shot"),
+  start: $("start"),
+  video: $("video"),
+  nowPlaying: $("now-playing"),
+  pause: $("pause"),
+  resume: $("resume"),
+  stop: $("stop"),
+  shotForm: $("shot-form"),
+  shotPrompt: $("shot-prompt"),
+  sendShot: $("send-shot"),
+  timeline: $("timeline"),
+  stats: $("stats"),
+  timings: document.querySelector(".timings"),
+};
+
+const params = new URLSearchParams(location.search);
+const PLAYER_OPTIONS = {
+  backBufferS: Number(params.get("back_buffer_s") ?? 30),
+  trimToS: Number(params.get("trim_to_s") ?? 10),
+};
+// Non-fatal error codes that answer a prompt message (it was not accepted).
+const PROMPT_ERRORS = new Set(["prompt_too_long", "prompt_too_many_tokens", "rate_limited", "bad_message", "invalid_state"]);
+const PING_EVERY_MS = 5000;
+const MAX_LOG = 500; // chunk records kept for the debug hook
+
+let session = null;
+
+/** One streaming session: its REST reply, socket, player, timeline and stats. */
+class Session {
+  constructor(created) {
+    this.id = created.session_id;
+    this.token = created.token;
+    this.state = "connecting";
+    this.paused = false;
+    this.lastSeq = -1;
+    this.log = { hellos: 0, chunks: [], shots: [], acks: [], dropped: [], errors: [], duplicates: 0 };
+    this.firstFrameWallMs = null;
+    this.endReason = null;
+    this.pingSentAt = null;
+    this.stats = new Stats(ui.stats, ui.timings);
+    this.stats.start();
+    this.timeline = new Timeline(ui.timeline);
+    this.player = new MsePlayer(ui.video, {
+      ...PLAYER_OPTIONS,
+      onFrame: (mediaTime, wallMs) => this.frameShown(mediaTime, wallMs),
+      onError: (code, message) => showError(code, message),
+    });
+    this.socket = new StreamSocket(created.stream_url, created.token, {
+      onMessage: (msg, data) => this.receive(msg, data),
+      onState: (state, detail) => this.socketState(state, detail),
+    });
+    this.pinger = setInterval(() => this.ping(), PING_EVERY_MS);
+    this.ticker = setInterval(() => this.render(), 250);
+    this.socket.connect();
+  }
+
+  get alive() {
+    return this.state !== "ended" && this.state !== "failed";
+  }
+
+  receive(msg, data) {
+    switch (msg.type) {
+      case "hello":
+        this.log.hellos += 1;
+        ui.video.style.aspectRatio = `${msg.width} / ${msg.height}`;
+        if (this.log.hellos === 1) {
+          this.player.open(msg.mime).catch((err) => this.end("failed", err.message, "media"));
+        } else {
+          this.player.changeType(msg.mime);
+        }
+        break;
+      case "init":
+        this.player.appendInit(data);
+        break;
+      case "chunk":
+        if (msg.seq <= this.lastSeq) {
+          this.log.duplicates += 1; // already appended: a resend after a reconnect
+          break;
+        }
+        this.lastSeq = msg.seq;
+        this.player.appendSegment(data);
+        this.timeline.chunk(msg);
+        this.stats.chunk(msg);
+        this.log.chunks.push({ seq: msg.seq, shot: msg.shot, shot_id: msg.shot_id, pts: msg.pts,
+          duration: msg.duration, frames: msg.frames, connection: this.log.hellos });
+        if (this.log.chunks.length > MAX_LOG) this.log.chunks.shift();
+        break;
+      case "shot":
+        this.log.shots.push(msg);
+        this.timeline.shot(msg);
+        break;
+      case "prompt_ack":
+        this.log.acks.push(msg);
+        this.timeline.ack(msg);
+        break;
+      case "prompt_dropped":
+        this.log.dropped.push(msg);
+        this.timeline.dropped(msg);
+        break;
+      case "error":
+        this.log.errors.push(msg);
+        showError(msg.code, msg.message, msg.fatal);
+        if (msg.fatal && msg.code !== "already_connected") {
+          this.end("failed", `${msg.code}: ${msg.message}`);
+        } else if (!msg.fatal && PROMPT_ERRORS.has(msg.code)) {
+          this.timeline.rejectOldest(`${msg.code}: ${msg.message}`);
+        }
+        break;
+      case "ended":
+        this.end("ended", msg.reason);
+        break;
+      case "pong":
+        if (this.pingSentAt !== null) this.stats.rttMs = performance.now() - this.pingSentAt;
+        this.pingSentAt = null;
+        break;
+      default:
+        break; // a newer server may add message types: skip them
+    }
+  }
+
+  socketState(state, detail) {
+    if (!this.alive) return;
+    if (state === "open") {
+      if (detail.reconnect) this.stats.reconnects += 1;
+      this.setState(this.paused ? "paused" : "streaming");
+    } else if (state === "reconnecting") {
+      this.timeline.connectionLost();
+      this.setState("reconnecting", detail.code ? `closed ${detail.code}${detail.reason ? ` (${detail.reason})` : ""}` : "");
+    } else if (state === "closed") {
+      const why = detail.gaveUp ? "connection lost" : `connection closed ${detail.code} ${detail.reason}`.trim();
+      this.end("failed", why);
+    } else {
+      this.setState(state);
+    }
+  }
+
+  frameShown(mediaTime, wallMs) {
+    if (this.firstFrameWallMs === null) this.firstFrameWallMs = wallMs;
+    this.stats.frameShown(wallMs);
+    const shot = this.timeline.shown(mediaTime, wallMs);
+    if (shot) {
+      if (shot.sentAt !== null) this.stats.promptShown(shot.shownAt - shot.sentAt);
+      ui.nowPlaying.textContent = `Shot ${shot.shot ?? "?"}: ${shot.prompt || ui.caption.value}`;
+    }
+  }
+
+  sendPrompt(prompt, mode) {
+    if (!this.socket.send({ type: "prompt", prompt, mode })) return false;
+    this.timeline.sent(prompt, mode);
+    this.timeline.render();
+    return true;
+  }
+
+  pause() {
+    if (this.socket.send({ type: "pause" })) {
+      this.paused = true;
+      this.player.pause();
+      this.setState("paused");
+    }
+  }
+
+  resume() {
+    if (this.socket.send({ type: "resume" })) {
+      this.paused = false;
+      this.player.resume();
+      this.setState("streaming");
+    }
+  }
+
+  stop() {
+    // The server answers `ended`; without a connection, end it over REST instead.
+    if (!this.socket.send({ type: "stop" })) this.deleteSession(false);
+  }
+
+  /** DELETE the session; `keepalive` lets it outlive the page (pagehide). */
+  deleteSession(keepalive) {
+    fetch(`/v1/sessions/${encodeURIComponent(this.id)}`, {
+      method: "DELETE", keepalive, headers: { Authorization: `Bearer ${this.token}` },
+    }).then(() => this.end("ended", "deleted"), () => {});
+  }
+
+  ping() {
+    if (this.socket.send({ type: "ping" })) this.pingSentAt = performance.now();
+  }
+
+  /** The session is over: play out what is buffered, freeze the controls. */
+  end(state, reason, code) {
+    if (!this.alive) return;
+    this.endReason = reason;
+    clearInterval(this.pinger);
+    this.socket.finish();
+    this.player.end();
+    if (state === "failed" && code) showError(code, reason, true);
+    this.setState(state, reason);
+    this.render();
+  }
+
+  /** Free the page's side entirely (a new session replaces this one). */
+  dispose() {
+    clearInterval(this.ticker);
+    this.player.destroy();
+  }
+
+  setState(state, detail = "") {
+    this.state = state;
+    const text = { connecting: "connecting…", streaming: "streaming", reconnecting: "reconnecting…",
+      paused: "paused", ended: "ended", failed: "failed" }[state] ?? state;
+    ui.connection.dataset.state = state;
+    ui.connection.textContent = detail ? `${text}: ${detail}` : text;
+    updateControls();
+  }
+
+  render() {
+    const started = this.firstFrameWallMs;
+    this.stats.render({
+      bufferS: this.player.bufferAhead(),
+      stalls: started === null ? 0 : this.player.waits.filter((w) => w.wallMs > started).length,
+    });
+    this.timeline.render();
+  }
+
+  /** Everything a test needs to check, as plain data. */
+  snapshot() {
+    const v = ui.video;
+    return {
+      sessionId: this.id,
+      state: this.state,
+      endReason: this.endReason,
+      ...this.log,
+      timeline: this.timeline.ordered().map((e) => ({ ...e })),
+      currentShotId: this.timeline.current?.shotId ?? null,
+      currentTime: v.currentTime,
+      paused: v.paused,
+      ranges: this.player.ranges(),
+      bufferAhead: this.player.bufferAhead(),
+      waits: this.player.waits,
+      firstFrameWallMs: this.firstFrameWallMs,
+      firstFrameMs: this.stats.firstFrameMs,
+      promptLatenciesMs: this.stats.promptLatencies,
+      reconnects: this.stats.reconnects,
+      now: performance.now(),
+    };
+  }
+}
+
+// -- page --------------------------------------------------------------------------------------
+
+function updateControls() {
+  const live = session?.alive ?? false;
+  const open = live && (session.state === "streaming" || session.state === "paused");
+  ui.start.disabled = live;
+  ui.caption.disabled = live;
+  ui.firstShot.disabled = live;
+  ui.shotPrompt.disabled = !live;
+  ui.sendShot.disabled = !open;
+  ui.pause.disabled = !open || session.paused;
+  ui.resume.disabled = !open || !session.paused;
+  ui.stop.disabled = !live;
+}
+
+function showError(code, message, fatal = false) {
+  ui.errorCode.textContent = fatal ? `${code} (session ended):` : `${code}:`;
+  ui.errorMessage.textContent = message;
+  ui.error.hidden = false;
+}
+
+function hideError() {
+  ui.error.hidden = true;
+}
+
+async function loadModelInfo() {
+  let res;
+  try {
+    res = await fetch("/v1/models");
+  } catch (err) {
+    ui.modelInfo.textContent = `server unreachable: ${err.message}`;
+    return;
+  }
+  if (res.status === 503) {
+    ui.modelInfo.textContent = "model is loading…";
+    setTimeout(loadModelInfo, 2000);
+    return;
+  }
+  const m = await res.json();
+  const weights = m.real_weights ? `weights: ${m.weights}` : "random weights";
+  ui.modelInfo.textContent = `${m.preset} · ${m.width}×${m.height} @ ${m.fps} fps · ${m.device} · ${weights}`;
+  if (m.notice) {
+    ui.notice.textContent = `Notice: ${m.notice}`;
+    ui.notice.hidden = false;
+  }
+}
+
+async function startSession() {
+  hideError();
+  if (session) {
+    if (session.alive) session.stop();
+    session.dispose();
+    session = null;
+  }
+  ui.timeline.replaceChildren();
+  ui.nowPlaying.textContent = "—";
+  const body = { prompt: ui.caption.value.trim() };
+  const firstShot = ui.firstShot.value.trim();
+  if (firstShot) body.shots = [firstShot];
+  ui.start.disabled = true;
+  ui.connection.textContent = "creating session…";
+  let res;
+  try {
+    res = await fetch("/v1/sessions", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+  } catch (err) {
+    showError("network", `could not reach the server: ${err.message}`);
+    ui.connection.textContent = "no session";
+    updateControls();
+    return;
+  }
+  const reply = await res.json().catch(() => ({}));
+  if (res.status !== 201) {
+    const retry = res.headers.get("Retry-After");
+    showError(reply.code ?? `HTTP ${res.status}`, `${reply.detail ?? res.statusText}${retry ? ` (retry in ${retry} s)` : ""}`);
+    ui.connection.textContent = "no session";
+    updateControls();
+    return;
+  }
+  session = new Session(reply);
+  updateControls();
+}
+
+function sendShot() {
+  const prompt = ui.shotPrompt.value.trim();
+  if (!prompt || !session?.alive) return;
+  const mode = ui.shotForm.elements.mode.value;
+  if (session.sendPrompt(prompt, mode)) {
+    ui.shotPrompt.value = "";
+  } else {
+    showError("not_connected", "the stream is reconnecting; the prompt was not sent, try again");
+  }
+}
+
+ui.sessionForm.addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  startSession();
+});
+ui.shotForm.addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  sendShot();
+});
+ui.shotPrompt.addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+    ev.preventDefault();
+    sendShot();
+  }
+});
+ui.pause.addEventListener("click", () => session?.pause());
+ui.resume.addEventListener("click", () => session?.resume());
+ui.stop.addEventListener("click", () => session?.stop());
+$("error-dismiss").addEventListener("click", hideError);
+// Closing the tab frees the server's session now rather than after its grace period.
+window.addEventListener("pagehide", () => {
+  if (session?.alive) session.deleteSession(true);
+});
+
+window.shotstream = {
+  snapshot: () => session?.snapshot() ?? null,
+  dropConnection: () => session?.socket.drop(),
+  bufferAhead: () => session?.player.bufferAhead() ?? 0,
+};
+
+updateControls();
+loadModelInfo();
