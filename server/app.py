@@ -69,7 +69,7 @@ class AppState:
                     cfg = cfg.replace(chunks_per_shot=s.chunks_per_shot)
                 self.runner = await asyncio.to_thread(
                     ModelRunner.load, cfg, s.weights, s.device, s.dtype,
-                    s.attention, s.seed, s.prompt_overflow, _threads(s),
+                    s.attention, s.seed, s.prompt_overflow, _threads(s), s.compile,
                 )  # fmt: skip
             runner = self.runner
             self.manager = SessionManager(s, runner, self.metrics)

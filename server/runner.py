@@ -52,8 +52,12 @@ class OutOfMemory(RuntimeError):
 class ModelRunner:
     """Owns the loaded model, the state pool and the worker thread."""
 
-    def __init__(self, model: LoadedModel, threads: int = 0):
+    def __init__(self, model: LoadedModel, threads: int = 0, compile_mode: str = "off"):
         self.model = model
+        if compile_mode != "off":
+            # Shapes vary per chunk index (the key length): dynamo marks that dim dynamic
+            # after the first recompile, so warm-up pays for two compilations.
+            model.dit.compile(mode=None if compile_mode == "default" else compile_mode)
         self.cfg: ModelConfig = model.cfg
         self.pool = StatePool(
             KVLayout.for_config(self.cfg), model.vae.new_decoder_state, model.dtype, model.device
@@ -66,11 +70,10 @@ class ModelRunner:
         self.decoder_bytes_per_session = 0  # measured at warm-up (steady state)
 
     @classmethod
-    def load(cls, cfg: ModelConfig, weights: str | None, device: str, dtype: str,
-             attention: str, seed: int, prompt_overflow: str, threads: int) -> ModelRunner:  # fmt: skip
-        return cls(
-            load_model(cfg, weights, device, dtype, attention, seed, prompt_overflow), threads
-        )
+    def load(cls, cfg: ModelConfig, weights: str | None, device: str, dtype: str, attention: str,
+             seed: int, prompt_overflow: str, threads: int, compile_mode: str = "off") -> ModelRunner:  # fmt: skip
+        model = load_model(cfg, weights, device, dtype, attention, seed, prompt_overflow)
+        return cls(model, threads, compile_mode)
 
     def _init_worker_thread(self) -> None:
         torch.set_flush_denormal(True)  # per thread: the worker computes, not the caller

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
         0,
         description="chunks per shot before a shot continues anew (0 = the preset's: 7 = 81 frames)",
     )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the DiT with this mode (compiled at warm-up; for CUDA hosts)"
+    )
     threads: int = Field(0, description="torch CPU threads (0 = torch default)")
 
     # -- HTTP ------------------------------------------------------------------------
