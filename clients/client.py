@@ -1,0 +1,834 @@
+"""Async Python client of the ShotStream server (protocol v1, `design/protocol.md`).
+
+`ShotStreamClient` speaks REST and hands out `Session` handles; a session's `stream()` is an
+async iterator of typed events (each `chunk` paired with its fMP4 segment) that reconnects
+and resumes after a dropped connection. Every error reply raises a `ShotStreamError`
+subclass. Built on `server.protocol` only: importing this module never imports torch.
+
+    async with ShotStreamClient("http://127.0.0.1:8000") as client:
+        session = await client.create_session("a red fox in the snow", shots=["wide shot"])
+        async with session:
+            async for event in session.stream():
+                if isinstance(event, Chunk) and event.seq == 3:
+                    await session.prompt("close-up of the fox")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal, TypeAlias
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from server import protocol as P
+
+Mode: TypeAlias = Literal["cut", "queue"]
+
+# Media segments of the real model are a few hundred KiB; bound frames well above that.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+DEFAULT_GRACE_S = 30.0  # the server's default session grace, when a session's own is unknown
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+class ShotStreamError(Exception):
+    """An error reply or stream failure: HTTP `status` (None on the stream), `code`, `message`."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        where = " ".join(str(x) for x in (self.status, self.code) if x is not None)
+        return f"{where}: {self.message}" if where else self.message
+
+
+class Unauthorized(ShotStreamError):
+    """401: missing or wrong API key or session token."""
+
+
+class NotFound(ShotStreamError):
+    """404: no such session for this token (or it has ended, on the stream)."""
+
+
+class Conflict(ShotStreamError):
+    """409: not possible in the session's state (ended, not paused), or already connected."""
+
+
+class InvalidRequest(ShotStreamError):
+    """422 (or 400/413): bad input; `message` is the server's explanation."""
+
+
+class RateLimited(ShotStreamError):
+    """429: over this client's quota or rate; wait `retry_after` seconds."""
+
+
+class Overloaded(ShotStreamError):
+    """503: the server cannot take one more session now (or is starting or draining)."""
+
+
+class ServerError(ShotStreamError):
+    """Any other 5xx reply."""
+
+
+class SessionFailed(ShotStreamError):
+    """A fatal `error` on the stream (`code`: session_failed, out_of_memory, ...)."""
+
+
+class ConnectionLost(ShotStreamError):
+    """The stream dropped and could not be resumed, or dropped before a request's answer."""
+
+
+class NotConnected(ShotStreamError):
+    """The call needs an open stream connection (`Session.connect()` or `stream()`)."""
+
+
+class ProtocolViolation(ShotStreamError):
+    """The server broke the wire contract (e.g. a binary frame no message announced)."""
+
+
+_BY_STATUS: dict[int, type[ShotStreamError]] = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    413: InvalidRequest,
+    422: InvalidRequest,
+    429: RateLimited,
+    503: Overloaded,
+}
+_C = P.ErrorCode
+_BY_CODE: dict[str, type[ShotStreamError]] = {
+    _C.UNAUTHORIZED: Unauthorized,
+    _C.UNKNOWN_SESSION: NotFound,
+    _C.ALREADY_CONNECTED: Conflict,
+    _C.INVALID_STATE: Conflict,
+    _C.RATE_LIMITED: RateLimited,
+    _C.OVER_CAPACITY: Overloaded,
+    _C.DRAINING: Overloaded,
+    **dict.fromkeys(
+        (
+            _C.BAD_JSON,
+            _C.BAD_MESSAGE,
+            _C.UNKNOWN_TYPE,
+            _C.MESSAGE_TOO_LARGE,
+            _C.BINARY_NOT_ALLOWED,
+            _C.PROMPT_TOO_LONG,
+            _C.PROMPT_TOO_MANY_TOKENS,
+            _C.TOO_MANY_SHOTS,
+        ),
+        InvalidRequest,
+    ),  # fmt: skip
+}
+# Fatal codes that say "not this session / not now" rather than "the session broke".
+_REFUSAL_CODES = {_C.UNAUTHORIZED, _C.UNKNOWN_SESSION, _C.ALREADY_CONNECTED, _C.OVER_CAPACITY,
+                  _C.DRAINING}  # fmt: skip
+_CLOSE_CODES = {int(c): c for c in P.CloseCode}
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def error_from_response(resp: httpx.Response) -> ShotStreamError:
+    """The exception for an HTTP error reply, with the server's `detail` and `code`."""
+    detail, code = resp.reason_phrase or f"HTTP {resp.status_code}", None
+    with contextlib.suppress(ValueError):
+        body = P.ErrorBody.model_validate(resp.json())
+        detail, code = body.detail, body.code
+    cls = _BY_STATUS.get(resp.status_code)
+    if cls is None:
+        cls = ServerError if resp.status_code >= 500 else ShotStreamError
+    return cls(detail, status=resp.status_code, code=code,
+               retry_after=parse_retry_after(resp.headers.get("retry-after")))  # fmt: skip
+
+
+def error_from_message(msg: P.ErrorMessage) -> ShotStreamError:
+    """The exception for an `error` message: a fatal one is SessionFailed unless it refuses
+    the connection itself (unauthorized, unknown session, already connected, busy)."""
+    if msg.fatal and msg.code not in _REFUSAL_CODES:
+        return SessionFailed(msg.message, code=msg.code)
+    return _BY_CODE.get(msg.code, ShotStreamError)(msg.message, code=msg.code)
+
+
+# ------------------------------------------------------------------------------ policies
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry a refused session creation (429/503) after the server's Retry-After, bounded."""
+
+    max_attempts: int = 5
+    max_wait_s: float = 60.0  # total time spent waiting across attempts
+    default_delay_s: float = 1.0  # when a refusal carries no Retry-After
+    max_delay_s: float = 30.0  # cap on one wait, whatever the header says
+    on_retry: Callable[[ShotStreamError, float], None] | None = None  # (refusal, delay)
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """How a dropped stream is resumed: exponential backoff within a window."""
+
+    enabled: bool = True
+    window_s: float | None = None  # None: the session's grace period (30 s if unknown)
+    initial_delay_s: float = 0.1
+    max_delay_s: float = 2.0
+
+
+# -------------------------------------------------------------------------------- events
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A stream connection opened (first message of each connection)."""
+
+    message: P.HelloMessage
+    received: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
+class Init:
+    """The fMP4 initialization segment; `repeat`: identical to one already received."""
+
+    data: bytes = field(repr=False)
+    repeat: bool = False
+    received: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One generated chunk: its announcement and its fMP4 media segment."""
+
+    message: P.ChunkMessage
+    data: bytes = field(repr=False)
+    received: float = field(default_factory=_now)
+
+    @property
+    def seq(self) -> int:
+        return self.message.seq
+
+    @property
+    def shot(self) -> int:
+        return self.message.shot
+
+    @property
+    def shot_id(self) -> int:
+        return self.message.shot_id
+
+    @property
+    def frames(self) -> int:
+        return self.message.frames
+
+    @property
+    def duration(self) -> float:
+        return self.message.duration
+
+
+@dataclass(frozen=True)
+class Shot:
+    """A new shot begins at `message.starts_at_seq` (comes before that chunk)."""
+
+    message: P.ShotMessage
+    received: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
+class PromptAck:
+    """A prompt was acknowledged, or a queued prompt moved to a new `starts_at_seq`."""
+
+    message: P.PromptAckMessage
+    received: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
+class PromptDropped:
+    """An acknowledged prompt that will never be shown."""
+
+    message: P.PromptDroppedMessage
+    received: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
+class Pong:
+    """Answer to a ping."""
+
+    message: P.PongMessage
+    received: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
+class Error:
+    """A non-fatal error the server reported (fatal ones raise instead)."""
+
+    message: P.ErrorMessage
+    received: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The session ended normally (`reason`: stopped, deleted, expired, draining, ...)."""
+
+    message: P.EndedMessage
+    received: float = field(default_factory=_now)
+
+    @property
+    def reason(self) -> str:
+        return self.message.reason
+
+
+@dataclass(frozen=True)
+class Reconnected:
+    """The stream dropped and was resumed; a fresh Hello and Init follow."""
+
+    attempts: int
+    downtime_s: float
+    last_seq: int | None  # the last chunk received before the drop
+    received: float = field(default_factory=_now)
+
+
+Event: TypeAlias = (
+    Hello | Init | Chunk | Shot | PromptAck | PromptDropped | Pong | Error | Ended | Reconnected
+)
+
+
+# ------------------------------------------------------------------------------- session
+
+
+@dataclass
+class _Waiter:
+    """A request on the stream awaiting its answer; answers come back in request order."""
+
+    kind: Literal["prompt", "ping", "barrier"]
+    future: asyncio.Future
+
+
+class Session:
+    """Handle on one server session: its status, prompts, controls and event stream.
+
+    Whoever needs the next frame reads it (the `stream()` consumer, or a `prompt()` waiting
+    for its ack), so a prompt sent from inside the `async for` loop never deadlocks, and
+    frames are read only as fast as they are consumed (the server's outbox applies
+    backpressure; nothing buffers without bound here)."""
+
+    def __init__(
+        self,
+        client: ShotStreamClient,
+        session_id: str,
+        token: str,
+        stream_url: str,
+        info: P.CreateSessionResponse | None = None,
+        reconnect: ReconnectPolicy | None = None,
+        grace_s: float | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.token = token
+        self.stream_url = stream_url
+        self.info = info
+        self.reconnect_policy = reconnect or ReconnectPolicy()
+        self.grace_s = grace_s
+        self.reconnects = 0
+        self.last_seq: int | None = None
+        self._client = client
+        self._ws: ClientConnection | None = None
+        self._opened = False  # a connection was opened (so a missing one means "dropped")
+        self._events: deque[Event] = deque()
+        self._read_lock = asyncio.Lock()
+        self._tick: asyncio.Future | None = None  # done after each read, for waiting requests
+        self._waiters: deque[_Waiter] = deque()
+        self._acked: set[int] = set()
+        self._announced: P.InitMessage | P.ChunkMessage | None = None
+        self._init: bytes | None = None
+        self._dropped_at: float | None = None
+        # None while live; True after a normal end or close(); the error after a fatal one.
+        self._finished: bool | ShotStreamError | None = None
+
+    def __repr__(self) -> str:
+        return f"Session({self.session_id!r})"
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        """A stream connection is open now (not dropped, not reconnecting, not finished)."""
+        return self._ws is not None and self._finished is None
+
+    # -- REST ---------------------------------------------------------------------------
+    async def status(self) -> P.SessionStatus:
+        """`GET /v1/sessions/{id}`."""
+        data = await self._client._request("GET", self._path(), token=self.token)
+        return P.SessionStatus.model_validate(data)
+
+    async def delete(self) -> None:
+        """`DELETE /v1/sessions/{id}`: ends the session and frees it at once."""
+        await self._client._request("DELETE", self._path(), token=self.token)
+
+    def _path(self) -> str:
+        return f"/v1/sessions/{quote(self.session_id, safe='')}"
+
+    # -- requests ---------------------------------------------------------------------------
+    async def prompt(
+        self, text: str, mode: Mode | None = None, timeout: float | None = 30.0
+    ) -> P.PromptAccepted:
+        """A new shot prompt: over the stream when connected (returns on its `prompt_ack`),
+        else `POST .../prompts`. Raises InvalidRequest, RateLimited, Conflict, ..."""
+        body: dict[str, Any] = {"prompt": text} | ({"mode": mode} if mode else {})
+        if self.connected:
+            ack = await self._request("prompt", [{"type": "prompt", **body}], timeout)
+            return P.PromptAccepted(shot_id=ack.shot_id, starts_at_seq=ack.starts_at_seq,
+                                    truncated_tokens=ack.truncated_tokens)  # fmt: skip
+        data = await self._client._request("POST", self._path() + "/prompts", token=self.token,
+                                           json=body)  # fmt: skip
+        return P.PromptAccepted.model_validate(data)
+
+    async def ping(self, timeout: float | None = 10.0) -> float:
+        """Round trip of a `ping` over the stream connection, in seconds."""
+        t0 = time.perf_counter()
+        await self._request("ping", [{"type": "ping"}], timeout)
+        return time.perf_counter() - t0
+
+    async def pause(self, timeout: float | None = 10.0) -> None:
+        """Pause generation (stream connection needed: the protocol has no REST route)."""
+        await self._request("barrier", [{"type": "pause"}, {"type": "ping"}], timeout)
+
+    async def resume(self, timeout: float | None = 10.0) -> None:
+        """Resume a paused session; Conflict if it is not paused."""
+        await self._request("barrier", [{"type": "resume"}, {"type": "ping"}], timeout)
+
+    async def stop(self) -> None:
+        """End the session: `stop` over the stream (which then yields Ended), else DELETE."""
+        if self.connected:
+            assert self._ws is not None
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(json.dumps({"type": "stop"}))
+                return
+        await self.delete()
+
+    async def _request(
+        self, kind: Literal["prompt", "ping", "barrier"], messages: list[dict[str, Any]],
+        timeout: float | None,
+    ) -> Any:  # fmt: skip
+        if not self.connected:
+            raise NotConnected(f"{messages[0]['type']} needs the stream connection; "
+                               "call connect() or iterate stream() first")  # fmt: skip
+        assert self._ws is not None
+        waiter = _Waiter(kind, asyncio.get_running_loop().create_future())
+        # A waiter that times out stays queued (its future cancelled) until its answer
+        # comes, so later answers still pair with the right request.
+        self._waiters.append(waiter)
+        try:
+            for msg in messages:
+                await self._ws.send(json.dumps(msg))
+        except ConnectionClosed as exc:
+            waiter.future.cancel()
+            raise ConnectionLost(f"the stream dropped while sending {kind}: {exc}") from exc
+        return await self._wait(waiter.future, timeout)
+
+    async def _wait(self, fut: asyncio.Future, timeout: float | None) -> Any:
+        async def drive() -> Any:
+            while not fut.done():
+                if self._read_lock.locked():  # another task reads; it will answer us
+                    if self._tick is None or self._tick.done():
+                        self._tick = asyncio.get_running_loop().create_future()
+                    await asyncio.wait({fut, self._tick}, return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    async with self._reading():
+                        if not fut.done():
+                            await self._pump()
+            return fut.result()
+
+        try:
+            return await asyncio.wait_for(drive(), timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"no answer from the server in {timeout} s") from None
+
+    # -- the stream ---------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[None]:
+        """Hold the read lock; on release, wake requests waiting for another reader."""
+        async with self._read_lock:
+            try:
+                yield
+            finally:
+                if self._tick is not None and not self._tick.done():
+                    self._tick.set_result(None)
+
+    async def connect(self) -> None:
+        """Open the stream connection (a no-op when open); raises the server's refusal."""
+        async with self._reading():
+            if self._ws is not None or self._dropped_at is not None:
+                return
+            ws, hello = await self._open()
+            self._ws, self._opened = ws, True
+            self._finished, self._announced = None, None
+            self._events.append(hello)
+
+    async def close(self) -> None:
+        """Close the stream connection without ending the session (see `stop`)."""
+        if self._finished is None:
+            self._finished = True
+        self._fail_waiters(ConnectionLost("the stream was closed"))
+        ws, self._ws = self._ws, None
+        self._dropped_at = None
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+
+    async def stream(self) -> AsyncIterator[Event]:
+        """Every event of the stream in order, until it ends (normally: after Ended).
+        Fatal errors raise (SessionFailed, ...); a dropped connection is resumed
+        (Reconnected) or raises ConnectionLost."""
+        await self.connect()
+        while (event := await self.next_event()) is not None:
+            yield event
+
+    async def next_event(self) -> Event | None:
+        """The next event, or None once the stream ended; raises on a fatal error."""
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self._finished is not None:
+                ws, self._ws = self._ws, None
+                if ws is not None:
+                    with contextlib.suppress(Exception):
+                        await ws.close()
+                if self._finished is True:
+                    return None
+                raise self._finished  # type: ignore[misc]
+            if not self._opened:
+                await self.connect()
+                continue
+            async with self._reading():
+                if not self._events and self._finished is None:
+                    await self._pump()
+
+    async def _open(self) -> tuple[ClientConnection, Hello]:
+        """Connect and read `hello`; the server's refusal raises its mapped error."""
+        timeout = self._client.timeout
+        try:
+            ws = await connect(
+                self.stream_url,
+                additional_headers={**self._client.headers, "Authorization": f"Bearer {self.token}"},
+                max_size=MAX_FRAME_BYTES, compression=None, open_timeout=timeout,
+                ping_interval=5, ping_timeout=10, close_timeout=2,
+            )  # fmt: skip
+        except InvalidStatus as exc:  # refused before the upgrade (e.g. by a proxy)
+            r = exc.response
+            cls = _BY_STATUS.get(r.status_code, ServerError)
+            raise cls(f"stream refused: HTTP {r.status_code}", status=r.status_code,
+                      retry_after=parse_retry_after(r.headers.get("Retry-After"))) from exc  # fmt: skip
+        try:
+            raw = await asyncio.wait_for(ws.recv(), timeout)
+            msg = P.parse_server_message(raw) if isinstance(raw, str) else None
+            if isinstance(msg, P.ErrorMessage):
+                raise error_from_message(msg)
+            if not isinstance(msg, P.HelloMessage):
+                raise ProtocolViolation(f"expected hello, got {str(raw)[:80]!r}")
+            if msg.protocol != P.PROTOCOL_VERSION:
+                raise ProtocolViolation(f"server speaks protocol {msg.protocol}; "
+                                        f"this client speaks {P.PROTOCOL_VERSION}")  # fmt: skip
+        except ConnectionClosed as exc:
+            raise ConnectionLost(f"stream closed before hello: {exc}") from exc
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await ws.close()
+            raise
+        return ws, Hello(msg)
+
+    async def _pump(self) -> None:
+        """Read one frame (or resume a dropped connection) and queue what it means.
+        Called with the read lock held; safe to cancel (recv is, and state is kept)."""
+        if self._ws is None:
+            await self._resume()
+            return
+        try:
+            raw = await self._ws.recv()
+        except ConnectionClosed as exc:
+            self._on_closed(exc)
+            return
+        try:
+            self._handle(raw)
+        except ProtocolViolation as exc:
+            self._finish(exc)
+
+    def _handle(self, raw: str | bytes) -> None:
+        if self._announced is not None:
+            ann, self._announced = self._announced, None
+            if not isinstance(raw, bytes) or len(raw) != ann.bytes:
+                got = f"{len(raw)} bytes" if isinstance(raw, bytes) else "a text frame"
+                raise ProtocolViolation(f"{ann.type} announced {ann.bytes} bytes; got {got}")
+            if isinstance(ann, P.InitMessage):
+                self._events.append(Init(raw, repeat=self._init == raw))
+                self._init = self._init or raw
+            else:
+                self.last_seq = ann.seq
+                self._events.append(Chunk(ann, raw))
+            return
+        if isinstance(raw, bytes):
+            raise ProtocolViolation(f"a binary frame ({len(raw)} bytes) no message announced")
+        msg = P.parse_server_message(raw)
+        if isinstance(msg, P.ProtocolError):
+            if msg.code == P.ErrorCode.UNKNOWN_TYPE:
+                return  # a message type from a newer server: skip it
+            raise ProtocolViolation(msg.message)
+        if isinstance(msg, P.InitMessage | P.ChunkMessage):
+            self._announced = msg
+        elif isinstance(msg, P.PromptAckMessage):
+            if msg.shot_id not in self._acked:  # a first ack answers a prompt; repeats move it
+                self._acked.add(msg.shot_id)
+                self._answer(("prompt",), msg)
+            self._events.append(PromptAck(msg))
+        elif isinstance(msg, P.PongMessage):
+            self._answer(("ping", "barrier"), msg)
+            self._events.append(Pong(msg))
+        elif isinstance(msg, P.ErrorMessage):
+            if msg.fatal:
+                self._finish(error_from_message(msg))
+            elif self._waiters and self._waiters[0].kind in ("prompt", "barrier"):
+                w = self._waiters.popleft()  # answers come in request order
+                if not w.future.done():
+                    w.future.set_exception(error_from_message(msg))
+            else:
+                self._events.append(Error(msg))
+        elif isinstance(msg, P.EndedMessage):
+            self._events.append(Ended(msg))
+            self._finish(True)
+        elif isinstance(msg, P.HelloMessage):
+            self._events.append(Hello(msg))
+        elif isinstance(msg, P.ShotMessage):
+            self._events.append(Shot(msg))
+        elif isinstance(msg, P.PromptDroppedMessage):
+            self._events.append(PromptDropped(msg))
+
+    def _answer(self, kinds: tuple[str, ...], result: Any) -> None:
+        for w in self._waiters:
+            if w.kind in kinds:
+                self._waiters.remove(w)
+                if not w.future.done():
+                    w.future.set_result(result)
+                return
+
+    def _finish(self, how: bool | ShotStreamError) -> None:
+        if self._finished is None:
+            self._finished = how
+        reason = how if isinstance(how, ShotStreamError) else Conflict("the session ended")
+        self._fail_waiters(reason)
+
+    def _fail_waiters(self, exc: ShotStreamError) -> None:
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.future.done():
+                w.future.set_exception(exc)
+
+    def _on_closed(self, exc: ConnectionClosed) -> None:
+        """The connection closed: the end, a refusal, or a drop to resume."""
+        self._ws, self._announced = None, None
+        if self._finished is not None:
+            return  # after `ended`, a fatal error or close(): nothing more to read
+        code = exc.rcvd.code if exc.rcvd else None
+        reason = exc.rcvd.reason if exc.rcvd else ""
+        final = {P.CloseCode.UNAUTHORIZED: Unauthorized, P.CloseCode.UNKNOWN_SESSION: NotFound,
+                 P.CloseCode.BAD_MESSAGE: SessionFailed, P.CloseCode.SESSION_FAILED: SessionFailed,
+                 P.CloseCode.DRAINING: Overloaded}  # fmt: skip
+        if code in _CLOSE_CODES and _CLOSE_CODES[code] in final:
+            cls = final[_CLOSE_CODES[code]]
+            self._finish(cls(reason or f"stream closed with code {code}", code=str(code)))
+            return
+        # Dropped (no close frame, or a close without `ended` such as 4408 slow reader):
+        # the session lives on for its grace period, so resume it.
+        self._fail_waiters(ConnectionLost("the stream dropped before the server answered; "
+                                          "the request may or may not have been applied"))  # fmt: skip
+        if not self.reconnect_policy.enabled:
+            self._finish(ConnectionLost(f"the stream dropped (close code {code})"))
+            return
+        self._dropped_at = time.monotonic()
+
+    async def _resume(self) -> None:
+        """Reconnect with backoff within the grace window; queue Reconnected + Hello."""
+        policy = self.reconnect_policy
+        started = self._dropped_at if self._dropped_at is not None else time.monotonic()
+        window = policy.window_s or self.grace_s or DEFAULT_GRACE_S
+        delay, attempts = policy.initial_delay_s, 0
+        while True:
+            attempts += 1
+            try:
+                ws, hello = await self._open()
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionLost, Conflict,
+                    Overloaded, ServerError) as exc:  # fmt: skip
+                # Transient: the network, a restarting server, or one that has not yet
+                # noticed the old connection is gone (409/4009 already connected).
+                last: BaseException = exc
+            except ShotStreamError as exc:  # the session ended meanwhile, or is not ours
+                self._finish(ConnectionLost(f"the stream dropped and the session cannot be "
+                                            f"resumed: {exc.message}", code=exc.code))  # fmt: skip
+                return
+            else:
+                now = time.monotonic()
+                self._ws, self._dropped_at, self._announced = ws, None, None
+                self.reconnects += 1
+                self._events.append(Reconnected(attempts, now - started, self.last_seq))
+                self._events.append(hello)
+                return
+            elapsed = time.monotonic() - started
+            if elapsed + delay > window:
+                self._finish(ConnectionLost(f"the stream dropped and {attempts} reconnect attempts "
+                                            f"in {elapsed:.1f} s failed; last: {last}"))  # fmt: skip
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, policy.max_delay_s)
+
+
+# -------------------------------------------------------------------------------- client
+
+
+class ShotStreamClient:
+    """The server's REST API; `create_session` and `attach` return `Session` handles."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        headers: dict[str, str] | None = None,
+        reconnect: ReconnectPolicy | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self.reconnect = reconnect or ReconnectPolicy()
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
+                                       headers=headers or {})  # fmt: skip
+        self.headers = dict(headers or {})
+
+    async def __aenter__(self) -> ShotStreamClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool (sessions stay on the server)."""
+        await self._http.aclose()
+
+    async def create_session(
+        self,
+        prompt: str,
+        shots: list[str] | None = None,
+        seed: int | None = None,
+        mode: Mode | None = None,
+        retry: bool | RetryPolicy = False,
+    ) -> Session:
+        """`POST /v1/sessions`; with `retry`, a 429/503 is retried after its Retry-After."""
+        body: dict[str, Any] = {"prompt": prompt}
+        for key, value in (("shots", shots), ("seed", seed), ("mode", mode)):
+            if value is not None:
+                body[key] = value
+        policy = RetryPolicy() if retry is True else retry or None
+        attempts, waited = 0, 0.0
+        while True:
+            attempts += 1
+            try:
+                data = await self._request("POST", "/v1/sessions", json=body, api_key=True)
+                break
+            except (RateLimited, Overloaded) as exc:
+                if policy is None or attempts >= policy.max_attempts:
+                    raise
+                delay = exc.retry_after if exc.retry_after is not None else policy.default_delay_s
+                delay = min(delay, policy.max_delay_s)
+                if waited + delay > policy.max_wait_s:
+                    raise
+                if policy.on_retry is not None:
+                    policy.on_retry(exc, delay)
+                await asyncio.sleep(delay)
+                waited += delay
+        info = P.CreateSessionResponse.model_validate(data)
+        # The session lives this long without a stream: the window to resume a dropped one.
+        expires = info.expires_at
+        if expires.tzinfo is None:
+            expires = expires.replace(tzinfo=timezone.utc)
+        grace = (expires - datetime.now(timezone.utc)).total_seconds()
+        return Session(self, info.session_id, info.token, info.stream_url, info, self.reconnect,
+                       grace_s=min(max(grace, 1.0), 3600.0))  # fmt: skip
+
+    def attach(self, session_id: str, token: str, stream_url: str | None = None) -> Session:
+        """A handle on an existing session (its id and token), e.g. to resume watching it."""
+        if stream_url is None:
+            parts = urlsplit(self.base_url)
+            scheme = "wss" if parts.scheme == "https" else "ws"
+            path = f"{parts.path}/v1/sessions/{quote(session_id, safe='')}/stream"
+            stream_url = urlunsplit((scheme, parts.netloc, path, "", ""))
+        return Session(self, session_id, token, stream_url, None, self.reconnect)
+
+    async def models(self) -> P.ModelInfo:
+        """`GET /v1/models`: the loaded preset, its sizes and fps."""
+        return P.ModelInfo.model_validate(await self._request("GET", "/v1/models"))
+
+    async def ready(self) -> bool:
+        """`GET /readyz`: True once the server is warmed up and not draining."""
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def _request(
+        self, method: str, path: str, *, token: str | None = None, json: Any = None,
+        api_key: bool = False,
+    ) -> Any:  # fmt: skip
+        headers = {}
+        bearer = token if token is not None else (self.api_key if api_key else None)
+        if bearer is not None:
+            headers["Authorization"] = f"Bearer {bearer}"
+        try:
+            resp = await self._http.request(method, path, json=json, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise ShotStreamError(f"{method} {path}: no reply in {self.timeout} s",
+                                  code="timeout") from exc  # fmt: skip
+        except httpx.TransportError as exc:
+            raise ShotStreamError(f"{method} {path}: cannot reach {self.base_url}: {exc}",
+                                  code="unreachable") from exc  # fmt: skip
+        if resp.status_code >= 400:
+            raise error_from_response(resp)
+        return resp.json() if resp.content else None

@@ -1,0 +1,58 @@
+"""The load generator: a short run against a real server returns the documented numbers,
+and it refuses non-loopback servers and unbounded runs."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from clients.load import LoadConfig, is_loopback, run_load
+from tests.clients.conftest import API_KEY
+from tests.support.server import REPO
+
+KEYS = {
+    "sessions_started", "sessions_refused", "refused_by_status", "retry_after_s", "chunks",
+    "frames", "video_s", "ttff_s", "inter_chunk_gap_s", "deadline_misses", "stalled_s",
+    "prompts_sent", "prompts_visible", "prompts_dropped", "prompt_to_visible_s", "reconnects",
+    "errors", "wall_s",
+}  # fmt: skip
+
+
+def test_short_load_run_reports_sane_numbers(server):
+    cfg = LoadConfig(server=server.base, sessions=2, duration_s=6, prompt_every_s=1.5, seed=1,
+                     api_key=API_KEY)  # fmt: skip
+    result = asyncio.run(run_load(cfg))
+    assert set(result) >= KEYS
+    assert result["errors"] == {} and result["sessions_refused"] == 0
+    assert result["sessions_started"] == 2 and result["chunks"] > 0
+    assert result["frames"] >= 9 * result["chunks"] and result["video_s"] > 0
+    assert 0 < result["ttff_s"]["p50"] <= result["ttff_s"]["p95"] < 6
+    gaps = result["inter_chunk_gap_s"]
+    if result["chunks"] > 2:
+        assert 0 < gaps["p50"] <= gaps["p95"] <= gaps["p99"]
+    assert result["prompts_sent"] >= result["prompts_visible"]
+    assert 5.5 < result["wall_s"] < 30
+    assert server.wait_metric("shotstream_active_sessions", 0) == 0  # both stopped
+
+
+def test_load_refuses_remote_servers_and_unbounded_runs():
+    assert is_loopback("http://127.0.0.1:8000") and is_loopback("http://localhost:1")
+    assert is_loopback("http://[::1]:8000") and not is_loopback("http://10.1.2.3:8000")
+    for bad in (
+        LoadConfig(server="http://10.1.2.3:8000"),
+        LoadConfig(sessions=0),
+        LoadConfig(sessions=10_000),
+        LoadConfig(duration_s=0),
+        LoadConfig(duration_s=1e6),
+    ):
+        with pytest.raises(ValueError):
+            bad.validate()
+    LoadConfig(server="http://10.1.2.3:8000", allow_remote=True).validate()
+    r = subprocess.run(
+        [sys.executable, "-m", "clients.load", "--server", "http://10.1.2.3:8000"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "loopback" in r.stderr and not r.stdout
