@@ -44,7 +44,7 @@ const PLAYER_OPTIONS = {
 // Non-fatal error codes that answer a prompt message (it was not accepted).
 const PROMPT_ERRORS = new Set(["prompt_too_long", "prompt_too_many_tokens", "rate_limited", "bad_message", "invalid_state"]);
 const PING_EVERY_MS = 5000;
-const MAX_LOG = 500; // chunk records kept for the debug hook
+const MAX_LOG = 500; // messages kept per kind for the debug hook
 
 let session = null;
 
@@ -55,6 +55,8 @@ class Session {
     this.token = created.token;
     this.state = "connecting";
     this.paused = false;
+    this.pausedMs = 0; // total time paused, kept out of prompt-to-visible latencies
+    this.pausedSince = null;
     this.lastSeq = -1;
     this.log = { hellos: 0, chunks: [], shots: [], acks: [], dropped: [], errors: [], duplicates: 0 };
     this.firstFrameWallMs = null;
@@ -104,31 +106,33 @@ class Session {
         this.player.appendSegment(data);
         this.timeline.chunk(msg);
         this.stats.chunk(msg);
-        this.log.chunks.push({ seq: msg.seq, shot: msg.shot, shot_id: msg.shot_id, pts: msg.pts,
+        record(this.log.chunks, { seq: msg.seq, shot: msg.shot, shot_id: msg.shot_id, pts: msg.pts,
           duration: msg.duration, frames: msg.frames, connection: this.log.hellos });
-        if (this.log.chunks.length > MAX_LOG) this.log.chunks.shift();
         break;
       case "shot":
-        this.log.shots.push(msg);
+        record(this.log.shots, msg);
         this.timeline.shot(msg);
         break;
       case "prompt_ack":
-        this.log.acks.push(msg);
+        record(this.log.acks, msg);
         this.timeline.ack(msg);
         break;
       case "prompt_dropped":
-        this.log.dropped.push(msg);
+        record(this.log.dropped, msg);
         this.timeline.dropped(msg);
         break;
-      case "error":
-        this.log.errors.push(msg);
-        showError(msg.code, msg.message, msg.fatal);
-        if (msg.fatal && msg.code !== "already_connected") {
+      case "error": {
+        record(this.log.errors, msg);
+        // already_connected: our previous socket is not gone yet; the reconnect retries.
+        const ends = msg.fatal && msg.code !== "already_connected";
+        showError(msg.code, msg.message, ends);
+        if (ends) {
           this.end("failed", `${msg.code}: ${msg.message}`);
         } else if (!msg.fatal && PROMPT_ERRORS.has(msg.code)) {
           this.timeline.rejectOldest(`${msg.code}: ${msg.message}`);
         }
         break;
+      }
       case "ended":
         this.end("ended", msg.reason);
         break;
@@ -151,7 +155,7 @@ class Session {
       this.setState("reconnecting", detail.code ? `closed ${detail.code}${detail.reason ? ` (${detail.reason})` : ""}` : "");
     } else if (state === "closed") {
       const why = detail.gaveUp ? "connection lost" : `connection closed ${detail.code} ${detail.reason}`.trim();
-      this.end("failed", why);
+      this.end("failed", why, "connection");
     } else {
       this.setState(state);
     }
@@ -162,14 +166,17 @@ class Session {
     this.stats.frameShown(wallMs);
     const shot = this.timeline.shown(mediaTime, wallMs);
     if (shot) {
-      if (shot.sentAt !== null) this.stats.promptShown(shot.shownAt - shot.sentAt);
+      if (shot.sentAt !== null) {
+        this.stats.promptShown(shot.shownAt - shot.sentAt - (this.pausedTotal(wallMs) - shot.pausedBefore));
+      }
       ui.nowPlaying.textContent = `Shot ${shot.shot ?? "?"}: ${shot.prompt || ui.caption.value}`;
     }
   }
 
   sendPrompt(prompt, mode) {
     if (!this.socket.send({ type: "prompt", prompt, mode })) return false;
-    this.timeline.sent(prompt, mode);
+    const entry = this.timeline.sent(prompt, mode);
+    entry.pausedBefore = this.pausedTotal(entry.sentAt);
     this.timeline.render();
     return true;
   }
@@ -177,6 +184,7 @@ class Session {
   pause() {
     if (this.socket.send({ type: "pause" })) {
       this.paused = true;
+      this.pausedSince = performance.now();
       this.player.pause();
       this.setState("paused");
     }
@@ -185,6 +193,8 @@ class Session {
   resume() {
     if (this.socket.send({ type: "resume" })) {
       this.paused = false;
+      this.pausedMs += performance.now() - this.pausedSince;
+      this.pausedSince = null;
       this.player.resume();
       this.setState("streaming");
     }
@@ -200,6 +210,10 @@ class Session {
     fetch(`/v1/sessions/${encodeURIComponent(this.id)}`, {
       method: "DELETE", keepalive, headers: { Authorization: `Bearer ${this.token}` },
     }).then(() => this.end("ended", "deleted"), () => {});
+  }
+
+  pausedTotal(nowMs) {
+    return this.pausedMs + (this.pausedSince === null ? 0 : nowMs - this.pausedSince);
   }
 
   ping() {
@@ -264,6 +278,11 @@ class Session {
       now: performance.now(),
     };
   }
+}
+
+function record(list, item) {
+  list.push(item);
+  if (list.length > MAX_LOG) list.shift();
 }
 
 // -- page --------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.support.server import REPO, ServerProcess
 
@@ -37,8 +39,9 @@ PAGE_QUERY = "?back_buffer_s=4&trim_to_s=2"
 def server(tmp_path_factory):
     # realtime_margin: admission must not refuse the second test's session on a slow shared CPU.
     srv = ServerProcess(
-        tmp_path_factory.mktemp("srv"), chunks_per_shot=3, max_sessions=2, realtime_margin=50
-    ).wait_ready()
+        tmp_path_factory.mktemp("srv"), chunks_per_shot=3, max_sessions=2, realtime_margin=50,
+        fault_injection=True,
+    ).wait_ready()  # fmt: skip
     yield srv
     assert srv.stop() == 0, srv.log()[-3000:]
 
@@ -73,10 +76,17 @@ def snapshot(page: Page) -> dict:
 
 def wait_for(page: Page, predicate: str, timeout_s: float = 30.0) -> None:
     """Wait until `predicate` (JS, with `s` bound to the page's snapshot) holds."""
-    page.wait_for_function(
-        f"(() => {{ const s = window.shotstream.snapshot(); return !!s && ({predicate}); }})()",
-        timeout=timeout_s * 1000,
-    )
+    try:
+        page.wait_for_function(
+            f"(() => {{ const s = window.shotstream.snapshot(); return !!s && ({predicate}); }})()",
+            timeout=timeout_s * 1000,
+        )
+    except PlaywrightTimeout:
+        s = snapshot(page) or {}
+        seen = {
+            k: s.get(k) for k in ("state", "endReason", "currentTime", "ranges", "hellos", "errors")
+        }
+        raise AssertionError(f"not within {timeout_s} s: {predicate}; page: {seen}") from None
 
 
 def sample_playback(page: Page, seconds: float) -> list[dict]:
@@ -215,3 +225,43 @@ def test_page_reconnects_after_its_socket_drops_and_plays_on(page: Page):
 
     page.click("#stop")
     expect(page.locator("#connection")).to_have_text("ended: stopped")
+
+
+def test_page_shows_a_superseded_cut_as_dropped_and_a_fatal_error_as_the_end(page: Page, server):
+    start_session(page, "a green triangle on a white background")
+    page.click("#pause")
+    expect(page.locator("#connection")).to_have_text("paused")
+    expect(page.locator("#resume")).to_be_enabled()
+    assert snapshot(page)["paused"]  # the video element pauses with the stream
+    # While paused nothing new is planned, so the second cut supersedes the first for sure.
+    for prompt in ("first cut, soon replaced", "second cut, the one shown"):
+        page.fill("#shot-prompt", prompt)
+        page.press("#shot-prompt", "Enter")
+    dropped = page.locator("#timeline li", has_text="first cut, soon replaced")
+    expect(dropped).to_have_attribute("data-status", "dropped")
+    expect(dropped).to_contain_text("superseded")
+    page.click("#resume")
+    expect(page.locator("#connection")).to_have_text("streaming")
+    shown = page.locator("#timeline li", has_text="second cut, the one shown")
+    expect(shown).to_have_attribute("aria-current", "true", timeout=30_000)
+    s = snapshot(page)
+    entry = next(e for e in s["timeline"] if e["prompt"] == "second cut, the one shown")
+    # prompt-to-visible leaves out the time the viewer kept the stream paused
+    assert 0 < s["promptLatenciesMs"][0] < entry["shownAt"] - entry["sentAt"]
+
+    # The server fails this session's next step: a fatal `error`, then a close.
+    r = httpx.post(
+        server.base + "/v1/debug/faults",
+        json={"session_id": snapshot(page)["sessionId"], "kind": "exception"},
+    )
+    assert r.status_code == 200, r.text
+    banner = page.locator("#error")
+    expect(banner).to_be_visible(timeout=30_000)
+    expect(banner).to_contain_text("session_failed")
+    expect(banner).to_contain_text("generation failed")
+    expect(page.locator("#connection")).to_contain_text("failed: session_failed")
+    expect(page.locator("#start")).to_be_enabled()
+    expect(page.locator("#send-shot")).to_be_disabled()
+    s = snapshot(page)
+    assert s["state"] == "failed" and s["errors"][-1]["fatal"]
+    assert s["reconnects"] == 0  # a failed session is not reconnected to
