@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
@@ -14,6 +15,10 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {
     "taskName",
     "color_message",
 }
+# uvicorn logs request lines with the query string: never write a stream token to a log,
+# and tag the line with the session its path names.
+_TOKEN = re.compile(r"([?&]token=)[^&\s\"]+")
+_SESSION_PATH = re.compile(r"/v1/sessions/([\w.-]+)")
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,8 +28,10 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": _TOKEN.sub(r"\1[redacted]", record.getMessage()),
         }
+        if "session_id" not in vars(record) and (m := _SESSION_PATH.search(out["event"])):
+            out["session_id"] = m.group(1)
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 out[key] = value

@@ -8,8 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
+
+# No `*_created` series: they double the series count and name nothing anyone graphs
+# (`shotstream_sessions_created_created`). Process-wide, as prometheus_client allows.
+disable_created_metrics()
 
 LATENCY_BUCKETS = (
     0.01,
@@ -50,6 +61,12 @@ VERB_BUCKETS = (
 SEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 VERBS = ("text", "context", "prefill", "denoise", "refresh", "decode", "package")
+# Label values known up front are exported at 0 from the start, so `rate()` and the
+# dashboard see a series before the first event.
+REFUSE_REASONS = ("capacity", "quota", "draining", "not_ready")
+END_REASONS = ("deleted", "stopped", "idle", "expired", "failed", "draining", "shutdown")
+ERROR_KINDS = ("step", "oom", "encode", "engine", "slow_reader")
+DROP_REASONS = ("superseded", "session")  # a later cut; the session ended
 
 
 class Metrics:
@@ -107,7 +124,9 @@ class Metrics:
             "Chunks sent after the client's player would have run dry.", registry=r,
         )  # fmt: skip
         self.prompts_received = Counter(
-            "shotstream_prompts_received_total", "Shot prompts accepted.", registry=r
+            "shotstream_prompts_received_total",
+            "Shot prompts accepted (at creation or mid-stream).",
+            registry=r,
         )
         self.prompts_applied = Counter(
             "shotstream_prompts_applied_total",
@@ -119,6 +138,15 @@ class Metrics:
             ["reason"], registry=r,
         )  # fmt: skip
         self.errors = Counter("shotstream_errors_total", "Errors, by kind.", ["kind"], registry=r)
+        for labelled, values in (
+            (self.verb_duration, VERBS),
+            (self.sessions_refused, REFUSE_REASONS),
+            (self.sessions_ended, END_REASONS),
+            (self.prompts_dropped, DROP_REASONS),
+            (self.errors, ERROR_KINDS),
+        ):
+            for value in values:
+                labelled.labels(value)
         self.build_info = Info(
             "shotstream_build", "Version, preset, device, torch, attention backend.", registry=r
         )
