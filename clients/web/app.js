@@ -62,6 +62,7 @@ class Session {
     this.firstFrameWallMs = null;
     this.endReason = null;
     this.pingSentAt = null;
+    this.disposed = false;
     this.stats = new Stats(ui.stats, ui.timings);
     this.stats.start();
     this.timeline = new Timeline(ui.timeline);
@@ -84,6 +85,7 @@ class Session {
   }
 
   receive(msg, data) {
+    if (this.disposed) return;
     switch (msg.type) {
       case "hello":
         this.log.hellos += 1;
@@ -146,7 +148,7 @@ class Session {
   }
 
   socketState(state, detail) {
-    if (!this.alive) return;
+    if (!this.alive || this.disposed) return;
     if (state === "open") {
       if (detail.reconnect) this.stats.reconnects += 1;
       this.setState(this.paused ? "paused" : "streaming");
@@ -222,7 +224,7 @@ class Session {
 
   /** The session is over: play out what is buffered, freeze the controls. */
   end(state, reason, code) {
-    if (!this.alive) return;
+    if (!this.alive || this.disposed) return;
     this.endReason = reason;
     clearInterval(this.pinger);
     this.socket.finish();
@@ -232,9 +234,13 @@ class Session {
     this.render();
   }
 
-  /** Free the page's side entirely (a new session replaces this one). */
+  /** Free the page's side entirely (a new session replaces this one): from now on this
+   * session's socket and timers touch nothing on the page. */
   dispose() {
+    this.disposed = true;
     clearInterval(this.ticker);
+    clearInterval(this.pinger);
+    this.socket.finish();
     this.player.destroy();
   }
 
@@ -324,6 +330,8 @@ async function loadModelInfo() {
     return;
   }
   const m = await res.json();
+  // The server's own limit, so an over-long prompt cannot be typed rather than rejected.
+  ui.caption.maxLength = ui.firstShot.maxLength = ui.shotPrompt.maxLength = m.max_prompt_chars;
   const weights = m.real_weights ? `weights: ${m.weights}` : "random weights";
   ui.modelInfo.textContent = `${m.preset} · ${m.width}×${m.height} @ ${m.fps} fps · ${m.device} · ${weights}`;
   if (m.notice) {

@@ -169,6 +169,7 @@ export class Timeline {
       const prompt = document.createElement("span");
       prompt.className = "shot-prompt";
       prompt.textContent = e.prompt === null ? "(prompt sent through the API)" : e.prompt || "(global caption only)";
+      if (e.prompt) prompt.title = e.prompt;
       const meta = document.createElement("span");
       meta.className = "shot-meta";
       meta.textContent = describe(e);
