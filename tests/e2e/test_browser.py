@@ -1,7 +1,8 @@
 """The browser page (`GET /`) in headless Debian Chromium, driven by Playwright, against a
 real `shotstream serve` (tiny preset, CPU, 127.0.0.1): it plays the stream through Media
 Source Extensions, shows a prompt typed mid-stream from the chunk the server acked, shows
-the random-weights notice, and plays on after its socket drops.
+the random-weights notice, plays on after its socket drops, shows a superseded cut as
+dropped, and ends the session visibly on a fatal server error.
 
 Screenshots land in `artifacts/` at the repo root: `browser-page.png` (the page with the
 new shot on screen) and one per test at teardown (its last state, useful when it fails).
@@ -9,6 +10,7 @@ new shot on screen) and one per test at teardown (its last state, useful when it
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.support.server import REPO, ServerProcess
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright never downloads a browser here
+# Debian's chromium (.ci/system-deps); Playwright never downloads a browser here.
+CHROMIUM = Path(os.environ.get("SHOTSTREAM_CHROMIUM", "/usr/bin/chromium"))
 # The flags of design/media.md. Playwright adds --headless and a fresh --user-data-dir itself.
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -37,7 +40,8 @@ PAGE_QUERY = "?back_buffer_s=4&trim_to_s=2"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    # realtime_margin: admission must not refuse the second test's session on a slow shared CPU.
+    # realtime_margin: admission must not refuse a session on a slow shared CPU;
+    # fault_injection: the last test makes the server fail a session.
     srv = ServerProcess(
         tmp_path_factory.mktemp("srv"), chunks_per_shot=3, max_sessions=2, realtime_margin=50,
         fault_injection=True,
