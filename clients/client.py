@@ -366,6 +366,7 @@ class Session:
         self.reconnect_policy = reconnect or ReconnectPolicy()
         self.grace_s = grace_s
         self.reconnects = 0
+        self.ended: str | None = None  # the `ended` reason, once the session ended
         self.last_seq: int | None = None
         self._client = client
         self._ws: ClientConnection | None = None
@@ -499,8 +500,8 @@ class Session:
     async def connect(self) -> None:
         """Open the stream connection (a no-op when open); raises the server's refusal."""
         async with self._reading():
-            if self._ws is not None or self._dropped_at is not None:
-                return
+            if self._ws is not None or self._dropped_at is not None or self.ended is not None:
+                return  # open, resuming, or over (an ended session has nothing to stream)
             ws, hello = await self._open()
             self._ws, self._opened = ws, True
             self._finished, self._announced = None, None
@@ -634,6 +635,7 @@ class Session:
             else:
                 self._events.append(Error(msg))
         elif isinstance(msg, P.EndedMessage):
+            self.ended = msg.reason
             self._events.append(Ended(msg))
             self._finish(True)
         elif isinstance(msg, P.HelloMessage):
@@ -692,7 +694,7 @@ class Session:
         started = self._dropped_at if self._dropped_at is not None else time.monotonic()
         window = policy.window_s or self.grace_s or DEFAULT_GRACE_S
         delay, attempts = policy.initial_delay_s, 0
-        while True:
+        while self._finished is None:  # close() ends the attempts
             attempts += 1
             try:
                 ws, hello = await self._open()
@@ -706,6 +708,9 @@ class Session:
                                             f"resumed: {exc.message}", code=exc.code))  # fmt: skip
                 return
             else:
+                if self._finished is not None:  # closed while connecting
+                    await ws.close()
+                    return
                 now = time.monotonic()
                 self._ws, self._dropped_at, self._announced = ws, None, None
                 self.reconnects += 1

@@ -41,11 +41,12 @@ class FragmentWriter:
 
 def remux_faststart(src: Path, dst: Path) -> int:
     """Copy the video of a fragmented MP4 into a progressive MP4 with the index first
-    (`+faststart`), without re-encoding; returns the packets written."""
+    (`+faststart`), without re-encoding, starting at time 0 (a stream joined late starts
+    at its first chunk's decode time); returns the packets written."""
     import av  # PyAV is only needed here; importing it costs a moment
 
     tmp = dst.with_name(dst.name + ".remux")
-    packets = 0
+    packets, offset = 0, None
     try:
         with av.open(str(src)) as inp, av.open(str(tmp), "w", format="mp4",
                                               options={"movflags": "+faststart"}) as out:  # fmt: skip
@@ -54,6 +55,11 @@ def remux_faststart(src: Path, dst: Path) -> int:
             for packet in inp.demux(ins):
                 if packet.dts is None:  # the demuxer's end-of-stream flush packet
                     continue
+                if offset is None:
+                    offset = max(0, packet.dts)
+                packet.dts -= offset
+                if packet.pts is not None:
+                    packet.pts -= offset
                 packet.stream = outs
                 out.mux(packet)
                 packets += 1

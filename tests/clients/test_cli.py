@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from tests.clients.conftest import API_KEY
 from tests.support.server import REPO, ffprobe_frames
 
@@ -107,3 +109,24 @@ def test_script_plays_each_shot_from_its_boundary(server, tmp_path):
     assert [c["seq"] for c in rep["chunks"]] == list(range(7))
     assert [c["shot"] for c in rep["chunks"]] == [0, 0, 0, 1, 1, 1, 2]
     assert len(ffprobe_frames(out)) == rep["frames"] == 9 + 12 + 12 + 9 + 12 + 12 + 9
+
+
+def test_watch_attaches_to_a_session_left_running(server, tmp_path):
+    r = httpx.post(f"{server.base}/v1/sessions", json={"prompt": "a red circle", "seed": 8},
+                   headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+    assert r.status_code == 201, r.text
+    attach = ["--session", r.json()["session_id"], "--token", r.json()["token"]]
+    runs = []
+    for name, leave in (("first", ["--leave"]), ("second", [])):
+        out, report = tmp_path / f"{name}.mp4", tmp_path / f"{name}.json"
+        done = cli(server, "watch", *attach, "--chunks", "2", "--out", str(out),
+                   "--report", str(report), *leave)  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        runs.append((out, json.loads(report.read_text()), done.stderr.decode()))
+    (_, first, left), (second_mp4, second, _) = runs
+    assert first["ended"] is None and "left the session running" in left
+    assert second["ended"] == "stopped"
+    assert second["chunks"][0]["seq"] > first["chunks"][-1]["seq"]  # the stream went on
+    frames = ffprobe_frames(second_mp4)
+    assert len(frames) == second["frames"]
+    assert float(frames[0]["pts_time"]) == 0.0  # a late join still plays from time 0

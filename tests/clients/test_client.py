@@ -207,31 +207,42 @@ def test_reconnect_after_an_abrupt_drop_resumes_the_stream(server, tmp_path):
     assert isinstance(events[-1], Ended)
 
 
-def test_drop_without_reconnect_and_fatal_error_raise(server):
+def test_unresumable_drops_and_fatal_errors_raise(server):
     async def go():
-        client = ShotStreamClient(server.base, api_key=API_KEY,
-                                  reconnect=ReconnectPolicy(enabled=False))  # fmt: skip
-        async with client:
-            session = await client.create_session("a red circle", seed=5)
-            with pytest.raises(ConnectionLost):
+        no_retry = ReconnectPolicy(enabled=False)
+        async with (
+            ShotStreamClient(server.base, api_key=API_KEY) as client,
+            ShotStreamClient(server.base, api_key=API_KEY, reconnect=no_retry) as once,
+        ):
+            session = await once.create_session("a red circle", seed=5)
+            with pytest.raises(ConnectionLost) as not_resumed:
                 async for ev in session.stream():
                     if isinstance(ev, Init):
                         session._ws.transport.abort()
             await session.delete()
 
             session = await client.create_session("a red circle", seed=6)
-            seen = []
+            with pytest.raises(ConnectionLost) as gone:  # it ended while we were away
+                async for ev in session.stream():
+                    if isinstance(ev, Init):
+                        session._ws.transport.abort()
+                        await session.delete()
+
+            session = await client.create_session("a red circle", seed=7)
             with pytest.raises(SessionFailed) as failed:
                 async for ev in session.stream():
-                    seen.append(ev)
                     if isinstance(ev, Hello):
-                        r = httpx.post(f"{server.base}/v1/debug/faults",
-                                       json={"session_id": session.session_id, "kind": "exception"})  # fmt: skip
+                        r = httpx.post(
+                            f"{server.base}/v1/debug/faults",
+                            json={"session_id": session.session_id, "kind": "exception"},
+                        )
                         assert r.status_code == 200
             status = await session.status()
-            return failed.value, status
+            return not_resumed.value, gone.value, failed.value, status
 
-    failed, status = run(go())
+    not_resumed, gone, failed, status = run(go())
+    assert "dropped" in not_resumed.message
+    assert "cannot be resumed" in gone.message and gone.code == "unknown_session"
     assert failed.code == "session_failed" and "injected" in failed.message
     assert status.state == "failed"
 

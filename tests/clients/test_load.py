@@ -56,3 +56,14 @@ def test_load_refuses_remote_servers_and_unbounded_runs():
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 2 and "loopback" in r.stderr and not r.stdout
+
+
+def test_load_reports_refusals_with_their_retry_after(limits_server):
+    cfg = LoadConfig(server=limits_server.base, sessions=2, duration_s=3, prompt_every_s=0)
+    result = asyncio.run(run_load(cfg))
+    # One session per client: the second is refused (and retried after each Retry-After,
+    # which may fit in the run once) until the run ends.
+    assert result["sessions_started"] == 1 and result["errors"] == {}
+    refused = result["refused_by_status"]
+    assert set(refused) == {"429"} and result["sessions_refused"] == refused["429"] >= 1
+    assert result["retry_after_s"]["min"] >= 1 and result["chunks"] > 0
