@@ -65,7 +65,12 @@ VERBS = ("text", "context", "prefill", "denoise", "refresh", "decode", "package"
 # dashboard see a series before the first event.
 REFUSE_REASONS = ("capacity", "quota", "draining", "not_ready")
 END_REASONS = ("deleted", "stopped", "idle", "expired", "failed", "draining", "shutdown")
-ERROR_KINDS = ("step", "oom", "encode", "engine", "slow_reader")
+ERROR_KINDS = ("step", "oom", "encode", "engine", "slow_reader") + tuple(
+    "client_" + code  # bad client input (protocol.ErrorCode), counted per message
+    for code in ("bad_json", "bad_message", "unknown_type", "message_too_large",
+                 "binary_not_allowed", "prompt_too_long", "prompt_too_many_tokens",
+                 "too_many_shots", "invalid_state", "rate_limited")
+)  # fmt: skip
 DROP_REASONS = ("superseded", "session")  # a later cut; the session ended
 
 
