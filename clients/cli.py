@@ -168,11 +168,11 @@ class Viewer:
                 self.latency = ev.received - sent
                 self.console.say(f"prompt visible after {self.latency:.2f} s (seq {m.seq})")
         elif isinstance(ev, Shot):
-            m = ev.message
-            self.shots.append(m.model_dump())
-            self.shot_prompt, self.shot_index = m.prompt, m.shot
-            self.console.say(f"shot {m.shot} (id {m.shot_id}) from seq {m.starts_at_seq}: "
-                             f"{_short(m.prompt, 60)!r}")  # fmt: skip
+            s = ev.message
+            self.shots.append(s.model_dump())
+            self.shot_prompt, self.shot_index = s.prompt, s.shot
+            self.console.say(f"shot {s.shot} (id {s.shot_id}) from seq {s.starts_at_seq}: "
+                             f"{_short(s.prompt, 60)!r}")  # fmt: skip
         elif isinstance(ev, PromptAck):
             for p in self.prompts:
                 if p["shot_id"] == ev.message.shot_id:

@@ -29,7 +29,7 @@ def test_short_load_run_reports_sane_numbers(server):
     assert result["errors"] == {} and result["sessions_refused"] == 0
     assert result["sessions_started"] == 2 and result["chunks"] > 0
     assert result["frames"] >= 9 * result["chunks"] and result["video_s"] > 0
-    assert 0 < result["ttff_s"]["p50"] <= result["ttff_s"]["p95"] < 6
+    assert 0 < result["ttff_s"]["p50"] <= result["ttff_s"]["p95"]
     gaps = result["inter_chunk_gap_s"]
     if result["chunks"] > 2:
         assert 0 < gaps["p50"] <= gaps["p95"] <= gaps["p99"]
