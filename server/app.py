@@ -323,6 +323,20 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
         manager().end(s, "deleted")
         return Response(status_code=204)
 
+    @app.post("/v1/sessions/{sid}/pause", status_code=204,
+              responses={401: {"model": P.ErrorBody}, 404: {"model": P.ErrorBody}})  # fmt: skip
+    async def pause_session(sid: str, request: Request):
+        """Stop generating (the stream's player should pause too); same as the `pause` message."""
+        manager().pause(session_for(request, sid))
+        return Response(status_code=204)
+
+    @app.post("/v1/sessions/{sid}/resume", status_code=204,
+              responses={401: {"model": P.ErrorBody}, 404: {"model": P.ErrorBody}, 409: {"model": P.ErrorBody}})  # fmt: skip
+    async def resume_session(sid: str, request: Request):
+        """Resume a paused session; same as the `resume` message."""
+        manager().resume(session_for(request, sid))
+        return Response(status_code=204)
+
     @app.get("/v1/models", response_model=P.ModelInfo)
     async def models():
         runner = state.runner
@@ -418,7 +432,8 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
                 P.ErrorCode.ALREADY_CONNECTED, "this session already has a stream connection"
             )
         conn = Connection(ws.send_text, ws.send_bytes, ws.close, time.monotonic())
-        m.attach(s, conn)
+        last = ws.query_params.get("last_seq", "")
+        conn.next_seq = m.attach(s, conn, int(last) if last.lstrip("-").isdigit() else None)  # type: ignore[attr-defined]
         sender = asyncio.create_task(_sender(state, ws, s, conn), name=f"send-{sid}")
         try:
             await _receiver(state, ws, s, conn, sender)
@@ -446,8 +461,9 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
     init = enc.init_segment()
     cfg = m.cfg
     try:
-        await _send_json(ws, P.HelloMessage(session_id=s.id, mime=enc.mime, width=cfg.width,
-                                            height=cfg.height, fps=cfg.fps).model_dump(), timeout)  # fmt: skip
+        hello = P.HelloMessage(session_id=s.id, mime=enc.mime, width=cfg.width, height=cfg.height,
+                               fps=cfg.fps, next_seq=getattr(conn, "next_seq", 0))  # fmt: skip
+        await _send_json(ws, hello.model_dump(), timeout)
         await _send_json(ws, P.InitMessage(bytes=len(init)).model_dump(), timeout)
         await asyncio.wait_for(ws.send_bytes(init), timeout)
         state.metrics.bytes_sent.inc(len(init))
@@ -471,10 +487,7 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
                 # Sent whole: only now does it leave the outbox (a reconnect resends the rest).
                 if s.media and s.media[0] is item:
                     s.media.popleft()
-                if item.data is not None:
-                    m.delivered(s, item, time.perf_counter() - t0)
-                elif msg.get("type") == "shot":
-                    s.shown_shot = msg["shot"]
+                m.delivered(s, item, time.perf_counter() - t0)
                 continue
             conn.wake.clear()
             await conn.wake.wait()
@@ -506,13 +519,14 @@ async def _receiver(
         data = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
         parsed = P.parse_client_message(data if data is not None else "", m.limits)
         if isinstance(parsed, P.ProtocolError):
-            _client_error(state, s, conn, parsed.code, parsed.message)
+            _client_error(state, s, conn, parsed.code, parsed.message, ref=_ref_of(data))
             continue
+        ref = parsed.ref
         try:
             if isinstance(parsed, P.PromptMessage):
                 p = m.add_prompt(s, parsed.prompt, parsed.mode)
                 m.send_control(s, P.PromptAckMessage(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
-                                                     truncated_tokens=p.report.truncated_tokens))  # fmt: skip
+                                                     truncated_tokens=p.report.truncated_tokens, ref=ref))  # fmt: skip
             elif isinstance(parsed, P.PauseMessage):
                 m.pause(s)
             elif isinstance(parsed, P.ResumeMessage):
@@ -522,15 +536,29 @@ async def _receiver(
             elif isinstance(parsed, P.PingMessage):
                 m.send_control(s, P.PongMessage(server_time=time.time()))
         except Refused as exc:
-            _client_error(state, s, conn, exc.code, exc.message, counts=False)
+            _client_error(state, s, conn, exc.code, exc.message, counts=False, ref=ref)
         except P.LimitError as exc:
-            _client_error(state, s, conn, exc.code, exc.message)
+            _client_error(state, s, conn, exc.code, exc.message, ref=ref)
         except ValidationError as exc:
-            _client_error(state, s, conn, P.ErrorCode.BAD_MESSAGE, P.describe_validation_error(exc))
+            _client_error(
+                state, s, conn, P.ErrorCode.BAD_MESSAGE, P.describe_validation_error(exc), ref=ref
+            )
+
+
+def _ref_of(data: str | bytes | None) -> str | None:
+    """The `ref` of a message that failed validation, if one can be read from it."""
+    if not isinstance(data, str) or len(data) > 65536:
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    ref = obj.get("ref") if isinstance(obj, dict) else None
+    return ref if isinstance(ref, str) and len(ref) <= 64 else None
 
 
 def _client_error(state: AppState, s: Session, conn: Connection, code: str, message: str,
-                  counts: bool = True) -> None:  # fmt: skip
+                  counts: bool = True, ref: str | None = None) -> None:  # fmt: skip
     """A non-fatal error for one bad message; past the abuse limit, close the connection."""
     m = state.manager
     state.metrics.errors.labels("client_" + code).inc()
@@ -543,4 +571,4 @@ def _client_error(state: AppState, s: Session, conn: Connection, code: str, mess
         conn.close_code, conn.close_reason = int(P.CloseCode.BAD_MESSAGE), "too many bad messages"  # type: ignore[attr-defined]
         conn.wake.set()
         return
-    m.send_control(s, P.ErrorMessage(code=code, message=message, fatal=False))
+    m.send_control(s, P.ErrorMessage(code=code, message=message, fatal=False, ref=ref))

@@ -89,7 +89,7 @@ class CloseCode(IntEnum):
     BAD_MESSAGE = 4400  # repeated malformed or abusive input
     IDLE = 4408  # idle or too slow a reader
     SESSION_FAILED = 4500  # the session failed or an internal error
-    DRAINING = 4503  # the server is shutting down
+    DRAINING = 4503  # draining, starting or full: try again later (or another replica)
 
 
 _CLOSE_FOR_ERROR = {
@@ -105,6 +105,7 @@ _CLOSE_FOR_ERROR = {
     ErrorCode.SLOW_READER: CloseCode.IDLE,
     ErrorCode.IDLE: CloseCode.IDLE,
     ErrorCode.DRAINING: CloseCode.DRAINING,
+    ErrorCode.OVER_CAPACITY: CloseCode.DRAINING,  # 4503: not ready or full, try again later
 }
 
 
@@ -242,6 +243,11 @@ class HelloMessage(_Schema):
     width: int
     height: int
     fps: int
+    next_seq: int = Field(
+        default=0, ge=0,
+        description="seq of the first chunk this connection carries; on a resume, chunks "
+        "between the client's last one and this were not kept",
+    )  # fmt: skip
 
 
 class InitMessage(_Schema):
@@ -284,6 +290,7 @@ class PromptAckMessage(_Schema):
     shot_id: int
     starts_at_seq: int = Field(ge=0)
     truncated_tokens: int = Field(default=0, ge=0)
+    ref: str | None = Field(default=None, description="the prompt's `ref`; absent on re-acks")
 
 
 class ErrorMessage(_Schema):
@@ -293,6 +300,7 @@ class ErrorMessage(_Schema):
     code: str
     message: str
     fatal: bool = False
+    ref: str | None = Field(default=None, description="the `ref` of the message it answers")
 
 
 class EndedMessage(_Schema):
@@ -321,7 +329,14 @@ class PongMessage(_Schema):
 # ----------------------------------------------------------------- client -> server (WS)
 
 
-class PromptMessage(_Schema):
+class _ClientMessage(_Schema):
+    ref: str | None = Field(
+        default=None, max_length=64,
+        description="client correlation id, echoed in the `prompt_ack` or `error` answering it",
+    )  # fmt: skip
+
+
+class PromptMessage(_ClientMessage):
     """A new shot prompt; answered by `prompt_ack`."""
 
     type: Literal["prompt"] = "prompt"
@@ -329,19 +344,19 @@ class PromptMessage(_Schema):
     mode: Mode | None = None
 
 
-class PauseMessage(_Schema):
+class PauseMessage(_ClientMessage):
     type: Literal["pause"] = "pause"
 
 
-class ResumeMessage(_Schema):
+class ResumeMessage(_ClientMessage):
     type: Literal["resume"] = "resume"
 
 
-class StopMessage(_Schema):
+class StopMessage(_ClientMessage):
     type: Literal["stop"] = "stop"
 
 
-class PingMessage(_Schema):
+class PingMessage(_ClientMessage):
     type: Literal["ping"] = "ping"
 
 

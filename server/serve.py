@@ -93,6 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
         app, host=settings.host, port=settings.port, log_config=None,
         log_level=settings.log_level, ws_max_size=max(1 << 20, 4 * settings.max_ws_message_bytes),
         ws_ping_interval=20, ws_ping_timeout=20, timeout_graceful_shutdown=5,
+        proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None,
     )  # fmt: skip
     server = DrainingServer(config, state)
     host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host

@@ -19,7 +19,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -65,6 +65,7 @@ class MediaItem:
     duration: float = 0.0
     ready: float = 0.0  # monotonic time it entered the outbox
     prompt: Prompt | None = None  # the prompt this chunk first shows
+    replay: bool = False  # sent before, on a connection that dropped; sent again on resume
 
 
 @dataclass
@@ -130,6 +131,10 @@ class Session:
         self.video_sent = 0.0  # seconds of video delivered, over all connections
         # delivery side
         self.media: deque[MediaItem] = deque()
+        # The last items sent, so a resumed connection can be given what the dropped one
+        # may not have received (the client names its last seq).
+        self.sent: deque[MediaItem] = deque(maxlen=2 * max(2, settings.outbox_chunks))
+        self.last_delivered_seq = -1
         self.control: deque[dict[str, Any]] = deque()
         self.encode_lock = asyncio.Lock()
         self.conn: Connection | None = None
@@ -433,7 +438,7 @@ class SessionManager:
                 report = result.new_shot or shot.report
                 shot_msg = P.ShotMessage(shot_id=shot.shot_id, shot=result.shot, prompt=shot.text,
                                          starts_at_seq=seq, truncated_tokens=report.truncated_tokens)  # fmt: skip
-                s.media.append(MediaItem(shot_msg.model_dump(mode="json"), ready=now))
+                s.media.append(MediaItem(shot_msg.model_dump(mode="json"), seq=seq, ready=now))
             t = result.timings
             msg = P.ChunkMessage(
                 seq=seq, shot=result.shot, shot_id=shot.shot_id,
@@ -462,14 +467,15 @@ class SessionManager:
             s.conn.wake.set()
 
     def delivered(self, s: Session, item: MediaItem, send_s: float) -> None:
-        """Account for a chunk fully sent: counters, playout clock, deadline, latencies."""
+        """Account for an item fully sent: counters, playout clock, deadline, latencies."""
         now = time.monotonic()
         m, conn = self.metrics, s.conn
-        s.chunks_delivered += 1
-        s.frames_sent += item.frames
-        s.bytes_sent += len(item.data or b"")
+        s.sent.append(item)
+        if item.data is None:  # a `shot` message
+            s.shown_shot = item.message["shot"]
+            return
         m.frames_sent.inc(item.frames)
-        m.bytes_sent.inc(len(item.data or b""))
+        m.bytes_sent.inc(len(item.data))
         m.ws_send.observe(send_s)
         if conn is not None:
             if not conn.first_sent:
@@ -486,14 +492,21 @@ class SessionManager:
                 m.deadline_misses.inc()
                 s.play_start += now - due
         s.video_delivered += item.duration
-        s.video_sent += item.duration
-        if item.prompt is not None:
-            m.prompts_applied.inc()
-            m.prompt_to_visible.observe(now - item.prompt.received)
+        if not item.replay:  # a replay was counted when it was first sent
+            s.chunks_delivered += 1
+            s.frames_sent += item.frames
+            s.bytes_sent += len(item.data)
+            s.video_sent += item.duration
+            s.last_delivered_seq = item.seq
+            if item.prompt is not None:
+                m.prompts_applied.inc()
+                m.prompt_to_visible.observe(now - item.prompt.received)
         self._wake_engine()
 
     # -- control ----------------------------------------------------------------------------
     def pause(self, s: Session, reason: str = "client") -> None:
+        if not s.alive:
+            raise Refused(409, P.ErrorCode.INVALID_STATE, f"session is {s.state}")
         if s.state == "streaming" or s.state == "waiting":
             s.state = "paused"
             s.paused_at = time.monotonic()
@@ -513,7 +526,12 @@ class SessionManager:
             self.engine.wake()
 
     # -- connections ------------------------------------------------------------------------
-    def attach(self, s: Session, conn: Connection) -> None:
+    def attach(self, s: Session, conn: Connection, last_seq: int | None = None) -> int:
+        """Make `conn` the session's stream; returns the seq of the first chunk it carries.
+
+        A resuming client names the last chunk it received (`last_seq`): chunks after it
+        that the dropped connection sent are sent again if still kept.
+        """
         s.conn = conn
         s.disconnected_at = None
         if s.timer:
@@ -523,9 +541,19 @@ class SessionManager:
             s.state = "streaming"
         # A fresh player: its clock starts at the first chunk sent on this connection.
         s.play_start = None
-        s.control.clear()  # acks for a dead connection mean nothing to a new one
-        log.info("stream connected", extra={"session_id": s.id})
+        s.control.clear()  # replies meant for the dead connection
+        if last_seq is not None:
+            again = [replace(x, replay=True) for x in s.sent if x.seq > last_seq]
+            s.media.extendleft(reversed(again))
+        s.sent.clear()
+        # Waiting prompts are acknowledged again: the dropped connection may have lost them.
+        for p in [*([s.pending_cut] if s.pending_cut else []), *s.queue]:
+            self.send_control(s, P.PromptAckMessage(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
+                                                    truncated_tokens=p.report.truncated_tokens))  # fmt: skip
+        log.info("stream connected", extra={"session_id": s.id, "last_seq": last_seq})
         self._wake_engine()
+        first = next((x.seq for x in s.media if x.data is not None), None)
+        return first if first is not None else s.last_delivered_seq + 1
 
     def detach(self, s: Session, conn: Connection) -> None:
         if s.conn is not conn:

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
         description="chunks per shot before a shot continues anew (0 = the preset's: 7 = 81 frames)",
     )
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
-        "off", description="torch.compile the DiT with this mode (compiled at warm-up; for CUDA hosts)"
+        "off",
+        description="torch.compile the DiT with this mode (compiled at warm-up; for CUDA hosts)",
     )
     threads: int = Field(0, description="torch CPU threads (0 = torch default)")
 
@@ -53,6 +54,10 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         None,
         description="base URL clients reach us at (for `stream_url`); default from the request",
+    )
+    trusted_proxies: str = Field(
+        "127.0.0.1",
+        description="addresses whose X-Forwarded-For is believed for the client address (per-client quota); `*` for all, `` for none",
     )
     replica_id: str = Field(
         "r0", description="stable id of this replica; carried in session ids for proxy affinity"

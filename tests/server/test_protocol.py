@@ -39,7 +39,7 @@ SERVER_MESSAGES: list[tuple[BaseModel, set[str]]] = [
         p.HelloMessage(
             session_id="s1", mime='video/mp4; codecs="avc1.42C01E"', width=832, height=480, fps=16
         ),
-        {"type", "protocol", "session_id", "mime", "width", "height", "fps"},
+        {"type", "protocol", "session_id", "mime", "width", "height", "fps", "next_seq"},
     ),
     (p.InitMessage(bytes=812), {"type", "bytes"}),
     (
@@ -64,22 +64,26 @@ SERVER_MESSAGES: list[tuple[BaseModel, set[str]]] = [
     ),
     (
         p.PromptAckMessage(shot_id=7, starts_at_seq=7),
-        {"type", "shot_id", "starts_at_seq", "truncated_tokens"},
+        {"type", "shot_id", "starts_at_seq", "truncated_tokens", "ref"},
     ),
     (
         p.ErrorMessage(code=ErrorCode.SESSION_FAILED, message="CUDA out of memory", fatal=True),
-        {"type", "code", "message", "fatal"},
+        {"type", "code", "message", "fatal", "ref"},
     ),
     (p.EndedMessage(reason="stopped"), {"type", "reason"}),
+    (
+        p.PromptDroppedMessage(shot_id=7, reason="superseded by a later cut"),
+        {"type", "shot_id", "reason"},
+    ),
     (p.PongMessage(server_time=1_700_000_000.25), {"type", "server_time"}),
 ]
 
 CLIENT_MESSAGES: list[tuple[BaseModel, set[str]]] = [
-    (p.PromptMessage(prompt="a dog runs", mode="queue"), {"type", "prompt", "mode"}),
-    (p.PauseMessage(), {"type"}),
-    (p.ResumeMessage(), {"type"}),
-    (p.StopMessage(), {"type"}),
-    (p.PingMessage(), {"type"}),
+    (p.PromptMessage(prompt="a dog runs", mode="queue"), {"type", "prompt", "mode", "ref"}),
+    (p.PauseMessage(), {"type", "ref"}),
+    (p.ResumeMessage(), {"type", "ref"}),
+    (p.StopMessage(), {"type", "ref"}),
+    (p.PingMessage(), {"type", "ref"}),
 ]
 
 
@@ -224,7 +228,13 @@ def test_bad_client_frame_gives_protocol_error_with_code(frame: str | bytes, cod
     assert err.code == code
     assert 0 < len(err.message) < 300  # readable, and never echoes a huge input
     wire = json.loads(err.to_message(fatal=False).model_dump_json())
-    assert wire == {"type": "error", "code": code, "message": err.message, "fatal": False}
+    assert wire == {
+        "type": "error",
+        "code": code,
+        "message": err.message,
+        "fatal": False,
+        "ref": None,
+    }
 
 
 def test_validation_error_names_the_field() -> None:

@@ -231,3 +231,64 @@ def test_reconnect_resumes_from_the_next_keyframe(server, tmp_path):
     assert (
         len(frames) == sum(c.message["frames"] for c in st.chunks) and frames[0]["key_frame"] == 1
     )
+
+
+def test_resume_replays_from_the_clients_last_seq_and_reacks_waiting_prompts(server):
+    """A client that lost the tail of a dropped connection names its last chunk: the server
+    sends the kept chunks after it again, says where the connection starts, and repeats the
+    acks of prompts still waiting (they may have been lost too)."""
+    d = server.create(seed=51)
+
+    async def go():
+        async with StreamClient(d["stream_url"], d["token"]) as c:
+            got = await c.chunks(3)
+            await c.send(
+                {"type": "prompt", "prompt": "close-up shot", "mode": "queue", "ref": "q1"}
+            )
+            ack = await c.until(lambda m: m["type"] == "prompt_ack")
+            c.ws.transport.abort()
+        last = got[0].message["seq"]  # pretend chunks after the first never arrived
+        await asyncio.sleep(
+            0.5
+        )  # the server notices the vanished peer (it sends into a dead socket)
+        async with StreamClient(
+            f"{d['stream_url']}?token={d['token']}&last_seq={last}", None
+        ) as c2:
+            hello = await c2.until(lambda m: m["type"] == "hello")
+            reack = await c2.until(lambda m: m["type"] == "prompt_ack")
+            again = await c2.chunks(2)
+            await c2.send({"type": "stop"})
+            await c2.closed()
+            return ack, last, hello, reack, again
+
+    ack, last, hello, reack, again = run(go())
+    assert ack["ref"] == "q1"
+    assert hello["next_seq"] == last + 1
+    assert again[0].message["seq"] == last + 1  # replayed, not lost
+    assert reack["shot_id"] == ack["shot_id"] and reack["starts_at_seq"] == ack["starts_at_seq"]
+
+
+def test_pause_and_resume_over_rest(server):
+    d = server.create(seed=61)
+    url, hdr = (
+        f"{server.base}/v1/sessions/{d['session_id']}",
+        {"Authorization": f"Bearer {d['token']}"},
+    )
+
+    async def go():
+        async with StreamClient(d["stream_url"], d["token"]) as c:
+            await c.chunks(1)
+            assert httpx.post(url + "/pause", headers=hdr).status_code == 204
+            assert httpx.get(url, headers=hdr).json()["state"] == "paused"
+            r = httpx.post(url + "/pause", headers=hdr)  # pausing twice is harmless
+            assert r.status_code == 204
+            assert httpx.post(url + "/resume", headers=hdr).status_code == 204
+            assert httpx.get(url, headers=hdr).json()["state"] == "streaming"
+            r = httpx.post(url + "/resume", headers=hdr)
+            assert r.status_code == 409 and r.json()["code"] == "invalid_state"
+            await c.chunks(1)  # generation resumed
+            await c.send({"type": "stop"})
+            await c.closed()
+
+    run(go())
+    assert httpx.post(url + "/pause", headers=hdr).status_code == 409  # ended
