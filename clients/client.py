@@ -335,10 +335,11 @@ Event: TypeAlias = (
 
 @dataclass
 class _Waiter:
-    """A request on the stream awaiting its answer; answers come back in request order."""
+    """A request on the stream awaiting the answer that echoes its `ref`."""
 
     kind: Literal["prompt", "ping", "barrier"]
     future: asyncio.Future
+    ref: str = ""
 
 
 class Session:
@@ -375,7 +376,7 @@ class Session:
         self._read_lock = asyncio.Lock()
         self._tick: asyncio.Future | None = None  # done after each read, for waiting requests
         self._waiters: deque[_Waiter] = deque()
-        self._acked: set[int] = set()
+        self._refs = 0  # counter of `ref`s given to requests on the stream
         self._announced: P.InitMessage | P.ChunkMessage | None = None
         self._init: bytes | None = None
         self._dropped_at: float | None = None
@@ -455,13 +456,15 @@ class Session:
             raise NotConnected(f"{messages[0]['type']} needs the stream connection; "
                                "call connect() or iterate stream() first")  # fmt: skip
         assert self._ws is not None
-        waiter = _Waiter(kind, asyncio.get_running_loop().create_future())
-        # A waiter that times out stays queued (its future cancelled) until its answer
-        # comes, so later answers still pair with the right request.
+        self._refs += 1
+        ref = f"c{self._refs}"
+        waiter = _Waiter(kind, asyncio.get_running_loop().create_future(), ref)
+        # The server echoes `ref` in the ack, pong or error answering a message, so answers
+        # pair with requests exactly (acks of REST prompts and re-acks carry none).
         self._waiters.append(waiter)
         try:
             for msg in messages:
-                await self._ws.send(json.dumps(msg))
+                await self._ws.send(json.dumps({**msg, "ref": ref}))
         except ConnectionClosed as exc:
             waiter.future.cancel()
             raise ConnectionLost(f"the stream dropped while sending {kind}: {exc}") from exc
@@ -549,9 +552,11 @@ class Session:
     async def _open(self) -> tuple[ClientConnection, Hello]:
         """Connect and read `hello`; the server's refusal raises its mapped error."""
         timeout = self._client.timeout
+        # On a resume, name the last chunk we have: the server sends again what it kept after it.
+        url = self.stream_url if self.last_seq is None else f"{self.stream_url}?last_seq={self.last_seq}"
         try:
             ws = await connect(
-                self.stream_url,
+                url,
                 additional_headers={**self._client.headers, "Authorization": f"Bearer {self.token}"},
                 max_size=MAX_FRAME_BYTES, compression=None, open_timeout=timeout,
                 ping_interval=5, ping_timeout=10, close_timeout=2,
@@ -618,21 +623,15 @@ class Session:
         if isinstance(msg, P.InitMessage | P.ChunkMessage):
             self._announced = msg
         elif isinstance(msg, P.PromptAckMessage):
-            if msg.shot_id not in self._acked:  # a first ack answers a prompt; repeats move it
-                self._acked.add(msg.shot_id)
-                self._answer(("prompt",), msg)
+            self._answer(msg.ref, msg)
             self._events.append(PromptAck(msg))
         elif isinstance(msg, P.PongMessage):
-            self._answer(("ping", "barrier"), msg)
+            self._answer(msg.ref, msg)
             self._events.append(Pong(msg))
         elif isinstance(msg, P.ErrorMessage):
             if msg.fatal:
                 self._finish(error_from_message(msg))
-            elif self._waiters and self._waiters[0].kind in ("prompt", "barrier"):
-                w = self._waiters.popleft()  # answers come in request order
-                if not w.future.done():
-                    w.future.set_exception(error_from_message(msg))
-            else:
+            elif not self._answer(msg.ref, error_from_message(msg)):
                 self._events.append(Error(msg))
         elif isinstance(msg, P.EndedMessage):
             self.ended = msg.reason
@@ -645,13 +644,18 @@ class Session:
         elif isinstance(msg, P.PromptDroppedMessage):
             self._events.append(PromptDropped(msg))
 
-    def _answer(self, kinds: tuple[str, ...], result: Any) -> None:
+    def _answer(self, ref: str | None, result: Any) -> bool:
+        """Settle the waiter whose message carried `ref` (an exception fails it)."""
         for w in self._waiters:
-            if w.kind in kinds:
+            if ref is not None and w.ref == ref:
                 self._waiters.remove(w)
                 if not w.future.done():
-                    w.future.set_result(result)
-                return
+                    if isinstance(result, BaseException):
+                        w.future.set_exception(result)
+                    else:
+                        w.future.set_result(result)
+                return True
+        return False
 
     def _finish(self, how: bool | ShotStreamError) -> None:
         if self._finished is None:

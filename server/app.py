@@ -534,7 +534,7 @@ async def _receiver(
             elif isinstance(parsed, P.StopMessage):
                 m.end(s, "stopped")
             elif isinstance(parsed, P.PingMessage):
-                m.send_control(s, P.PongMessage(server_time=time.time()))
+                m.send_control(s, P.PongMessage(server_time=time.time(), ref=ref))
         except Refused as exc:
             _client_error(state, s, conn, exc.code, exc.message, counts=False, ref=ref)
         except P.LimitError as exc:

@@ -324,6 +324,7 @@ class PongMessage(_Schema):
 
     type: Literal["pong"] = "pong"
     server_time: float
+    ref: str | None = Field(default=None, description="the `ref` of the ping it answers")
 
 
 # ----------------------------------------------------------------- client -> server (WS)

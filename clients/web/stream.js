@@ -18,6 +18,7 @@ export class StreamSocket {
    */
   constructor(url, token, { onMessage, onState, giveUpAfterMs = 30000 }) {
     this.url = `${url}?token=${encodeURIComponent(token)}`;
+    this.lastSeq = null; // the last chunk received whole: a resume asks for what follows it
     this.onMessage = onMessage;
     this.onState = onState;
     this.giveUpAfterMs = giveUpAfterMs;
@@ -32,7 +33,9 @@ export class StreamSocket {
 
   connect() {
     this.onState(this.connections ? "reconnecting" : "connecting", {});
-    const ws = new WebSocket(this.url);
+    // On a resume, name the last chunk we have: the server sends again what it kept after it.
+    const url = this.lastSeq === null ? this.url : `${this.url}&last_seq=${this.lastSeq}`;
+    const ws = new WebSocket(url);
     ws.binaryType = "arraybuffer";
     ws.onopen = () => {
       this.connections += 1;
@@ -85,6 +88,7 @@ export class StreamSocket {
       this.onMessage({ type: "error", code: "bad_message", fatal: false,
         message: `${msg.type} announced ${msg.bytes} bytes, got ${data.byteLength}` });
     } else {
+      if (msg.type === "chunk") this.lastSeq = Math.max(this.lastSeq ?? -1, msg.seq);
       this.onMessage(msg, data);
     }
   }

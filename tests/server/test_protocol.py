@@ -75,7 +75,7 @@ SERVER_MESSAGES: list[tuple[BaseModel, set[str]]] = [
         p.PromptDroppedMessage(shot_id=7, reason="superseded by a later cut"),
         {"type", "shot_id", "reason"},
     ),
-    (p.PongMessage(server_time=1_700_000_000.25), {"type", "server_time"}),
+    (p.PongMessage(server_time=1_700_000_000.25), {"type", "server_time", "ref"}),
 ]
 
 CLIENT_MESSAGES: list[tuple[BaseModel, set[str]]] = [
