@@ -258,7 +258,11 @@ class ModelRunner:
         return len(self._sessions)
 
     def shutdown(self) -> None:
+        """Stop the worker, then return every session's state still held (a close queued
+        behind a cancelled step, or a session whose step was abandoned at shutdown)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        for sid in list(self._sessions):
+            self._close(sid)
 
 
 __all__ = ["ModelRunner", "OutOfMemory", "PromptTooLong", "StepResult", "TokenReport"]

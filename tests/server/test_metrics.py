@@ -92,7 +92,10 @@ def run(tmp_path_factory) -> Run:
             first, visible, stream = asyncio.run(go())
             assert srv.wait_metric("shotstream_pool_bytes", 0) == 0
             text = httpx.get(srv.base + "/metrics", timeout=10).text
-            wait_scraped_after(prom, time.time())  # Prometheus holds the final values too
+            # Prometheus holds the final values too, in two scrapes at least (rate() needs two;
+            # a scrape can time out while a busy CPU generates, so count the ones after the run)
+            wait_scraped_after(prom, time.time())
+            wait_scraped_after(prom, time.time())
             yield Run(text, parse(text), stream, d["session_id"], d["token"], first, visible,
                       srv.log(), prom)  # fmt: skip
     finally:
