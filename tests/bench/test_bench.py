@@ -1,0 +1,44 @@
+"""The benchmark scripts run end to end on the tiny preset and print the JSON they promise.
+No figure is checked against a bound (timings never go in tests): the shape and the
+consistency of what they report are."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.support.server import REPO
+
+
+def run_bench(*args: str, timeout: float = 300) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_generate_reports_every_verb_and_fps():
+    (row,) = run_bench("bench.generate", "--preset", "tiny", "--shots", "1", "--chunks", "2")
+    assert row["bench"] == "generate" and row["preset"] == "tiny" and row["weights"] == "random"
+    assert row["device"].startswith("cpu") and row["frames"] == 9 + 12
+    assert set(row["verb_ms"]) == {"text", "context", "prefill", "denoise", "decode", "refresh"}
+    assert row["fps"] > 0 and row["session_bytes"] == sum(row["session_bytes_by_kind"].values())
+
+
+def test_serve_runs_a_real_server_under_load_and_compares_variants():
+    rows = run_bench(
+        "bench.serve", "--preset", "tiny", "--threads", "1", "--sessions", "2",
+        "--duration", "4", "--prompt-every", "2", "--admit-all",
+        "--compare", "max_batch=1", "--compare", "max_batch=2",
+    )  # fmt: skip
+    *cases, summary = rows
+    assert [c["variant"] for c in cases] == [{"max_batch": "1"}, {"max_batch": "2"}]
+    for c in cases:
+        assert c["model"]["preset"] == "tiny" and c["model"]["real_weights"] is False
+        assert c["client"]["sessions_started"] == 2 and c["client"]["sessions_refused"] == 0
+        assert c["client"]["chunks"] > 0 and not c["client"]["errors"]
+        # the server generated at least what the clients received
+        assert c["server"]["frames_sent"] == c["client"]["frames"]
+        assert c["server"]["chunks_generated"] >= c["client"]["chunks"]
+    assert summary["bench"] == "serve-summary" and summary["cases"][0]["throughput_ratio"] == 1.0
