@@ -385,6 +385,19 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
                                and state.manager.ready is False and state.engine.failed else "warming up"))  # fmt: skip
         return JSONResponse({"status": "not ready", "reason": why}, status_code=503)
 
+    @app.get("/v1/capacity", response_model=P.CapacityInfo)
+    async def capacity():
+        """Free real-time session slots of this replica (for a proxy or an autoscaler)."""
+        m, engine = state.manager, state.engine
+        if m is None or engine is None:
+            return P.CapacityInfo(replica_id=settings.replica_id, ready=False, draining=False,
+                                  capacity=0, sessions=0, free_slots=0)  # fmt: skip
+        return P.CapacityInfo(
+            replica_id=settings.replica_id, ready=state.ready, draining=m.draining,
+            capacity=engine.capacity() if m.ready else 0, sessions=len(m.active),
+            free_slots=engine.free_slots() if state.ready else 0,
+        )  # fmt: skip
+
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(

@@ -195,6 +195,13 @@ class Engine:
             cap = min(cap, self.settings.max_sessions)
         return cap
 
+    def free_slots(self) -> int:
+        """Sessions this replica would admit now: 0 while warming up or draining."""
+        m = self.manager
+        if not m.ready or m.draining:
+            return 0
+        return max(0, self.capacity() - len(m.active))
+
     def _gauges(self):
         m = self.manager
         active = m.active
@@ -210,7 +217,7 @@ class Engine:
             gauge("shotstream_capacity_sessions", "Sessions this replica can keep real time.",
                   self.capacity() if m.ready else 0),
             gauge("shotstream_free_slots", "Real-time session slots free for new sessions.",
-                  max(0, self.capacity() - len(active)) if m.ready and not m.draining else 0),
+                  self.free_slots()),
             gauge("shotstream_cache_bytes", "Per-session device state in use, by kind.",
                   labels={k: float(v) for k, v in pool.breakdown().items()}),
             gauge("shotstream_pool_bytes", "All per-session device state in use.", pool.bytes_in_use),

@@ -213,6 +213,18 @@ class ModelInfo(_Schema):
     )
 
 
+class CapacityInfo(_Schema):
+    """`GET /v1/capacity` reply: this replica's real-time session slots, for proxies and
+    autoscalers (the same numbers as the `shotstream_*_slots`/`_sessions` gauges)."""
+
+    replica_id: str
+    ready: bool = Field(description="warmed up and not draining: it admits sessions")
+    draining: bool
+    capacity: int = Field(description="sessions this replica can keep real time now")
+    sessions: int = Field(description="sessions alive (streaming, waiting or paused)")
+    free_slots: int = Field(description="sessions it would admit now (0 unless ready)")
+
+
 class ErrorBody(_Schema):
     """Body of every REST error: a readable `detail` and, where known, an `ErrorCode`."""
 

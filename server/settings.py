@@ -60,7 +60,9 @@ class Settings(BaseSettings):
         description="addresses whose X-Forwarded-For is believed for the client address (per-client quota); `*` for all, `` for none",
     )
     replica_id: str = Field(
-        "r0", description="stable id of this replica; carried in session ids for proxy affinity"
+        "r0",
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="stable id of this replica (a DNS label, e.g. the pod name); session ids start with it, so a proxy routes each session to its owner",
     )
 
     # -- sessions and limits ---------------------------------------------------------
