@@ -61,6 +61,38 @@ ROWS: list[tuple[str, list[tuple[str, str, str, bool, list[tuple[str, str]]]]]] 
             (f"sum(shotstream_active_sessions{SEL})", "needed"),
         ]),
     ]),
+    ("Replicas: each and in total", [
+        ("Sessions by replica", "Sessions alive (streaming or waiting) on each replica, and "
+         "in all. Sessions never move: a replica keeps its own until they end.", "short", False, [
+            (f"sum by (instance) (shotstream_active_sessions{SEL}) + "
+             f"sum by (instance) (shotstream_waiting_sessions{SEL})", "{{instance}}"),
+            (f"sum(shotstream_active_sessions{SEL}) + sum(shotstream_waiting_sessions{SEL})",
+             "total"),
+        ]),
+        ("Free slots by replica", "Real-time slots each replica would admit now (0 while "
+         "warming up or draining), and in all: what the proxy can still place.", "short",
+         False, [
+            (f"sum by (instance) (shotstream_free_slots{SEL})", "{{instance}}"),
+            (f"sum(shotstream_free_slots{SEL})", "total"),
+        ]),
+        ("Real-time factor by replica", "Video seconds produced per wall second on each "
+         "replica; each of its streaming sessions needs 1.0.", "short", False, [
+            (f"sum by (instance) (shotstream_realtime_factor{SEL})", "{{instance}}"),
+            (f"sum(shotstream_realtime_factor{SEL})", "total produced"),
+            (f"sum(shotstream_active_sessions{SEL})", "total needed"),
+        ]),
+        ("Deadline misses by replica", "Chunks that reached their viewer late, per minute, "
+         "on each replica and in all.", "short", False, [
+            (per_minute("shotstream_deadline_misses_total", "instance"), "{{instance}}"),
+            (per_minute("shotstream_deadline_misses_total"), "total"),
+        ]),
+        ("Refused sessions by replica", "Creations each replica refused, per minute, any "
+         "reason. Behind the proxy a refusal is retried on another replica: clients get a "
+         "503 only when every replica refuses at once.", "short", False, [
+            (per_minute("shotstream_sessions_refused_total", "instance"), "{{instance}}"),
+            (per_minute("shotstream_sessions_refused_total"), "total"),
+        ]),
+    ]),
     ("Latency", [
         ("Time to first frame", "Stream connection to its first chunk sent.", "s", False,
          latency("shotstream_time_to_first_frame_seconds")),
