@@ -46,6 +46,38 @@ def _mean(values: list[float]) -> float | None:
     return round(statistics.fmean(values), 3) if values else None
 
 
+def _profile_chunk(gen: ShotStreamGenerator, device: torch.device, out_dir: str, top: int = 15) -> dict:
+    """Trace one steady chunk (a shot's second one or later) with torch.profiler; write the
+    trace and return the ops with the most self time (device time on CUDA, else host)."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    gen.start_shot("profiled shot")
+    if gen.cfg.chunks_per_shot > 1:
+        gen.next_chunk()  # the shot's first chunk is shorter: trace a steady one
+    with profile(activities=activities, record_shapes=False) as prof:
+        gen.next_chunk()
+        sync(device)
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path / "chunk_trace.json"))
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    return {
+        "trace": str(path / "chunk_trace.json"),
+        "clock": "device" if device.type == "cuda" else "host",
+        "total_self_ms": round(total / 1e3, 3),
+        "top_ops": [
+            {"op": e.key, "self_ms": round(getattr(e, attr) / 1e3, 3),
+             "share": round(getattr(e, attr) / total, 4), "calls": e.count}
+            for e in events[:top]
+        ],  # fmt: skip
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
@@ -59,6 +91,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: a shared 2-core host; 0 = torch default)")  # fmt: skip
     ap.add_argument("--save", default=None, help="append the JSON line to bench/results/NAME.jsonl")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also trace one more steady chunk with torch.profiler: DIR/chunk_trace.json "
+                         "(chrome://tracing, Perfetto) and the top ops in the JSON line")  # fmt: skip
     args = ap.parse_args()
     if args.shots < 1 or args.warmup < 0:
         ap.error("--shots must be at least 1 and --warmup at least 0")
@@ -128,6 +163,7 @@ def main() -> None:
                     shot_ms[v].append(start.timings.get(f"{v}_ms", 0.0))
         sync(device)
         measured_s = time.perf_counter() - t_measured
+        profile = _profile_chunk(gen, device, args.profile) if args.profile else None
     pool.release(lease)
 
     steady_frames = cfg.chunk_frames * cfg.vae.temporal_stride
@@ -169,6 +205,8 @@ def main() -> None:
     }
     if device.type == "cuda":
         row["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    if profile is not None:
+        row["profile"] = profile
     emit(row, args.save)
 
 

@@ -18,6 +18,7 @@ from model.vae import (
     original_vae_key,
     original_vae_shapes,
     to_uint8,
+    use_fast_cpu_kernels,
 )
 from model.weights import WeightsError
 
@@ -265,3 +266,38 @@ def test_diffusers_folder_faults_name_the_key(tmp_path, source_model, fault):
     save_file(sd, str(weights))
     with pytest.raises(WeightsError, match=key.replace(".", r"\.")):
         load_vae(SMALL, folder)
+
+
+# -- fast CPU kernels ------------------------------------------------------------------
+def test_fast_cpu_kernels_match_stock_diffusers_and_avoid_the_slow_paths():
+    """The routed VAE (oneDNN convs, sum-of-squares RMS norm) computes what the stock
+    diffusers module computes, forward and backward, and no longer runs the slow ops."""
+    stock = build_autoencoder(SMALL)
+    routed = build_autoencoder(SMALL)
+    routed.load_state_dict(stock.state_dict())
+    n = use_fast_cpu_kernels(routed)
+    convs = sum(isinstance(m, torch.nn.Conv3d) for m in routed.modules())
+    norms = sum(type(m).__name__ == "WanRMS_norm" for m in routed.modules())
+    assert n == convs + norms and convs > 0 and norms > 0
+    x = torch.rand(1, 3, 5, H, W, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x_stock = x.clone().requires_grad_(True)
+    x_routed = x.clone().requires_grad_(True)
+    y_stock = stock(x_stock).sample
+    with torch.profiler.profile() as prof:
+        y_routed = routed(x_routed).sample
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in ops
+    assert not {"aten::slow_conv3d_forward", "aten::linalg_vector_norm"} & ops
+    # float rounding only (a random-weight encoder + decoder amplifies it to ~3e-5)
+    assert (y_routed - y_stock).abs().max().item() < 1e-4
+    y_stock.square().mean().backward()
+    y_routed.square().mean().backward()
+    assert (x_routed.grad - x_stock.grad).abs().max() < 1e-3 * x_stock.grad.abs().max()
+    for (name, a), b in zip(stock.named_parameters(), routed.parameters(), strict=True):
+        assert (a.grad - b.grad).abs().max() <= 1e-3 * a.grad.abs().max() + 1e-12, name
+
+
+def test_wan_vae_routes_its_model():
+    vae = WanVAE.random(SMALL, seed=1)
+    conv = next(m for m in vae.model.modules() if isinstance(m, torch.nn.Conv3d))
+    assert "_conv_forward" in vars(conv)  # an instance override, not the class method
