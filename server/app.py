@@ -280,7 +280,9 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
             given = bearer(request.headers) or request.headers.get("x-api-key")
             import hmac
 
-            if not given or not hmac.compare_digest(given, settings.api_key):
+            if not given or not hmac.compare_digest(
+                given.encode("utf-8", "surrogatepass"), settings.api_key.encode()
+            ):
                 raise Refused(
                     401, P.ErrorCode.UNAUTHORIZED, "a valid API key is needed to create sessions"
                 )
@@ -445,8 +447,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
                 P.ErrorCode.ALREADY_CONNECTED, "this session already has a stream connection"
             )
         conn = Connection(ws.send_text, ws.send_bytes, ws.close, time.monotonic())
-        last = ws.query_params.get("last_seq", "")
-        conn.next_seq = m.attach(s, conn, int(last) if last.lstrip("-").isdigit() else None)  # type: ignore[attr-defined]
+        conn.next_seq = m.attach(s, conn, _last_seq(ws.query_params.get("last_seq", "")))  # type: ignore[attr-defined]
         sender = asyncio.create_task(_sender(state, ws, s, conn), name=f"send-{sid}")
         try:
             await _receiver(state, ws, s, conn, sender)
@@ -556,6 +557,15 @@ async def _receiver(
             _client_error(
                 state, s, conn, P.ErrorCode.BAD_MESSAGE, P.describe_validation_error(exc), ref=ref
             )
+
+
+def _last_seq(text: str) -> int | None:
+    """The `last_seq` a resuming client names; None unless a plain decimal integer (not
+    `²`, which isdigit() accepts and int() refuses, nor thousands of digits)."""
+    digits = text.removeprefix("-")
+    if not (0 < len(digits) <= 18 and digits.isascii() and digits.isdigit()):
+        return None
+    return int(text)
 
 
 def _ref_of(data: str | bytes | None) -> str | None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 import threading
 import typing
@@ -102,5 +103,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if settings.weights is None:
         print(f"note: no --weights given: the {settings.preset} preset runs with RANDOM weights",
               file=sys.stderr, flush=True)  # fmt: skip
-    server.run()
+    sockets = None
+    if settings.stream_send_buffer_bytes:
+        # Accepted connections inherit the listening socket's send buffer (and lose the
+        # kernel's autotuning), so a stalled reader blocks our sends early.
+        sock = config.bind_socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.stream_send_buffer_bytes)
+        sockets = [sock]
+    server.run(sockets=sockets)
     return 0 if state.error is None else 1

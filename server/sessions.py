@@ -209,7 +209,11 @@ class SessionManager:
     def get(self, sid: str, token: str | None) -> Session | None:
         """The session if `token` is its token (constant-time compare), else None."""
         s = self.sessions.get(sid) or self.ended.get(sid)
-        if s is None or token is None or not hmac.compare_digest(s.token, token):
+        # Bytes, not str: compare_digest raises TypeError on non-ASCII str (a 500 for any
+        # header or query token with such a character).
+        if s is None or token is None or not hmac.compare_digest(
+            s.token.encode(), token.encode("utf-8", "surrogatepass")
+        ):
             return None
         return s
 

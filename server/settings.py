@@ -115,6 +115,11 @@ class Settings(BaseSettings):
         4,
         description="chunks buffered per session for a slow reader; past it, its generation pauses",
     )
+    stream_send_buffer_bytes: int = Field(
+        0,
+        description="kernel send buffer of each stream socket (0 = the OS's, autotuned up to "
+        "`net.ipv4.tcp_wmem`'s max, often 4 MiB); a stalled reader holds this plus the outbox",
+    )
     realtime_margin: float = Field(
         0.85,
         description="admission keeps the sum of sessions' chunk time under this fraction of real time",
