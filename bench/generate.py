@@ -46,7 +46,9 @@ def _mean(values: list[float]) -> float | None:
     return round(statistics.fmean(values), 3) if values else None
 
 
-def _profile_chunk(gen: ShotStreamGenerator, device: torch.device, out_dir: str, top: int = 15) -> dict:
+def _profile_chunk(
+    gen: ShotStreamGenerator, device: torch.device, out_dir: str, top: int = 15
+) -> dict:
     """Trace one steady chunk (a shot's second one or later) with torch.profiler; write the
     trace and return the ops with the most self time (device time on CUDA, else host)."""
     from pathlib import Path
@@ -71,8 +73,12 @@ def _profile_chunk(gen: ShotStreamGenerator, device: torch.device, out_dir: str,
         "clock": "device" if device.type == "cuda" else "host",
         "total_self_ms": round(total / 1e3, 3),
         "top_ops": [
-            {"op": e.key, "self_ms": round(getattr(e, attr) / 1e3, 3),
-             "share": round(getattr(e, attr) / total, 4), "calls": e.count}
+            {
+                "op": e.key,
+                "self_ms": round(getattr(e, attr) / 1e3, 3),
+                "share": round(getattr(e, attr) / total, 4),
+                "calls": e.count,
+            }
             for e in events[:top]
         ],  # fmt: skip
     }

@@ -49,74 +49,67 @@ def _model_kwargs(cfg: VAEConfig) -> dict:
     )
 
 
-def _mkldnn_conv_forward(conv: torch.nn.Conv3d):
-    """`conv._conv_forward` that runs float32 CPU inputs through oneDNN.
+class _OneDNNCausalConv3d(WanCausalConv3d):
+    """A `WanCausalConv3d` whose float32 CPU convolution runs through oneDNN.
 
     PyTorch picks oneDNN for a 3-D convolution only past a size heuristic tuned for 2-D
     ones; below it (a VAE at small widths: every conv of the tiny and demo presets) it
     takes the unblocked `slow_conv3d` path, measured 3-9x slower here and 65 % of a CPU
     chunk. Same arithmetic up to float rounding (about 1e-6); gradients flow as well."""
-    original = conv._conv_forward
 
-    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _conv_forward(self, x, weight, bias):
         if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-            return original(x, weight, bias)
+            return super()._conv_forward(x, weight, bias)
         return torch.mkldnn_convolution(
-            x.contiguous(), weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups
+            x.contiguous(), weight, bias, self.padding, self.stride, self.dilation, self.groups
         )
 
-    return forward
 
-
-def _cpu_rms_forward(norm: WanRMS_norm):
-    """`WanRMS_norm.forward` for float32 CPU inputs without `F.normalize`.
+class _SumSquaresRMSNorm(WanRMS_norm):
+    """A `WanRMS_norm` that normalises float32 CPU inputs without `F.normalize`.
 
     `F.normalize(x, dim=1)` reduces over the channel dim of a (B, C, T, H, W) tensor with a
     generic strided reduction that is 30-60x slower on CPU than summing the squares over
     the same dim (measured: 29 % of a CPU chunk after the oneDNN convs). Same formula,
     x / max(||x||, 1e-12), up to float rounding."""
-    original = norm.forward
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         if x.device.type != "cpu" or x.dtype != torch.float32:
-            return original(x)
-        dim = 1 if norm.channel_first else -1
+            return super().forward(x)
+        dim = 1 if self.channel_first else -1
         normalized = x / x.square().sum(dim, keepdim=True).sqrt().clamp_min(1e-12)
-        return normalized * norm.scale * norm.gamma + norm.bias
-
-    return forward
+        return normalized * self.scale * self.gamma + self.bias
 
 
 def use_fast_cpu_kernels(model: torch.nn.Module) -> int:
-    """Route float32 CPU work of the VAE's hot ops to fast kernels (no-op on other devices
-    and dtypes, decided per call): every zero-padded Conv3d through oneDNN where this torch
-    build has it, and the RMS norms through a plain sum of squares. Returns the number of
-    modules routed. The training code uses it too; gradients flow through both."""
+    """Route float32 CPU work of the VAE's hot ops to fast kernels (other devices and dtypes
+    take the stock path, decided per call): the causal Conv3d through oneDNN where this
+    torch build has it, the RMS norms through a plain sum of squares. The modules change
+    class in place (parameters, state-dict keys and copies unaffected); idempotent; returns
+    how many modules changed. Gradients flow through both, so training uses it too."""
+    onednn = torch.backends.mkldnn.is_available()
     n = 0
     for mod in model.modules():
-        if isinstance(mod, WanRMS_norm):
-            mod.forward = _cpu_rms_forward(mod)  # type: ignore[method-assign]
+        if type(mod) is WanRMS_norm:
+            mod.__class__ = _SumSquaresRMSNorm
             n += 1
-    if not torch.backends.mkldnn.is_available():
-        return n
-    for mod in model.modules():
-        if (
-            isinstance(mod, torch.nn.Conv3d)
-            and mod.padding_mode == "zeros"
-            and not isinstance(mod.padding, str)
-        ):
-            mod._conv_forward = _mkldnn_conv_forward(mod)  # type: ignore[method-assign]
+        elif type(mod) is WanCausalConv3d and onednn and mod.padding_mode == "zeros":
+            mod.__class__ = _OneDNNCausalConv3d
             n += 1
     return n
 
 
 def build_autoencoder(cfg: VAEConfig | ModelConfig, meta: bool = False) -> AutoencoderKLWan:
-    """An AutoencoderKLWan sized by `cfg`, with random weights or on the meta device."""
+    """An AutoencoderKLWan sized by `cfg`, with random weights or on the meta device, its
+    float32 CPU work on the fast kernels (`use_fast_cpu_kernels`)."""
     cfg = _vae_cfg(cfg)
     if meta:
         with torch.device("meta"):
-            return AutoencoderKLWan(**_model_kwargs(cfg))
-    return AutoencoderKLWan(**_model_kwargs(cfg))
+            model = AutoencoderKLWan(**_model_kwargs(cfg))
+    else:
+        model = AutoencoderKLWan(**_model_kwargs(cfg))
+    use_fast_cpu_kernels(model)
+    return model
 
 
 # -- key names of the original Wan2.1_VAE.pth -----------------------------------------
