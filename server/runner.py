@@ -199,13 +199,7 @@ class ModelRunner:
             start = gen.start_shot(shot_text)
             report = TokenReport(start.truncated_tokens, start.shot_text_cut)
             shot_timings = start.timings
-        fault = self.faults.pop(sid, None)
-        if fault == "oom":
-            raise torch.OutOfMemoryError(
-                "CUDA out of memory. Tried to allocate 2.00 GiB (injected)"
-            )
-        if fault == "exception":
-            raise RuntimeError("injected fault")
+        self._raise_injected(sid)
         out = gen.next_chunk()
         return StepResult(
             frames=out.frames.numpy(), shot=out.shot, chunk=out.chunk,
