@@ -107,6 +107,18 @@ def test_replicas_are_gpu_pods_with_probes_and_a_drain_that_fits_the_grace_perio
     Settings(replica_id=f"{sts['metadata']['name']}-12")
 
 
+@pytest.mark.parametrize("bad", ["a.b", "Shotstream-0", "-x", "x-", "", "a" * 64, "a/b"])
+def test_replica_ids_are_dns_labels(bad):
+    """The proxy reads the replica id up to the first dot of a session id and resolves it as
+    a host name: anything else is refused at start."""
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    with pytest.raises(ValidationError):
+        Settings(replica_id=bad)
+
+
 def test_services_give_each_replica_a_name_and_the_pool_only_ready_pods():
     sts = one("StatefulSet", "shotstream")
     headless = one("Service", sts["spec"]["serviceName"])

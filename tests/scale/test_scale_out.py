@@ -191,6 +191,8 @@ async def scenario(proxy: Nginx, replicas: dict[str, Replica]) -> None:
             await asyncio.to_thread(
                 lambda: _until(lambda: httpx.get(b.base + "/readyz", timeout=5).status_code == 503)
             )
+            cap = httpx.get(b.base + "/v1/capacity", timeout=10).json()
+            assert cap["draining"] and not cap["ready"] and cap["free_slots"] == 0, cap
             r = await create()
             assert r.status_code == 201, r.text
             assert owner(r.json()["session_id"]) == a.id  # not the draining b, not the full c
