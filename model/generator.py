@@ -61,6 +61,7 @@ class LoadedModel:
     dtype: torch.dtype
     weights: str  # where the weights came from, or "random (seed N)"
     real_weights: bool
+    vocabulary: dict | None = None  # trained demo models: the prompt vocabulary they learned
     schedule: FlowSchedule = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,10 +81,18 @@ def load_model(
     seed: int = 0,
     prompt_overflow: str = "truncate",
 ) -> LoadedModel:
-    """Load real weights from a folder (see model.layout), or random ones for presets
-    that allow them (tests, CPU demos)."""
+    """Load real weights from a folder (see model.layout); without one, the preset's bundled
+    weights (`demo`), else random ones for presets that allow them (tests, CPU demos)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if weights is None and cfg.bundled_weights_dir is not None:
+        weights = cfg.bundled_weights_dir
+        if not weights.is_dir():
+            raise WeightsError(
+                f"preset {cfg.name}: its bundled weights are missing ({weights}); "
+                "train them with `shotstream train-demo` or pass --weights DIR"
+            )
+    vocabulary = None
     if weights is None:
         if not cfg.random_weights_ok:
             raise WeightsError(
@@ -100,12 +109,13 @@ def load_model(
         )  # fmt: skip
         source, real = f"random (seed {seed})", False
     else:
-        from model.layout import load_weights
+        from model.layout import load_weights, read_vocabulary
 
         dit, vae, text = load_weights(cfg, weights, dev, dt, prompt_overflow=prompt_overflow)
         source, real = str(weights), True
+        vocabulary = read_vocabulary(weights)
     dit.attn_backend = resolve_backend(attention, dev)
-    return LoadedModel(cfg, dit, vae, text, dev, dt, source, real)
+    return LoadedModel(cfg, dit, vae, text, dev, dt, source, real, vocabulary)
 
 
 # -- noise ------------------------------------------------------------------------------

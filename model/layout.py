@@ -16,6 +16,7 @@ A preset whose tokenizer needs no files (byt5) needs no tokenizer folder.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,3 +113,20 @@ def load_weights(
         cfg, layout.text, layout.tokenizer, device, dtype, policy=prompt_overflow
     )
     return dit, vae, text
+
+
+VOCABULARY_FILE = "vocabulary.json"  # beside trained demo weights: the prompts they learned
+
+
+def read_vocabulary(root: str | Path) -> dict | None:
+    """The prompt vocabulary a weights folder was trained on (`vocabulary.json`), if any."""
+    path = Path(root) / VOCABULARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data

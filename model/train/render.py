@@ -111,19 +111,19 @@ class ClipKey(NamedTuple):
 def render_clip(key: ClipKey, geo: Geometry, frames: int | None = None) -> torch.Tensor:
     """The first `frames` (default: all) of a shot, (T, 3, H, W) float32 in [-1, 1]."""
     n = geo.shot_frames if frames is None else frames
+    return render_frames(key, geo, list(range(n)))
+
+
+def render_frames(key: ClipKey, geo: Geometry, offsets: list[int]) -> torch.Tensor:
+    """Selected frames of a shot, (N, 3, H, W) in [-1, 1]; only those frames are drawn."""
+    centres = geo.centres(key.framing, key.motion, max(offsets) + 1)[offsets]
     cov = coverage(
-        key.shape, geo.centres(key.framing, key.motion, n), geo.size(key.framing),
-        geo.height, geo.width, geo.supersample,
-    )  # fmt: skip
+        key.shape, centres, geo.size(key.framing), geo.height, geo.width, geo.supersample
+    )
     bg = torch.tensor(PALETTE[key.background], dtype=torch.float32)[None, :, None, None]
     fg = torch.tensor(PALETTE[key.colour], dtype=torch.float32)[None, :, None, None]
     rgb = bg + cov[:, None] * (fg - bg)  # sRGB 0..255, anti-aliased edges
     return rgb / 127.5 - 1.0
-
-
-def render_frames(key: ClipKey, geo: Geometry, offsets: list[int]) -> torch.Tensor:
-    """Selected frames of a shot, (N, 3, H, W) in [-1, 1]."""
-    return render_clip(key, geo, max(offsets) + 1)[offsets]
 
 
 @dataclass(frozen=True)

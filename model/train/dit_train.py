@@ -1,0 +1,299 @@
+"""Phase 2 of the demo recipe: the causal student and the umT5 encoder, trained jointly by
+teacher-forced flow matching (training-notes §5.4).
+
+One example is one shot of a story with its history: the context frames are picked from
+the earlier shots exactly as at inference (`select_context`, cut lengths included), encoded
+as 1-frame clips, and flagged and captioned as the generator does; the first shot (and 10 %
+of later ones) gets six zero latents. `teacher_forced_flow` runs
+[context | clean shot | noisy shot] in one forward with the inference attention pattern.
+
+Objective: each 3-frame chunk gets its own noise level, drawn from the sampler's four levels
+(80 %) or uniformly (20 %); the loss is the x0 error of the sampler's own x0 = x_t - sigma v,
+weighted 1/sigma per chunk. The few-step sampler consumes x0 predictions at exactly these
+levels; the high-noise ones decide colour, shape and position, which plain x0-MSE weights
+most, and 1/sigma keeps enough weight on sigma = 0.25, which sets the final detail (plain
+flow matching, 1/sigma^2, would spend most of a small budget there).
+
+Every example is a pure function of (seed, step), so a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from transformers import UMT5EncoderModel
+
+from model.config import ModelConfig
+from model.context import select_context
+from model.dit import CausalDiT
+from model.teacher_forcing import shot_mask, teacher_forced_flow
+from model.text import CaptionSpec, pad_ids, tokenize_caption
+from model.train.render import (
+    ClipKey,
+    Geometry,
+    Story,
+    render_frames,
+    sample_story,
+    stable_seed,
+)
+from model.train.vae_train import clip_frame_offsets
+from model.train.vocab import Scene
+from model.vae import WanVAE
+
+
+@dataclass(frozen=True)
+class DiTTrainConfig:
+    steps: int = 320
+    batch: int = 8
+    lr: float = 1.5e-3
+    warmup: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    level_prob: float = 0.8  # chance a chunk's sigma is one of the sampler's levels
+    turn_prob: float = 0.4  # later shots that recolour the object
+    first_turn_prob: float = 0.1
+    drop_context: float = 0.1  # later shots trained with zero context (as the reference)
+    full_shot_prob: float = 0.5  # an earlier shot ran its full length (else it was cut)
+    # number of earlier shots 0, 1, 2, ... (more than 6 gives every context frame its own shot)
+    history_weights: tuple[float, ...] = (0.3, 0.25, 0.17, 0.12, 0.08, 0.05, 0.03)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training shot: the story up to and including it, and how long earlier shots ran."""
+
+    story: Story  # its last shot is the target
+    prev_chunks: tuple[int, ...]  # chunks each earlier shot produced before it was cut
+    drop_context: bool
+
+
+def sample_example(
+    rng: random.Random, scenes: list[Scene], cfg: ModelConfig, tc: DiTTrainConfig
+) -> Example:
+    n_prev = rng.choices(range(len(tc.history_weights)), weights=tc.history_weights)[0]
+    story = sample_story(rng, n_prev + 1, scenes, tc.turn_prob, tc.first_turn_prob)
+    full = cfg.chunks_per_shot
+    prev = tuple(
+        full if rng.random() < tc.full_shot_prob else rng.randint(1, full - 1)
+        for _ in range(n_prev)
+    )
+    return Example(story, prev, n_prev > 0 and rng.random() < tc.drop_context)
+
+
+def chunk_pixels(cfg: ModelConfig, chunks: int) -> int:
+    return sum(cfg.chunk_pixel_frames(c) for c in range(chunks))
+
+
+class LatentCache:
+    """Latents of rendered shots and single frames, encoded once with the frozen VAE.
+
+    The VAE is per-frame (vae_train), so a shot's latent frame j is the image latent of its
+    pixel frame 4j, and every latent here is an image encode. A frame's pixels depend only
+    on (ClipKey, offset), so each is encoded once. Thread-safe: a prefetch thread fills it
+    while training runs.
+    """
+
+    def __init__(self, vae: WanVAE, geo: Geometry, latent_frames: int):
+        self.vae, self.geo = vae, geo
+        self.offsets = clip_frame_offsets(vae.cfg, latent_frames)
+        self._frames: dict[tuple[ClipKey, int], torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def clips(self, keys: list[ClipKey]) -> list[torch.Tensor]:
+        """Normalised latents (F, C, h, w) of whole shots."""
+        lat = self.frames([(k, o) for k in keys for o in self.offsets])
+        n = len(self.offsets)
+        return [torch.stack(lat[i * n : (i + 1) * n]) for i in range(len(keys))]
+
+    def frames(self, wanted: list[tuple[ClipKey, int]]) -> list[torch.Tensor]:
+        """Normalised latents (C, h, w) of single frames, each encoded as a 1-frame clip."""
+        missing = list(dict.fromkeys(w for w in wanted if w not in self._frames))
+        by_key: dict[ClipKey, list[int]] = {}
+        for k, o in missing:
+            by_key.setdefault(k, []).append(o)
+        if missing:
+            px = torch.cat([render_frames(k, self.geo, offs) for k, offs in by_key.items()])
+            order = [(k, o) for k, offs in by_key.items() for o in offs]
+            lat = torch.cat([self.vae.encode_frames(b).clone() for b in px.split(64)])
+            with self._lock:
+                self._frames.update(zip(order, lat, strict=True))
+        return [self._frames[w] for w in wanted]
+
+
+@dataclass
+class Batch:
+    context: torch.Tensor  # (B, Fc, C, h, w)
+    context_flags: torch.Tensor  # (B, Fc)
+    clean: torch.Tensor  # (B, Fs, C, h, w)
+    gen_flag: torch.Tensor  # (B,)
+    ids: torch.Tensor  # (B, S, T) caption token ids, padded
+    mask: torch.Tensor  # (B, S, T)
+    caption_index: torch.Tensor  # (B, Fc + Fs)
+
+
+def build_batch(examples: list[Example], cfg: ModelConfig, cache: LatentCache, tokenizer) -> Batch:
+    """Latents, flags, caption rows and token ids of a batch, laid out as the generator does."""
+    n_ctx, n_shot = cfg.context_frames, cfg.latent_frames_per_shot
+    targets = cache.clips([ex.story.clip_key(len(ex.story.shots) - 1) for ex in examples])
+    rows_of, picks_of = [], []
+    for ex in examples:
+        s = len(ex.story.shots) - 1
+        picks = (
+            []
+            if ex.drop_context
+            else select_context([chunk_pixels(cfg, c) for c in ex.prev_chunks], n_ctx)
+        )
+        picks_of.append(picks)
+        rows_of.append(sorted({p.shot for p in picks}) + [s])
+    wanted = [
+        (ex.story.clip_key(p.shot), p.offset)
+        for ex, picks in zip(examples, picks_of, strict=True)
+        for p in picks
+    ]
+    frame_lat = iter(cache.frames(wanted))
+    b, n_rows = len(examples), max(len(r) for r in rows_of)
+    z = torch.zeros(b, n_ctx, *cfg.latent_shape)
+    flags = torch.zeros(b, n_ctx, dtype=torch.long)
+    caption_index = torch.zeros(b, n_ctx + n_shot, dtype=torch.long)
+    ids = torch.zeros(b, n_rows, cfg.text.text_len, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (ex, picks, rows) in enumerate(zip(examples, picks_of, rows_of, strict=True)):
+        for j, p in enumerate(picks):
+            z[i, j] = next(frame_lat)
+            flags[i, j] = p.shot
+            caption_index[i, j] = rows.index(p.shot)
+        caption_index[i, n_ctx:] = len(rows) - 1
+        texts = ex.story.shot_captions
+        for r, shot in enumerate(rows):
+            spec = CaptionSpec(ex.story.global_caption, shot, texts[shot])
+            tc = tokenize_caption(tokenizer, spec, cfg.text.text_len)
+            row_ids, row_mask = pad_ids(tc.ids, cfg.text.text_len, tokenizer.pad_token_id)
+            ids[i, r], mask[i, r] = torch.tensor(row_ids), torch.tensor(row_mask)
+    return Batch(z, flags, torch.stack(targets), flags[:, -1] + 1, ids, mask, caption_index)
+
+
+def encode_text(text: UMT5EncoderModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, S, T) ids -> (B, S, T, d) embeddings with rows past each caption's length zeroed
+    (as `TextEncoder.encode_ids`); empty rows (batch padding) come out all zero."""
+    b, s, t = ids.shape
+    flat_ids, flat_mask = ids.view(b * s, t), mask.view(b * s, t)
+    used = flat_mask.sum(dim=1) > 0
+    out = torch.zeros(b * s, t, text.config.d_model)
+    hidden = text(input_ids=flat_ids[used], attention_mask=flat_mask[used]).last_hidden_state
+    out[used] = hidden * flat_mask[used, :, None].to(hidden.dtype)
+    return out.view(b, s, t, -1)
+
+
+def lr_at(step: int, tc: DiTTrainConfig) -> float:
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    p = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    return tc.lr * (0.05 + 0.475 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+class DiTTrainer:
+    """Owns the two networks, their optimiser and the data pipeline of phase 2."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dit: CausalDiT,
+        text: UMT5EncoderModel,
+        vae: WanVAE,
+        tokenizer,
+        scenes: list[Scene],
+        tc: DiTTrainConfig,
+        seed: int,
+    ):
+        self.cfg, self.dit, self.text, self.tc, self.seed = cfg, dit, text, tc, seed
+        self.tokenizer, self.scenes = tokenizer, scenes
+        self.geo = Geometry.for_config(cfg)
+        self.cache = LatentCache(vae, self.geo, cfg.latent_frames_per_shot)
+        params = [*dit.parameters(), *text.parameters()]
+        self.opt = torch.optim.AdamW(
+            params, lr=tc.lr, betas=(0.9, 0.99), weight_decay=tc.weight_decay
+        )
+        self.params = params
+        self.mask = shot_mask(
+            cfg.context_frames, cfg.chunks_per_shot, cfg.chunk_frames, cfg.tokens_per_frame
+        )
+        self.levels = torch.tensor(_sampler_sigmas(cfg), dtype=torch.float32)
+        self._pool = ThreadPoolExecutor(max_workers=1)  # prefetch: data of step i+1 during step i
+        self._next: tuple[int, Future] | None = None
+
+    def examples(self, step: int) -> list[Example]:
+        rng = random.Random(f"dit:{self.seed}:{step}")
+        return [sample_example(rng, self.scenes, self.cfg, self.tc) for _ in range(self.tc.batch)]
+
+    def _prepare(self, step: int) -> Batch:
+        return build_batch(self.examples(step), self.cfg, self.cache, self.tokenizer)
+
+    def batch(self, step: int) -> Batch:
+        fut = (
+            self._next[1]
+            if self._next and self._next[0] == step
+            else self._pool.submit(self._prepare, step)
+        )
+        self._next = (step + 1, self._pool.submit(self._prepare, step + 1))
+        return fut.result()
+
+    def sigmas(self, step: int, b: int) -> torch.Tensor:
+        """Per-chunk noise levels (B, n_chunks): sampler levels or uniform in (0, 1]."""
+        gen = torch.Generator().manual_seed(_key(self.seed, step, "sigma"))
+        n = self.cfg.chunks_per_shot
+        pick = self.levels[torch.randint(len(self.levels), (b, n), generator=gen)]
+        uniform = 1.0 - torch.rand(b, n, generator=gen)
+        use_level = torch.rand(b, n, generator=gen) < self.tc.level_prob
+        return torch.where(use_level, pick, uniform)
+
+    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        b = batch.clean.shape[0]
+        sigma = self.sigmas(step, b)
+        gen = torch.Generator().manual_seed(_key(self.seed, step, "noise"))
+        eps = torch.randn(batch.clean.shape, generator=gen)
+        s = sigma.repeat_interleave(cfg.chunk_frames, dim=1)[..., None, None, None]
+        noisy = (1 - s) * batch.clean + s * eps
+        prompt = encode_text(self.text, batch.ids, batch.mask)
+        flow = teacher_forced_flow(
+            self.dit, batch.context, batch.context_flags, batch.clean, noisy,
+            sigma * cfg.sampler.num_train_timesteps, batch.gen_flag, prompt,
+            batch.caption_index, self.mask,
+        )  # fmt: skip
+        x0 = noisy - s * flow
+        err = (x0 - batch.clean).pow(2).mean(dim=(2, 3, 4))  # (B, Fs)
+        per_chunk = err.view(b, cfg.chunks_per_shot, cfg.chunk_frames).mean(dim=2)
+        loss = (per_chunk / sigma).mean()
+        return loss, {"loss": float(loss.detach()), "x0_mse": float(per_chunk.detach().mean())}
+
+    def step(self, step: int) -> dict[str, float]:
+        batch = self.batch(step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(step, self.tc)
+        loss, logs = self.loss(batch, step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.tc.grad_clip))
+        self.opt.step()
+        return logs
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _key(seed: int, step: int, what: str) -> int:
+    return stable_seed(seed, step, what)
+
+
+def _sampler_sigmas(cfg: ModelConfig) -> tuple[float, ...]:
+    from model.sampler import FlowSchedule
+
+    return FlowSchedule(cfg.sampler).step_sigmas

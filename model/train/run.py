@@ -1,0 +1,254 @@
+"""`shotstream train-demo`: both phases with checkpoints and resume, then the export.
+
+    work/vae.pt        phase 1 checkpoint (model, optimiser, step); vae_final.pt when done
+    work/dit.pt        phase 2 checkpoint (DiT, text encoder, optimiser, step)
+    export/            generator.safetensors, vae/, text_encoder/, tokenizer/, vocabulary.json
+
+Checkpoints are written atomically every `checkpoint_s` seconds and at the end of a phase;
+`resume` continues from them. Data and noise are keyed by (seed, step), so a resumed run
+trains on the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from model.config import ModelConfig, get_preset
+from model.dit import CausalDiT, build_dit
+from model.text import build_umt5, load_tokenizer
+from model.train.dit_train import DiTTrainConfig, DiTTrainer
+from model.train.render import ClipKey, Geometry, all_scenes, held_out_scenes, render_frames
+from model.train.tokenizer import save_tokenizer
+from model.train.vae_train import (
+    VAETrainConfig,
+    clip_frame_offsets,
+    fold_normalisation,
+    init_vae,
+    latent_stats,
+    make_optimizer,
+    train_vae_step,
+)
+from model.train.vocab import vocabulary
+from model.vae import WanVAE, build_autoencoder
+
+
+@dataclass(frozen=True)
+class TrainDemoConfig:
+    seed: int = 0
+    vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+    dit: DiTTrainConfig = field(default_factory=DiTTrainConfig)
+    checkpoint_s: float = 120.0
+
+
+def _save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+class _Checkpointer:
+    def __init__(self, every_s: float):
+        self.every_s, self.last = every_s, time.monotonic()
+
+    def due(self) -> bool:
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            return True
+        return False
+
+
+def train_vae_phase(cfg: ModelConfig, tc: TrainDemoConfig, work: Path, resume: bool) -> WanVAE:
+    """Phase 1; returns the VAE with its latent statistics folded in (unit-scale latents)."""
+    final = work / "vae_final.pt"
+    model = build_autoencoder(cfg.vae)
+    if resume and final.is_file():
+        model.load_state_dict(_load(final)["model"])
+        tqdm.write(f"vae: done earlier ({final})")
+        return WanVAE(model, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tc.seed)
+        init_vae(model, tc.vae.init_logvar)
+    opt = make_optimizer(model, tc.vae)
+    start = 0
+    ckpt = _load(work / "vae.pt") if resume else None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+    geo = Geometry.for_config(cfg)
+    model.train()
+    timer = _Checkpointer(tc.checkpoint_s)
+    bar = tqdm(
+        range(start, tc.vae.steps), desc="vae", unit="step", initial=start, total=tc.vae.steps
+    )
+    for step in bar:
+        logs = train_vae_step(model, opt, tc.seed, step, geo, tc.vae)
+        bar.set_postfix(l1=f"{logs['l1']:.4f}")
+        if timer.due():
+            _save(
+                {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1},
+                work / "vae.pt",
+            )
+    model.eval()
+    mean, std = latent_stats(model, geo, tc.seed)
+    fold_normalisation(model, mean, std)
+    vae = WanVAE(model, cfg)
+    check_per_frame(vae, geo)
+    _save({"model": model.state_dict(), "mean": mean, "std": std}, final)
+    return vae
+
+
+def check_per_frame(vae: WanVAE, geo: Geometry) -> None:
+    """The DiT phase encodes clips frame by frame; refuse a VAE for which that is wrong."""
+    key = ClipKey("blue", "yellow", "circle", "wide", "right")
+    clip = render_frames(key, geo, list(range(1 + 4 * 3)))
+    whole = vae.encode_clip(clip.permute(1, 0, 2, 3)[None])[0]
+    frames = vae.encode_frames(clip[clip_frame_offsets(vae.cfg, whole.shape[0])])
+    err = float((whole - frames).abs().max())
+    if err > 1e-3:
+        raise RuntimeError(f"the VAE is not per-frame (max latent difference {err:.2e})")
+
+
+def init_dit(cfg: ModelConfig, seed: int) -> CausalDiT:
+    """Random init with a zero output head: the first prediction is x0 = x_t."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dit = build_dit(cfg)
+    torch.nn.init.zeros_(dit.head.head.weight)
+    torch.nn.init.zeros_(dit.head.head.bias)
+    return dit
+
+
+def train_dit_phase(
+    cfg: ModelConfig, tc: TrainDemoConfig, work: Path, vae: WanVAE, resume: bool
+) -> tuple[CausalDiT, torch.nn.Module]:
+    """Phase 2: the causal student and the text encoder, jointly."""
+    dit = init_dit(cfg, tc.seed + 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tc.seed + 2)
+        text = build_umt5(cfg.text)
+    tokenizer = load_tokenizer(cfg.text, save_tokenizer(work / "tokenizer"))
+    held = held_out_scenes()
+    scenes = [s for s in all_scenes() if s not in held]
+    trainer = DiTTrainer(cfg, dit, text, vae, tokenizer, scenes, tc.dit, tc.seed)
+    start = 0
+    ckpt = _load(work / "dit.pt") if resume else None
+    if ckpt is not None:
+        dit.load_state_dict(ckpt["dit"])
+        text.load_state_dict(ckpt["text"])
+        trainer.opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+    dit.train()
+    text.train()
+
+    def save(step: int) -> None:
+        state = {
+            "dit": dit.state_dict(),
+            "text": text.state_dict(),
+            "opt": trainer.opt.state_dict(),
+        }
+        _save({**state, "step": step}, work / "dit.pt")
+
+    timer = _Checkpointer(tc.checkpoint_s)
+    bar = tqdm(
+        range(start, tc.dit.steps), desc="dit", unit="step", initial=start, total=tc.dit.steps
+    )
+    try:
+        for step in bar:
+            logs = trainer.step(step)
+            bar.set_postfix(
+                loss=f"{logs['loss']:.4f}", x0=f"{logs['x0_mse']:.4f}", cache=len(trainer.cache)
+            )
+            if timer.due():
+                save(step + 1)
+    finally:
+        trainer.close()
+    save(tc.dit.steps)
+    return dit.eval(), text.eval()
+
+
+def export_weights(
+    folder: Path, cfg: ModelConfig, dit: CausalDiT, text: torch.nn.Module, vae: WanVAE, meta: dict
+) -> Path:
+    """Write the weights folder the `demo` preset loads (model.layout's diffusers layout)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in dit.state_dict().items()},
+        str(folder / "generator.safetensors"),
+    )
+    vae.model.save_pretrained(str(folder / "vae"), safe_serialization=True)
+    text.save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
+    save_tokenizer(folder / "tokenizer")
+    (folder / "vocabulary.json").write_text(json.dumps(vocabulary(), indent=2) + "\n")
+    (folder / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def train_demo(
+    work: str | Path,
+    export: str | Path | None,
+    tc: TrainDemoConfig,
+    resume: bool = False,
+    threads: int = 1,
+) -> Path:
+    """Train the demo model end to end; returns the exported weights folder."""
+    # One thread by default: on a busy 2-core host two OpenMP threads are often many times
+    # slower than one; the DiT phase's prefetch thread uses the other core.
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    cfg = get_preset("demo")
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    vae = train_vae_phase(cfg, tc, work, resume)
+    t_vae = time.time() - t0
+    dit, text = train_dit_phase(cfg, tc, work, vae, resume)
+    meta = {
+        "preset": cfg.name,
+        "config": asdict(tc),
+        "seconds": {"vae": round(t_vae), "dit": round(time.time() - t0 - t_vae)},
+        "torch_threads": torch.get_num_threads(),
+        "resumed": resume,
+    }
+    out = Path(export) if export else work / "export"
+    return export_weights(out, cfg, dit, text, vae, meta)
+
+
+def run_train_demo(args) -> int:
+    """`shotstream train-demo`."""
+    base = TrainDemoConfig(seed=args.seed)
+    vae = base.vae if args.vae_steps is None else replace(base.vae, steps=args.vae_steps)
+    dit = base.dit
+    if args.dit_steps is not None:
+        dit = replace(dit, steps=args.dit_steps)
+    if args.dit_batch is not None:
+        dit = replace(dit, batch=args.dit_batch)
+    tc = replace(base, vae=vae, dit=dit)
+    out = train_demo(args.work, args.out, tc, resume=args.resume, threads=args.threads)
+    print(f"weights written to {out}")
+    return 0
+
+
+def run_eval_demo(args) -> int:
+    """`shotstream eval-demo`: one JSON line (with --json nothing else on stdout)."""
+    from model.train.evaluate import evaluate
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    result = evaluate(
+        args.weights, args.random_weights, args.stories, args.seed, progress=not args.json
+    )
+    print(json.dumps(result), flush=True)
+    return 0

@@ -1,0 +1,92 @@
+"""Training pieces of the demo model: the per-frame VAE, the latent normalisation fold,
+teacher-forced batches, and a few real optimiser steps of each phase (tiny, no timing)."""
+
+from __future__ import annotations
+
+import torch
+
+from model.config import get_preset
+from model.train.render import ClipKey, Geometry, render_clip, render_frames
+from model.train.vae_train import (
+    VAETrainConfig,
+    clip_frame_offsets,
+    fold_normalisation,
+    init_vae,
+    make_optimizer,
+    train_vae_step,
+    vae_batch,
+)
+from model.vae import WanVAE, build_autoencoder
+
+CFG = get_preset("demo")
+GEO = Geometry.for_config(CFG)
+KEY = ClipKey("blue", "yellow", "circle", "wide", "right")
+
+
+def _per_frame_vae(seed: int = 0) -> WanVAE:
+    torch.manual_seed(seed)
+    model = build_autoencoder(CFG.vae)
+    init_vae(model)
+    return WanVAE(model, CFG)
+
+
+def test_render_frames_draws_exactly_the_clip_frames():
+    offsets = [0, 7, 44]
+    assert torch.equal(render_frames(KEY, GEO, offsets), render_clip(KEY, GEO)[offsets])
+
+
+def test_per_frame_vae_clip_latents_are_image_latents_of_every_fourth_frame():
+    vae = _per_frame_vae()
+    clip = render_clip(KEY, GEO, 13)  # 1 + 4*3 frames -> 4 latent frames
+    whole = vae.encode_clip(clip.permute(1, 0, 2, 3)[None])[0]
+    offsets = clip_frame_offsets(CFG.vae, whole.shape[0])
+    assert offsets == [0, 4, 8, 12]
+    frames = vae.encode_frames(clip[offsets])
+    torch.testing.assert_close(whole, frames, rtol=1e-4, atol=1e-5)
+    # a different pick (frames 1, 5, 9) is not what the clip encodes: the check has teeth
+    assert not torch.allclose(whole[1:], vae.encode_frames(clip[[1, 5, 9]]), atol=1e-3)
+
+
+def test_single_frame_training_keeps_the_vae_per_frame():
+    torch.manual_seed(0)
+    model = build_autoencoder(CFG.vae)
+    init_vae(model)
+    tc = VAETrainConfig(steps=2, frame_batch=2)
+    opt = make_optimizer(model, tc)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in range(2):
+        train_vae_step(model, opt, seed=0, step=step, geo=GEO, cfg=tc)
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    vae = WanVAE(model.eval(), CFG)
+    clip = render_clip(KEY, GEO, 9)
+    whole = vae.encode_clip(clip.permute(1, 0, 2, 3)[None])[0]
+    torch.testing.assert_close(whole, vae.encode_frames(clip[[0, 4, 8]]), rtol=1e-4, atol=1e-5)
+
+
+def test_vae_batches_are_a_function_of_seed_and_step():
+    tc = VAETrainConfig(frame_batch=3)
+    a, b = vae_batch(1, 5, GEO, tc), vae_batch(1, 5, GEO, tc)
+    assert torch.equal(a[0], b[0]) and a[0].shape == (3, 3, 1, GEO.height, GEO.width)
+    assert not torch.equal(a[0], vae_batch(1, 6, GEO, tc)[0])
+
+
+def test_folding_the_latent_statistics_is_exact():
+    vae = _per_frame_vae(1)
+    x = render_clip(KEY, GEO, 5).permute(1, 0, 2, 3)[None]
+    with torch.no_grad():
+        mu = vae.model.encode(x).latent_dist.mode()
+        out = vae.model.decode(mu).sample
+    mean = mu.mean(dim=(0, 2, 3, 4))
+    std = mu.std(dim=(0, 2, 3, 4))
+    fold_normalisation(vae.model, mean, std)
+    with torch.no_grad():
+        mu2 = vae.model.encode(x).latent_dist.mode()
+        out2 = vae.model.decode(mu2).sample
+    torch.testing.assert_close(
+        mu2, (mu - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1), rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(out2, out, rtol=1e-4, atol=1e-4)
+    unit = mu2.transpose(0, 1).flatten(1)
+    assert unit.mean(dim=1).abs().max() < 1e-4 and (unit.std(dim=1) - 1).abs().max() < 1e-3
