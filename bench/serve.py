@@ -7,9 +7,11 @@ the load generator (clients/load.py), and what the server's own metrics say abou
     python -m bench.serve --preset wan2.1-1.3b --device cuda --sessions 1,2,3,4 --save h100
 
 One JSON line per case (a setting variant x a session count): the clients' view (TTFF,
-inter-chunk gaps, deadline misses against a real-time player, prompt-to-visible, refusals)
-and the server's (chunks generated, its deadline misses, real-time factor, admission
-capacity, the measured chunk cost), then one summary line with each case's throughput as a
+inter-chunk gaps, deadline misses against a real-time player, prompt-to-visible, refusals),
+the server's (chunks generated, its deadline misses, real-time factor, admission capacity,
+the measured chunk cost) and the server's own overhead per chunk (H.264 encode + fMP4 mux +
+socket sends) as a fraction of the model's time and of the chunk's real-time budget
+(target: under 5 % of the budget), then one summary line with each case's throughput as a
 ratio of the first case's. On a CPU only those ratios mean anything; absolute figures are
 for a GPU, recorded with the device name (`--save NAME` appends to bench/results/NAME.jsonl).
 
@@ -98,23 +100,51 @@ def launched(
 
 
 def scrape(base: str) -> dict[str, float]:
-    """The server's counters (summed over labels) and gauges, by family name."""
+    """The server's counters (summed over labels) and gauges by family name, and the
+    seconds spent per verb (`verb:NAME`, model verbs and packaging) and in socket sends."""
     text = httpx.get(base + "/metrics", timeout=10).text
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name in SERVER_COUNTERS or s.name in SERVER_GAUGES:
                 out[s.name] = out.get(s.name, 0.0) + s.value
+            elif s.name == "shotstream_verb_duration_seconds_sum":
+                out["verb:" + s.labels["verb"]] = s.value
+            elif s.name == "shotstream_ws_send_seconds_sum":
+                out["ws_send"] = s.value
     return out
+
+
+def overhead(before: dict[str, float], after: dict[str, float], chunks: float,
+             chunk_s: float) -> dict[str, float | None]:  # fmt: skip
+    """The server's own work per chunk (packaging: H.264 encode + fMP4 mux, and the socket
+    sends) against the model's (every model verb), and against a chunk's real-time budget."""
+
+    def spent(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    model_s = sum(spent(k) for k in after if k.startswith("verb:") and k != "verb:package")
+    server_s = spent("verb:package") + spent("ws_send")
+    if not chunks:
+        return {"model_ms_per_chunk": None, "server_ms_per_chunk": None,
+                "server_vs_model": None, "server_vs_budget": None}  # fmt: skip
+    per_chunk = server_s / chunks
+    return {
+        "model_ms_per_chunk": round(1e3 * model_s / chunks, 3),
+        "server_ms_per_chunk": round(1e3 * per_chunk, 3),
+        "server_vs_model": round(server_s / model_s, 4) if model_s else None,
+        "server_vs_budget": round(per_chunk / chunk_s, 4),  # target: under 0.05
+    }
 
 
 def model_info(base: str) -> dict:
     r = httpx.get(base + "/v1/models", timeout=10).json()
-    keys = ("preset", "device", "dtype", "attention", "real_weights", "width", "height", "fps")
+    keys = ("preset", "device", "dtype", "attention", "real_weights", "width", "height", "fps",
+            "chunk_frames")  # fmt: skip
     return {k: r.get(k) for k in keys}
 
 
-async def one_case(base: str, sessions: int, args: argparse.Namespace) -> dict:
+async def one_case(base: str, sessions: int, info: dict, args: argparse.Namespace) -> dict:
     before = scrape(base)
     load = await run_load(
         LoadConfig(
@@ -133,10 +163,12 @@ async def one_case(base: str, sessions: int, args: argparse.Namespace) -> dict:
              for k in SERVER_COUNTERS}  # fmt: skip
     gauges = {k.removeprefix("shotstream_"): after.get(k) for k in SERVER_GAUGES}
     wall = load["wall_s"]
+    chunk_s = info["chunk_frames"] / info["fps"]
     return {
         "sessions": sessions,
         "client": load,
         "server": {**delta, **gauges},
+        "overhead": overhead(before, after, delta["chunks_generated"], chunk_s),
         # video seconds delivered per wall second, all sessions together
         "throughput_video_s_per_s": round(load["video_s"] / wall, 4) if wall else None,
         "chunks_per_s": round(delta["chunks_generated"] / wall, 4) if wall else None,
@@ -198,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     base_ctx = launched(settings, Path(tmp))
                 with base_ctx as base:
                     info = model_info(base)
-                    row = asyncio.run(one_case(base, n, args))
+                    row = asyncio.run(one_case(base, n, info, args))
                 row = {"bench": "serve", "variant": variant, "commit": git_commit(),
                        "model": info,
                        **row}  # fmt: skip
@@ -216,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                     if first
                     else None,
                     "client_deadline_misses": r["client"]["deadline_misses"],
+                    "server_vs_budget": r["overhead"]["server_vs_budget"],
                     "refused": r["client"]["sessions_refused"],
                 }
                 for r in rows

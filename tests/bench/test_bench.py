@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.server import REPO
 
 
@@ -41,4 +43,9 @@ def test_serve_runs_a_real_server_under_load_and_compares_variants():
         # the server generated at least what the clients received
         assert c["server"]["frames_sent"] == c["client"]["frames"]
         assert c["server"]["chunks_generated"] >= c["client"]["chunks"]
+        o = c["overhead"]
+        assert o["model_ms_per_chunk"] > 0 and o["server_ms_per_chunk"] > 0
+        assert o["server_vs_model"] == pytest.approx(
+            o["server_ms_per_chunk"] / o["model_ms_per_chunk"], rel=0.01, abs=1e-3
+        )
     assert summary["bench"] == "serve-summary" and summary["cases"][0]["throughput_ratio"] == 1.0
