@@ -187,26 +187,31 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             resp = error_response(413, "body_too_large", f"request body over {self.limit} bytes")
             return await resp(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        # Read the whole body first (it is small by construction), then replay it: an
+        # exception raised from inside the app's own body read would surface as FastAPI's
+        # generic 400, not as the 413 the client needs.
+        body, more = bytearray(), True
+        while more:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return msg
+            if msg["type"] != "http.request":  # the client went away: nothing to answer
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.limit:
+                resp = error_response(
+                    413, "body_too_large", f"request body over {self.limit} bytes"
+                )
+                return await resp(scope, receive, send)
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            resp = error_response(413, "body_too_large", f"request body over {self.limit} bytes")
-            await resp(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -355,6 +360,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
             attention=runner.model.attention_backend,
             notice=None if runner.model.real_weights else
             f"preset {cfg.name} runs with RANDOM weights: the video is noise, not a trained model",
+            vocabulary=runner.model.vocabulary,
         )  # fmt: skip
 
     if settings.fault_injection:

@@ -16,22 +16,12 @@ import httpx
 import pytest
 import websockets
 
-from tests.support.server import ServerProcess, StreamClient, ffprobe_frames
+from tests.support.server import ServerProcess, StreamClient, ffprobe_frames, reconnect
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    # lead_chunks=50: generation runs as fast as the CPU allows, so only the outbox bound
-    # (outbox_chunks, 4) holds a session back; with a 32 KiB socket send buffer (not the
-    # kernel's autotuned MiBs) a stuck reader reaches that bound in seconds.
-    srv = ServerProcess(
-        tmp_path_factory.mktemp("srv"), max_sessions=4, realtime_margin=50, chunks_per_shot=3,
-        max_sessions_per_client=8, session_grace_s=20, lead_chunks=50, drain_grace_s=1,
-        stream_send_buffer_bytes=32768,
-    ).wait_ready()  # fmt: skip
-    yield srv
-    assert srv.stop() == 0, srv.log()[-3000:]
-    assert "Exception in ASGI application" not in srv.log()
+@pytest.fixture
+def server(edge_server):
+    return edge_server
 
 
 def run(coro):
@@ -43,22 +33,6 @@ def status(server: ServerProcess, d: dict) -> dict:
                   headers={"Authorization": f"Bearer {d['token']}"})  # fmt: skip
     assert r.status_code == 200, r.text
     return r.json()
-
-
-async def reconnect(url: str, timeout: float = 30) -> StreamClient:
-    """A new stream connection once the server has noticed the vanished one (until then it
-    answers 4009 `already_connected`)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        c = StreamClient(url, None)
-        await c.__aenter__()
-        first = await c.next()
-        if first and first["type"] == "hello":
-            return c
-        await c.__aexit__()
-        assert first and first["code"] == "already_connected", first
-        assert time.monotonic() < deadline, "the server never noticed the disconnect"
-        await asyncio.sleep(0.05)
 
 
 async def recv_json(ws, timeout: float = 60) -> dict:

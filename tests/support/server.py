@@ -59,6 +59,7 @@ class ServerProcess:
             args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env
         )
         self.returncode: int | None = None
+        self.api_key: str | None = settings.get("api_key")  # sent by `create`
 
     def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
         deadline = time.monotonic() + timeout
@@ -114,7 +115,8 @@ class ServerProcess:
 
     def create(self, **body) -> dict:
         body.setdefault("prompt", "a red circle on a blue background")
-        r = httpx.post(self.base + "/v1/sessions", json=body, timeout=30)
+        key = {"X-API-Key": self.api_key} if self.api_key else {}
+        r = httpx.post(self.base + "/v1/sessions", json=body, headers=key, timeout=30)
         assert r.status_code == 201, r.text
         return r.json()
 
@@ -204,6 +206,22 @@ class StreamClient:
         while await self.next(max(0.1, deadline - time.monotonic())) is not None:
             pass
         return self.stream
+
+
+async def reconnect(url: str, timeout: float = 30) -> StreamClient:
+    """A new stream connection once the server has noticed the vanished one (until then it
+    answers 4009 `already_connected`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        c = StreamClient(url, None)
+        await c.__aenter__()
+        first = await c.next()
+        if first and first["type"] == "hello":
+            return c
+        await c.__aexit__()
+        assert first and first["code"] == "already_connected", first
+        assert time.monotonic() < deadline, "the server never noticed the disconnect"
+        await asyncio.sleep(0.05)
 
 
 def ffprobe_frames(path: Path) -> list[dict]:
