@@ -169,8 +169,8 @@ def bearer(headers) -> str | None:
 
 
 def client_key(request: Request, settings: Settings) -> str:
-    if settings.api_key and (key := bearer(request.headers) or request.headers.get("x-api-key")):
-        return "key:" + key[-8:]
+    """Who a per-client quota counts: the client's address (one API key is shared by all
+    callers, so it names no one; nor does any part of it belong in a log)."""
     return "ip:" + (request.client.host if request.client else "unknown")
 
 
@@ -382,6 +382,10 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
 
     @app.get("/healthz")
     async def healthz():
+        # Liveness: ok while the weights load and while serving; a dead generation engine
+        # never comes back, so fail here too and let the orchestrator restart the process.
+        if state.engine is not None and state.engine.failed is not None:
+            return JSONResponse({"status": "failed", "reason": "engine failed"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/readyz")

@@ -48,5 +48,7 @@ def setup_logging(level: str = "info") -> None:
     for name in ("shotstream", "uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
-        logger.setLevel(lvl)
+        # uvicorn hands its logger to the websockets library, whose debug lines carry
+        # handshake headers (tokens, API keys) and frame contents (prompts): never below info
+        logger.setLevel(lvl if name == "shotstream" else max(lvl, logging.INFO))
         logger.propagate = False

@@ -20,6 +20,7 @@ import typing
 
 import uvicorn
 
+from model.config import get_preset
 from server.settings import Settings
 
 log = logging.getLogger("shotstream.serve")
@@ -81,6 +82,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             )
 
 
+def uvicorn_log_level(level: str) -> str:
+    """uvicorn's loggers never go below info: it hands them to the websockets library, whose
+    debug lines trace handshake headers (tokens, API keys) and frames (prompts)."""
+    return "info" if level.lower() in ("debug", "trace") else level
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.logs import setup_logging
@@ -92,7 +99,7 @@ def run_serve(args: argparse.Namespace) -> int:
     state = app.state.shotstream
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None,
-        log_level=settings.log_level, ws_max_size=max(1 << 20, 4 * settings.max_ws_message_bytes),
+        log_level=uvicorn_log_level(settings.log_level), ws_max_size=max(1 << 20, 4 * settings.max_ws_message_bytes),
         ws_ping_interval=20, ws_ping_timeout=20, timeout_graceful_shutdown=5,
         proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None,
     )  # fmt: skip
@@ -100,7 +107,7 @@ def run_serve(args: argparse.Namespace) -> int:
     host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
     print(f"ShotStream server ({settings.preset} preset) at http://{host}:{settings.port}/ "
           f"— open it in a browser; API docs at /docs", file=sys.stderr, flush=True)  # fmt: skip
-    if settings.weights is None:
+    if settings.weights is None and not get_preset(settings.preset).bundled_weights:
         print(f"note: no --weights given: the {settings.preset} preset runs with RANDOM weights",
               file=sys.stderr, flush=True)  # fmt: skip
     sockets = None

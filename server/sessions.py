@@ -538,9 +538,7 @@ class SessionManager:
         """
         s.conn = conn
         s.disconnected_at = None
-        if s.timer:
-            s.timer.cancel()
-            s.timer = None
+        self._arm_idle_timer(s)  # connected: only the session's lifetime limit stays armed
         if s.state == "waiting":
             s.state = "streaming"
         # A fresh player: its clock starts at the first chunk sent on this connection.
@@ -576,16 +574,20 @@ class SessionManager:
         loop = asyncio.get_running_loop()
         if s.timer:
             s.timer.cancel()
-        delay = min(self.settings.session_grace_s, max(0.0, s.expires_mono - time.monotonic()))
+        delay = max(0.0, s.expires_mono - time.monotonic())
+        if s.conn is None:  # no stream: idle after the grace period (or expired before)
+            delay = min(self.settings.session_grace_s, delay)
         s.timer = loop.call_later(delay, self._on_timer, s)
 
     def _on_timer(self, s: Session) -> None:
         if not s.alive:
             return
         if time.monotonic() >= s.expires_mono:
-            self.end(s, "expired")
+            self.end(s, "expired")  # connected or not: session_max_s is a hard limit
         elif s.conn is None:
             self.end(s, "idle")
+        else:  # woken early (a clock step): keep the lifetime limit armed
+            self._arm_idle_timer(s)
 
     # -- the end ------------------------------------------------------------------------------
     def end(self, s: Session, reason: str, error: tuple[str, str] | None = None,

@@ -6,12 +6,14 @@ prompt text, CORS, and logs that keep prompts and tokens out."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import httpx
 import pytest
 import schemathesis
 import torch
+import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -350,3 +352,34 @@ def test_info_logs_hold_no_prompt_text_and_no_token(edge_server):
     log = edge_server.log()
     assert d["session_id"] in log  # the events were logged, with the session id
     assert marker not in log and d["token"] not in log and API_KEY not in log
+
+
+def test_debug_logs_hold_no_prompt_text_and_no_token(tmp_path):
+    """At log level debug the server's own loggers go verbose, but the WebSocket library's
+    frame and handshake traces (headers with the token, frames with prompts) stay out."""
+    srv = ServerProcess(tmp_path, log_level="debug", realtime_margin=50).wait_ready()
+    try:
+        marker = "okapi-unlikely-marker-41d2"
+        d = srv.create(prompt=f"caption {marker}", seed=9)
+
+        async def go():
+            headers = {"Authorization": f"Bearer {d['token']}"}
+            async with websockets.connect(d["stream_url"], additional_headers=headers) as ws:
+                await ws.send(
+                    json.dumps({"type": "prompt", "prompt": f"prompt {marker}", "ref": "d"})
+                )
+                while (m := await ws.recv()) and not (
+                    isinstance(m, str) and json.loads(m).get("ref") == "d"
+                ):
+                    pass
+                await ws.send(json.dumps({"type": "stop"}))
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    while True:
+                        await ws.recv()
+
+        run(go())
+        log = srv.log()
+        assert d["session_id"] in log  # the session's events were logged
+        assert marker not in log and d["token"] not in log
+    finally:
+        assert srv.stop() == 0

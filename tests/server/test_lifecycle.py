@@ -56,7 +56,28 @@ def test_engine_crash_reports_not_ready_and_fails_sessions(tmp_path):
     assert err["fatal"] and err["code"] == "internal" and st.close_code == 4500
     r = httpx.get(srv.base + "/readyz")
     assert r.status_code == 503 and "engine" in r.json()["reason"]
+    r = httpx.get(srv.base + "/healthz")  # liveness fails too: a restart is the only cure
+    assert r.status_code == 503 and r.json()["reason"] == "engine failed"
     assert httpx.post(srv.base + "/v1/sessions", json={"prompt": "p"}).status_code == 503
     assert srv.metric("shotstream_errors_total", {"kind": "engine"}) == 1
+    assert srv.wait_metric("shotstream_pool_bytes", 0) == 0
+    assert srv.stop() == 0
+
+
+def test_session_lifetime_is_enforced_while_streaming(tmp_path):
+    """session_max_s is a hard limit: a connected (even paused) stream does not extend it."""
+    srv = ServerProcess(tmp_path, session_max_s=4, realtime_margin=50).wait_ready()
+    d = srv.create(seed=2)
+
+    async def go():
+        async with StreamClient(d["stream_url"], d["token"]) as c:
+            await c.chunks(1)
+            await c.send({"type": "pause"})
+            return await c.closed(timeout=30)
+
+    t0 = time.monotonic()
+    st = asyncio.run(go())
+    assert st.of("ended")[-1]["reason"] == "expired" and time.monotonic() - t0 < 20
+    assert srv.metric("shotstream_sessions_ended_total", {"reason": "expired"}) == 1
     assert srv.wait_metric("shotstream_pool_bytes", 0) == 0
     assert srv.stop() == 0
