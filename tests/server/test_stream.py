@@ -242,10 +242,12 @@ def test_resume_replays_from_the_clients_last_seq_and_reacks_waiting_prompts(ser
     async def go():
         async with StreamClient(d["stream_url"], d["token"]) as c:
             got = await c.chunks(3)
-            await c.send(
-                {"type": "prompt", "prompt": "close-up shot", "mode": "queue", "ref": "q1"}
-            )
-            ack = await c.until(lambda m: m["type"] == "prompt_ack")
+            # two queued shots: the first may start before the reconnect (a tiny chunk
+            # takes a fraction of its playout time); the second waits behind its 3 chunks
+            for ref in ("q0", "q1"):
+                await c.send({"type": "prompt", "prompt": "close-up shot", "mode": "queue",
+                              "ref": ref})  # fmt: skip
+            ack = await c.until(lambda m: m["type"] == "prompt_ack" and m.get("ref") == "q1")
             c.ws.transport.abort()
         last = got[0].message["seq"]  # pretend chunks after the first never arrived
         await asyncio.sleep(
@@ -255,7 +257,9 @@ def test_resume_replays_from_the_clients_last_seq_and_reacks_waiting_prompts(ser
             f"{d['stream_url']}?token={d['token']}&last_seq={last}", None
         ) as c2:
             hello = await c2.until(lambda m: m["type"] == "hello")
-            reack = await c2.until(lambda m: m["type"] == "prompt_ack")
+            reack = await c2.until(
+                lambda m: m["type"] == "prompt_ack" and m["shot_id"] == ack["shot_id"]
+            )
             again = await c2.chunks(2)
             await c2.send({"type": "stop"})
             await c2.closed()
