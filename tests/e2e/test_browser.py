@@ -121,8 +121,8 @@ def assert_plays(samples: list[dict], snap: dict, min_advance_s: float) -> None:
       (a frozen or stuttering player fails this);
     - no stall with video in hand: whenever 0.25 s (4 frames) or more was buffered ahead,
       the next 100 ms sample shows playback moved on;
-    - every `waiting` event since the first frame came with under ~1.5 frames buffered
-      ahead, i.e. the player had really run out of video.
+    - every `waiting` event once the first frame has played came with under ~1.5 frames
+      buffered ahead, i.e. the player had really run out of video.
     """
     times = [s["t"] for s in samples]
     assert all(b >= a for a, b in zip(times, times[1:], strict=False)), times
@@ -135,7 +135,13 @@ def assert_plays(samples: list[dict], snap: dict, min_advance_s: float) -> None:
         if a["ahead"] >= 0.25 and b["t"] - a["t"] < 0.02
     ]
     assert not frozen, f"playback stood still with video buffered ahead at {frozen}"
-    waits = [w for w in snap["waits"] if w["wallMs"] > snap["firstFrameWallMs"]]
+    # (a wait before the first frame's end is start-up: the decoder's first output, slow
+    # on a busy host, not a stall of a playing video)
+    waits = [
+        w
+        for w in snap["waits"]
+        if w["wallMs"] > snap["firstFrameWallMs"] and w["currentTime"] >= FRAME_S
+    ]
     with_video = [w for w in waits if w["ahead"] > 1.5 * FRAME_S]
     assert not with_video, f"the player waited with video buffered: {with_video}"
 

@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.support.server import ServerProcess, StreamClient, ffprobe_frames
+from tests.support.server import ServerProcess, StreamClient, ffprobe_frames, reconnect
 
 FPS = 16
 
@@ -213,12 +213,16 @@ def test_reconnect_resumes_from_the_next_keyframe(server, tmp_path):
     async def go():
         async with StreamClient(d["stream_url"], d["token"]) as c:
             first = await c.chunks(2)
-        async with StreamClient(d["stream_url"], d["token"]) as c2:
-            hello = await c2.until(lambda m: m["type"] == "hello")
+        # (until the server has seen the first connection close it answers 4009)
+        c2 = await reconnect(f"{d['stream_url']}?token={d['token']}")
+        try:
+            hello = c2.stream.of("hello")[0]
             again = await c2.chunks(2)
             await c2.send({"type": "stop"})
             await c2.closed()
             return first, hello, again, c2.stream
+        finally:
+            await c2.__aexit__()
 
     first, hello, again, st = run(go())
     assert hello["session_id"] == d["session_id"] and st.init
