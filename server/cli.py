@@ -1,4 +1,4 @@
-"""The `shotstream` command: selftest, generate, download, serve.
+"""The `shotstream` command: selftest, generate, download, serve, train-demo, eval-demo.
 
 Each subcommand's arguments are declared here; the work lives in the module it names,
 imported lazily so `shotstream --help` stays fast.
@@ -69,6 +69,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    """Train the bundled demo model (model/train; never imported by the server)."""
+    from model.train.run import run_train_demo
+
+    return run_train_demo(args)
+
+
+def cmd_eval_demo(args: argparse.Namespace) -> int:
+    """Prompt adherence of the demo model on held-out prompts, from pixels."""
+    from model.train.run import run_eval_demo
+
+    return run_eval_demo(args)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -99,15 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a multi-shot script into an MP4 file (offline, no server)",
         description="Generate every shot of a script in the original demo format "
         '({"global_caption": "...", "shot1": "...", "shot2": "...", ...}) and write one '
-        "H.264 MP4 at the preset's fps. Without --weights the tiny preset runs on random "
+        "H.264 MP4 at the preset's fps. Without --weights the demo preset runs on its bundled "
+        "weights (a small model trained on procedural shapes); --preset tiny runs on random "
         "weights (the video is noise).",
     )
     p.add_argument("--script", required=True, metavar="FILE.json", help="the shot script (JSON)")
     p.add_argument("--out", required=True, metavar="VIDEO.mp4", help="the MP4 file to write")
     p.add_argument("--preset", default=None,
-                   help="model preset (default: wan2.1-1.3b with --weights, tiny without)")  # fmt: skip
+                   help="model preset (default: wan2.1-1.3b with --weights, demo without)")  # fmt: skip
     p.add_argument("--weights", default=None, metavar="DIR",
-                   help="weights folder (see `shotstream download`); none = random weights")  # fmt: skip
+                   help="weights folder (see `shotstream download`); none = the preset's bundled "
+                   "weights (demo) or random ones (tiny)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed (and random weights' seed)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cuda, cuda:N or cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
@@ -156,6 +172,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="dtype for --load (auto: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
     p.set_defaults(func=cmd_check_weights)
+
+    p = sub.add_parser(
+        "train-demo",
+        help="train the small demo model on procedural shapes (CPU, under an hour)",
+        description="Train the demo preset's VAE, then its causal DiT and text encoder, on "
+        "procedural multi-shot clips; checkpoints go to --work, the weights to --out. "
+        "Seeded: the same seed and step counts give the same batches, resumed or not.",
+    )
+    p.add_argument("--work", default="artifacts/demo-train", metavar="DIR",
+                   help="checkpoints and logs (default: artifacts/demo-train)")  # fmt: skip
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="weights folder to write (default: WORK/export; the shipped "
+                   "weights live in model/demo_weights)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of data, noise and initial weights")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
+    p.add_argument("--vae-steps", type=int, default=None, metavar="N", help="VAE optimiser steps")
+    p.add_argument("--dit-steps", type=int, default=None, metavar="N", help="DiT optimiser steps")
+    p.add_argument("--dit-batch", type=int, default=None, metavar="N", help="DiT shots per step")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: fastest on a busy 2-core host)")  # fmt: skip
+    p.set_defaults(func=cmd_train_demo)
+
+    p = sub.add_parser(
+        "eval-demo",
+        help="measure the demo model's prompt adherence from pixels (one JSON line)",
+        description="Generate multi-shot stories on held-out prompts through the production "
+        "generator, with mid-stream prompt cuts, and read every chunk's pixels: colour, "
+        "shape and motion adherence, consistency across cuts, and the first chunk after "
+        "a switch.",
+    )
+    p.add_argument("--weights", default=None, metavar="DIR",
+                   help="weights folder (default: the bundled demo weights)")  # fmt: skip
+    p.add_argument("--random-weights", action="store_true",
+                   help="the baseline: the demo preset with random weights (at chance)")  # fmt: skip
+    p.add_argument("--stories", type=_positive_int, default=None, metavar="N",
+                   help="evaluate the first N held-out stories (default: all)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the stories")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.set_defaults(func=cmd_eval_demo)
 
     p = sub.add_parser(
         "serve",

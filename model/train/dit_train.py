@@ -48,7 +48,7 @@ from model.vae import WanVAE
 
 @dataclass(frozen=True)
 class DiTTrainConfig:
-    steps: int = 320
+    steps: int = 1000
     batch: int = 8
     lr: float = 1.5e-3
     warmup: int = 30

@@ -102,7 +102,7 @@ def train_vae_phase(cfg: ModelConfig, tc: TrainDemoConfig, work: Path, resume: b
                 work / "vae.pt",
             )
     model.eval()
-    mean, std = latent_stats(model, geo, tc.seed)
+    mean, std = latent_stats(model, geo, tc.seed, tc.vae.stats_frames)
     fold_normalisation(model, mean, std)
     vae = WanVAE(model, cfg)
     check_per_frame(vae, geo)
@@ -133,8 +133,9 @@ def init_dit(cfg: ModelConfig, seed: int) -> CausalDiT:
 
 def train_dit_phase(
     cfg: ModelConfig, tc: TrainDemoConfig, work: Path, vae: WanVAE, resume: bool
-) -> tuple[CausalDiT, torch.nn.Module]:
-    """Phase 2: the causal student and the text encoder, jointly."""
+) -> tuple[CausalDiT, torch.nn.Module, int]:
+    """Phase 2: the causal student and the text encoder, jointly; also returns the step it
+    started at (> 0 when resumed from a checkpoint)."""
     dit = init_dit(cfg, tc.seed + 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tc.seed + 2)
@@ -176,7 +177,7 @@ def train_dit_phase(
     finally:
         trainer.close()
     save(tc.dit.steps)
-    return dit.eval(), text.eval()
+    return dit.eval(), text.eval(), start
 
 
 def export_weights(
@@ -214,13 +215,14 @@ def train_demo(
     t0 = time.time()
     vae = train_vae_phase(cfg, tc, work, resume)
     t_vae = time.time() - t0
-    dit, text = train_dit_phase(cfg, tc, work, vae, resume)
+    dit, text, dit_start = train_dit_phase(cfg, tc, work, vae, resume)
     meta = {
         "preset": cfg.name,
         "config": asdict(tc),
         "seconds": {"vae": round(t_vae), "dit": round(time.time() - t0 - t_vae)},
         "torch_threads": torch.get_num_threads(),
         "resumed": resume,
+        "dit_started_at_step": dit_start,
     }
     out = Path(export) if export else work / "export"
     return export_weights(out, cfg, dit, text, vae, meta)

@@ -50,7 +50,7 @@ from model.train.vocab import PALETTE
 
 @dataclass(frozen=True)
 class VAETrainConfig:
-    steps: int = 240
+    steps: int = 1000
     lr: float = 3e-3
     warmup: int = 10
     frame_batch: int = 16  # single rendered frames per step
@@ -58,6 +58,7 @@ class VAETrainConfig:
     object_weight: float = 4.0  # extra L1 weight on pixels that differ from the background
     grad_clip: float = 1.0
     init_logvar: float = -6.0  # posterior log-variance at init (std 0.05)
+    stats_frames: int = 256  # rendered frames that measure the latent mean and std
 
 
 def init_vae(model: AutoencoderKLWan, init_logvar: float = -6.0) -> None:
