@@ -311,9 +311,11 @@ def run_generate(args: Any) -> int:
         return fail(str(exc.args[0]), 2)
     if args.chunks_per_shot is not None:
         cfg = cfg.replace(chunks_per_shot=args.chunks_per_shot)
+    # no --weights: the preset's bundled trained weights (demo), else random ones (tiny)
+    weights = args.weights or (str(cfg.bundled_weights_dir) if cfg.bundled_weights else None)
     try:  # before anything heavy: every missing file is named now, not after minutes of loading
-        if args.weights:
-            bad = [c for c in check_weights(cfg, find_weights(args.weights, cfg)) if not c.ok]
+        if weights:
+            bad = [c for c in check_weights(cfg, find_weights(weights, cfg)) if not c.ok]
             if bad:
                 raise WeightsError("; ".join(str(c.error) for c in bad))
         elif not cfg.random_weights_ok:
@@ -334,7 +336,7 @@ def run_generate(args: Any) -> int:
         f"({frames / cfg.fps:.2f} s)",
         file=sys.stderr,
     )
-    if not args.weights:
+    if not weights:
         print(
             f"WARNING: RANDOM WEIGHTS (seed {args.seed}): preset {cfg.name} runs without a "
             "checkpoint, so the video is noise. Pass --weights DIR for real output.",
@@ -343,7 +345,7 @@ def run_generate(args: Any) -> int:
     t0 = time.perf_counter()
     try:
         model = load_model(
-            cfg, weights=args.weights, device=args.device, dtype=args.dtype,
+            cfg, weights=weights, device=args.device, dtype=args.dtype,
             attention=args.attention, seed=args.seed, prompt_overflow=args.prompt_overflow,
         )  # fmt: skip
     except (WeightsError, RuntimeError, ValueError) as exc:

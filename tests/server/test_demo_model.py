@@ -1,0 +1,84 @@
+"""End to end on a real server running the `demo` preset with its bundled trained weights:
+`GET /v1/models` names the vocabulary the model learned, and a prompt sent mid-stream that
+recolours the object shows the new colour from the acked `seq` on, read by the pixel probe
+from the decoded video (what a viewer sees), not from the model's tensors."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import av
+import httpx
+import numpy as np
+import pytest
+
+from model.config import get_preset
+from model.train.probe import read_chunk
+from model.train.vocab import PALETTE, SHAPES
+from tests.support.server import ServerProcess, StreamClient
+
+SHIPPED = get_preset("demo").bundled_weights_dir
+pytestmark = pytest.mark.skipif(
+    SHIPPED is None or not SHIPPED.is_dir(),
+    reason="no shipped demo weights (train-demo makes them)",
+)
+
+GLOBAL = "a red square on a blue background"
+FIRST_SHOT = "wide shot, the square stays still"
+SWITCH = "close-up shot, the square turns yellow and stays still"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(
+        tmp_path_factory.mktemp("srv"), preset="demo", max_sessions=2, realtime_margin=50
+    ).wait_ready()
+    yield srv
+    assert srv.stop() == 0, srv.log()[-3000:]
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Every frame of an fMP4 byte string as (T, H, W, 3) uint8 RGB, decoded by PyAV."""
+    with av.open(io.BytesIO(data), format="mp4") as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_models_reports_trained_weights_and_their_vocabulary(server):
+    info = httpx.get(server.base + "/v1/models", timeout=10).json()
+    assert info["preset"] == "demo" and info["real_weights"] is True
+    assert info["notice"] is None  # no random-weights warning
+    assert info["weights"].endswith("demo_weights")
+    vocab = info["vocabulary"]
+    assert {k: tuple(v) for k, v in vocab["colours"].items()} == PALETTE
+    assert vocab["shapes"] == list(SHAPES)
+    assert vocab["global_caption"] == "a {colour} {shape} on a {colour} background"
+
+
+def test_midstream_colour_switch_shows_from_the_acked_seq(server):
+    d = server.create(prompt=GLOBAL, shots=[FIRST_SHOT], seed=3)
+
+    async def go():
+        async with StreamClient(d["stream_url"], d["token"]) as c:
+            await c.chunks(2)
+            await c.send({"type": "prompt", "prompt": SWITCH})
+            ack = await c.until(lambda m: m["type"] == "prompt_ack")
+            await c.until(lambda m: m["type"] == "chunk" and m["seq"] >= ack["starts_at_seq"] + 1)
+            await c.send({"type": "stop"})
+            return ack, await c.closed()
+
+    ack, st = asyncio.run(go())
+    frames = decode_rgb(st.video())
+    assert len(frames) == sum(c.message["frames"] for c in st.chunks)
+    start = ack["starts_at_seq"]
+    seen = {}
+    for c in st.chunks:
+        first, n = c.message["first_frame"], c.message["frames"]
+        reading = read_chunk(frames[first : first + n])
+        seen[c.message["seq"]] = (reading.background, reading.colour, reading.shape)
+    before = [seen[s] for s in seen if s < start]
+    after = [seen[s] for s in seen if s >= start]
+    assert len(before) >= 2 and len(after) >= 2, seen
+    assert all(r == ("blue", "red", "square") for r in before), seen
+    # the new colour from the acked seq on, the first chunk of the new shot included
+    assert all(r[:2] == ("blue", "yellow") for r in after), seen
