@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=None, metavar="N", help="VAE optimiser steps")
     p.add_argument("--dit-steps", type=int, default=None, metavar="N", help="DiT optimiser steps")
     p.add_argument("--dit-batch", type=int, default=None, metavar="N", help="DiT shots per step")
+    p.add_argument("--dit-unroll", type=float, default=None, metavar="P",
+                   help="chance a later sampler level is noised from the model's own x0 of the "
+                   "level before (default 0)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: fastest on a busy 2-core host)")  # fmt: skip
     p.set_defaults(func=cmd_train_demo)

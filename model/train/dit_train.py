@@ -55,6 +55,10 @@ class DiTTrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     level_prob: float = 0.8  # chance a chunk's sigma is one of the sampler's levels
+    # chance a chunk at a later sampler level is noised from the model's own x0 of the level
+    # before (a no-grad run of the sampler's chain), not from the true x0: the later steps
+    # then learn to correct the first step's errors instead of copying them (0: off)
+    unroll_prob: float = 0.0
     turn_prob: float = 0.4  # later shots that recolour the object
     first_turn_prob: float = 0.1
     drop_context: float = 0.1  # later shots trained with zero context (as the reference)
@@ -254,6 +258,27 @@ class DiTTrainer:
         use_level = torch.rand(b, n, generator=gen) < self.tc.level_prob
         return torch.where(use_level, pick, uniform)
 
+    def own_chain(self, batch: Batch, prompt: torch.Tensor, step: int) -> list[torch.Tensor]:
+        """The sampler's x0 at each of its levels but the last, run by the model itself (no
+        grad) from pure noise over the whole shot, with the true clean history (as inference
+        has its own): element j is the x0 that level j hands to level j + 1."""
+        cfg, levels = self.cfg, self.levels.tolist()
+        gen = torch.Generator().manual_seed(_key(self.seed, step, "chain"))
+        b = batch.clean.shape[0]
+        out, x0 = [], None
+        with torch.no_grad():
+            for j, sig in enumerate(levels[:-1]):
+                eps = torch.randn(batch.clean.shape, generator=gen)
+                x = eps if j == 0 else (1 - sig) * x0 + sig * eps
+                flow = teacher_forced_flow(
+                    self.dit, batch.context, batch.context_flags, batch.clean, x,
+                    torch.full((b, cfg.chunks_per_shot), sig * cfg.sampler.num_train_timesteps),
+                    batch.gen_flag, prompt, batch.caption_index, self.mask,
+                )  # fmt: skip
+                x0 = x - sig * flow
+                out.append(x0)
+        return out
+
     def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         b = batch.clean.shape[0]
@@ -261,8 +286,27 @@ class DiTTrainer:
         gen = torch.Generator().manual_seed(_key(self.seed, step, "noise"))
         eps = torch.randn(batch.clean.shape, generator=gen)
         s = sigma.repeat_interleave(cfg.chunk_frames, dim=1)[..., None, None, None]
-        noisy = (1 - s) * batch.clean + s * eps
         prompt = encode_text(self.text, batch.ids, batch.mask)
+        base = batch.clean
+        if self.tc.unroll_prob > 0:
+            # chunks at level k >= 1 that take the model's own x0 of level k - 1
+            level = (sigma[..., None] - self.levels).abs().argmin(dim=-1)  # (B, n)
+            is_level = (sigma[..., None] - self.levels).abs().min(dim=-1).values < 1e-6
+            coin = torch.rand(sigma.shape, generator=gen) < self.tc.unroll_prob
+            use = is_level & (level > 0) & coin
+            if bool(use.any()):
+                chain = torch.stack(
+                    self.own_chain(batch, prompt.detach(), step)
+                )  # (L-1, B, Fs, ...)
+                prev = (
+                    (level - 1).clamp(min=0).repeat_interleave(cfg.chunk_frames, dim=1)
+                )  # (B, Fs)
+                own = chain.gather(
+                    0, prev[None, ..., None, None, None].expand(1, *chain.shape[1:])
+                )[0]
+                pick = use.repeat_interleave(cfg.chunk_frames, dim=1)[..., None, None, None]
+                base = torch.where(pick, own, batch.clean)
+        noisy = (1 - s) * base + s * eps
         flow = teacher_forced_flow(
             self.dit, batch.context, batch.context_flags, batch.clean, noisy,
             sigma * cfg.sampler.num_train_timesteps, batch.gen_flag, prompt,

@@ -90,3 +90,53 @@ def test_folding_the_latent_statistics_is_exact():
     torch.testing.assert_close(out2, out, rtol=1e-4, atol=1e-4)
     unit = mu2.transpose(0, 1).flatten(1)
     assert unit.mean(dim=1).abs().max() < 1e-4 and (unit.std(dim=1) - 1).abs().max() < 1e-3
+
+
+def test_unrolled_levels_are_noised_from_the_models_own_previous_x0(tmp_path):
+    """With unroll_prob 1, a chunk at sampler level k >= 1 is noised from the x0 the model
+    itself made at level k - 1 (its no-grad chain), level 0 from the truth; the loss is the
+    x0 error against the truth either way."""
+    from model.text import build_umt5, load_tokenizer
+    from model.train.dit_train import DiTTrainConfig, DiTTrainer
+    from model.train.render import all_scenes
+    from model.train.run import init_dit
+    from model.train.tokenizer import save_tokenizer
+
+    torch.manual_seed(0)
+    dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
+    torch.nn.init.normal_(dit.head.head.weight, std=0.02)  # a non-trivial prediction
+    tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
+    tc = DiTTrainConfig(batch=2, level_prob=1.0, unroll_prob=1.0)
+    trainer = DiTTrainer(CFG, dit, text, _per_frame_vae(), tok, all_scenes()[:6], tc, seed=4)
+    try:
+        step = 3
+        batch = trainer.batch(step)
+        loss, _ = trainer.loss(batch, step)
+        # the same loss, computed by hand from the chain
+        from model.teacher_forcing import teacher_forced_flow
+        from model.train.dit_train import _key, encode_text
+
+        b, n, f = 2, CFG.chunks_per_shot, CFG.chunk_frames
+        sigma = trainer.sigmas(step, b)
+        level = (sigma[..., None] - trainer.levels).abs().argmin(dim=-1)
+        gen = torch.Generator().manual_seed(_key(4, step, "noise"))
+        eps = torch.randn(batch.clean.shape, generator=gen)
+        prompt = encode_text(text, batch.ids, batch.mask)
+        chain = trainer.own_chain(batch, prompt.detach(), step)
+        assert len(chain) == len(trainer.levels) - 1
+        base = batch.clean.clone()
+        for i in range(b):
+            for c in range(n):
+                if level[i, c] > 0:
+                    base[i, c * f : (c + 1) * f] = chain[level[i, c] - 1][i, c * f : (c + 1) * f]
+        assert (level > 0).any() and not torch.equal(base, batch.clean)
+        s = sigma.repeat_interleave(f, dim=1)[..., None, None, None]
+        noisy = (1 - s) * base + s * eps
+        flow = teacher_forced_flow(
+            dit, batch.context, batch.context_flags, batch.clean, noisy, sigma * 1000,
+            batch.gen_flag, prompt, batch.caption_index, trainer.mask,
+        )  # fmt: skip
+        err = ((noisy - s * flow) - batch.clean).pow(2).mean(dim=(2, 3, 4)).view(b, n, f).mean(2)
+        torch.testing.assert_close(loss, (err / sigma).mean(), rtol=1e-5, atol=1e-6)
+    finally:
+        trainer.close()
