@@ -168,7 +168,7 @@ def bearer(headers) -> str | None:
     return value.strip() or None if scheme.lower() == "bearer" else None
 
 
-def client_key(request: Request, settings: Settings) -> str:
+def client_key(request: Request) -> str:
     """Who a per-client quota counts: the client's address (one API key is shared by all
     callers, so it names no one; nor does any part of it belong in a log)."""
     return "ip:" + (request.client.host if request.client else "unknown")
@@ -292,7 +292,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
                     401, P.ErrorCode.UNAUTHORIZED, "a valid API key is needed to create sessions"
                 )
         m = manager()
-        client = client_key(request, settings)
+        client = client_key(request)
         m.admit(client)
         s, cut = m.create(client, req)
         base = settings.public_url or str(request.base_url).rstrip("/")

@@ -113,14 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a multi-shot script into an MP4 file (offline, no server)",
         description="Generate every shot of a script in the original demo format "
         '({"global_caption": "...", "shot1": "...", "shot2": "...", ...}) and write one '
-        "H.264 MP4 at the preset's fps. Without --weights the demo preset runs on its bundled "
-        "weights (a small model trained on procedural shapes); --preset tiny runs on random "
-        "weights (the video is noise).",
+        "H.264 MP4 at the preset's fps. Without --weights the tiny preset runs on random "
+        "weights (the video is noise); --preset demo runs on its bundled weights once shipped.",
     )
     p.add_argument("--script", required=True, metavar="FILE.json", help="the shot script (JSON)")
     p.add_argument("--out", required=True, metavar="VIDEO.mp4", help="the MP4 file to write")
     p.add_argument("--preset", default=None,
-                   help="model preset (default: wan2.1-1.3b with --weights, demo without)")  # fmt: skip
+                   help="model preset (default: wan2.1-1.3b with --weights, tiny without)")  # fmt: skip
     p.add_argument("--weights", default=None, metavar="DIR",
                    help="weights folder (see `shotstream download`); none = the preset's bundled "
                    "weights (demo) or random ones (tiny)")  # fmt: skip

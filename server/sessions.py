@@ -278,7 +278,7 @@ class SessionManager:
             s.queue.append(p)
         self._plan_queue(s)
         self.sessions[sid] = s
-        self._arm_idle_timer(s)
+        self._arm_timer(s)
         self.metrics.sessions_created.inc()
         self.metrics.prompts_received.inc(len(shots))  # so received >= applied + dropped
         log.info("session created", extra={"session_id": sid, "client": client, "seed": seed,
@@ -538,7 +538,7 @@ class SessionManager:
         """
         s.conn = conn
         s.disconnected_at = None
-        self._arm_idle_timer(s)  # connected: only the session's lifetime limit stays armed
+        self._arm_timer(s)  # connected: only the session's lifetime limit stays armed
         if s.state == "waiting":
             s.state = "streaming"
         # A fresh player: its clock starts at the first chunk sent on this connection.
@@ -567,10 +567,10 @@ class SessionManager:
         if s.state == "streaming":
             s.state = "waiting"
         s.play_start = None
-        self._arm_idle_timer(s)
+        self._arm_timer(s)
         log.info("stream disconnected", extra={"session_id": s.id})
 
-    def _arm_idle_timer(self, s: Session) -> None:
+    def _arm_timer(self, s: Session) -> None:
         loop = asyncio.get_running_loop()
         if s.timer:
             s.timer.cancel()
@@ -587,7 +587,7 @@ class SessionManager:
         elif s.conn is None:
             self.end(s, "idle")
         else:  # woken early (a clock step): keep the lifetime limit armed
-            self._arm_idle_timer(s)
+            self._arm_timer(s)
 
     # -- the end ------------------------------------------------------------------------------
     def end(self, s: Session, reason: str, error: tuple[str, str] | None = None,

@@ -290,8 +290,8 @@ class DiTTrainer:
         base = batch.clean
         if self.tc.unroll_prob > 0:
             # chunks at level k >= 1 that take the model's own x0 of level k - 1
-            level = (sigma[..., None] - self.levels).abs().argmin(dim=-1)  # (B, n)
-            is_level = (sigma[..., None] - self.levels).abs().min(dim=-1).values < 1e-6
+            dist, level = (sigma[..., None] - self.levels).abs().min(dim=-1)  # (B, n)
+            is_level = dist < 1e-6
             coin = torch.rand(sigma.shape, generator=gen) < self.tc.unroll_prob
             use = is_level & (level > 0) & coin
             if bool(use.any()):

@@ -237,7 +237,7 @@ def run_train_demo(args) -> int:
         dit = replace(dit, steps=args.dit_steps)
     if args.dit_batch is not None:
         dit = replace(dit, batch=args.dit_batch)
-    if getattr(args, "dit_unroll", None) is not None:
+    if args.dit_unroll is not None:
         dit = replace(dit, unroll_prob=args.dit_unroll)
     tc = replace(base, vae=vae, dit=dit)
     out = train_demo(args.work, args.out, tc, resume=args.resume, threads=args.threads)
