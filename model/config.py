@@ -271,7 +271,7 @@ def _demo() -> ModelConfig:
         name="demo",
         dit=DiTConfig(num_layers=4, dim=128, num_heads=4, ffn_dim=512, text_dim=64, freq_dim=64),
         text=TextConfig(
-            vocab_size=64,
+            vocab_size=96,
             d_model=64,
             d_kv=16,
             d_ff=256,

@@ -8,7 +8,7 @@ of later ones) gets six zero latents. `teacher_forced_flow` runs
 [context | clean shot | noisy shot] in one forward with the inference attention pattern.
 
 Objective: each 3-frame chunk gets its own noise level, drawn from the sampler's four levels
-(80 %) or uniformly (20 %); the loss is the x0 error of the sampler's own x0 = x_t - sigma v,
+(80 %; sigma = 1 twice as often as each of the others) or uniformly (20 %); the loss is the x0 error of the sampler's own x0 = x_t - sigma v,
 weighted 1/sigma per chunk. The few-step sampler consumes x0 predictions at exactly these
 levels; the high-noise ones decide colour, shape and position, which plain x0-MSE weights
 most, and 1/sigma keeps enough weight on sigma = 0.25, which sets the final detail (plain
@@ -55,6 +55,9 @@ class DiTTrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     level_prob: float = 0.8  # chance a chunk's sigma is one of the sampler's levels
+    # how often each level is drawn when it is: the first (sigma 1, only text and context to
+    # go on) sets colour and layout for the others and is the slowest to learn
+    level_weights: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)
     # chance a chunk at a later sampler level is noised from the model's own x0 of the level
     # before (a no-grad run of the sampler's chain), not from the true x0: the later steps
     # then learn to correct the first step's errors instead of copying them (0: off)
@@ -230,6 +233,11 @@ class DiTTrainer:
             cfg.context_frames, cfg.chunks_per_shot, cfg.chunk_frames, cfg.tokens_per_frame
         )
         self.levels = torch.tensor(_sampler_sigmas(cfg), dtype=torch.float32)
+        if len(tc.level_weights) != len(self.levels):
+            raise ValueError(
+                f"level_weights has {len(tc.level_weights)} entries; the sampler has "
+                f"{len(self.levels)} levels"
+            )
         self._pool = ThreadPoolExecutor(max_workers=1)  # prefetch: data of step i+1 during step i
         self._next: tuple[int, Future] | None = None
 
@@ -253,7 +261,9 @@ class DiTTrainer:
         """Per-chunk noise levels (B, n_chunks): sampler levels or uniform in (0, 1]."""
         gen = torch.Generator().manual_seed(_key(self.seed, step, "sigma"))
         n = self.cfg.chunks_per_shot
-        pick = self.levels[torch.randint(len(self.levels), (b, n), generator=gen)]
+        weights = torch.tensor(self.tc.level_weights, dtype=torch.float32)
+        drawn = torch.multinomial(weights, b * n, replacement=True, generator=gen).view(b, n)
+        pick = self.levels[drawn]
         uniform = 1.0 - torch.rand(b, n, generator=gen)
         use_level = torch.rand(b, n, generator=gen) < self.tc.level_prob
         return torch.where(use_level, pick, uniform)

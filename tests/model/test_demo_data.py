@@ -128,7 +128,26 @@ def test_production_tokenization_of_long_shot_indices():
     tc = tokenize_caption(fast, spec, 32)
     assert tc.truncated_tokens == 0 and tc.ids[-1] == fast.eos_token_id
     words = fast.convert_ids_to_tokens(list(tc.ids[:-1]))
-    assert words[7:12] == ["shot", "1", "2", "3", ":"] and "<unk>" not in words
+    assert words[6:11] == ["shot", "1", "2", "3", ":"] and "<unk>" not in words
+
+
+def test_a_colour_word_carries_its_role_in_its_token():
+    """The background colour and a recolouring are tokens of their own, however spaced or
+    cased, so the first sampler step (text only) needs no word order to tell them apart."""
+    tok = build_tokenizer()
+
+    def tokens(text):
+        return tok.encode(text, add_special_tokens=False).tokens
+
+    assert tokens("a red circle on a blue background") == [
+        "a", "red", "circle", "on", "a", "blue_background"
+    ]  # fmt: skip
+    assert tokens("A Blue Circle on a  RED   Background.") == [
+        "a", "blue", "circle", "on", "a", "red_background"
+    ]  # fmt: skip
+    assert tokens("wide shot, the circle turns  green and stays still")[4] == "turns_green"
+    ids = tok.encode("red red_background turns_red", add_special_tokens=False).ids
+    assert len(set(ids)) == 3 and 2 not in ids  # three roles, three known tokens
 
 
 # -- renderer and story sampling ---------------------------------------------------------
