@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train-demo",
         help="train the small demo model on procedural shapes (CPU, under an hour)",
         description="Train the demo preset's VAE, then its causal DiT and text encoder, on "
-        "procedural multi-shot clips; checkpoints go to --work, the weights to --out. "
+        "procedural multi-shot clips, then the first chunk of a shot at sigma 1; checkpoints go to --work, the weights to --out. "
         "Seeded: the same seed and step counts give the same batches, resumed or not.",
     )
     p.add_argument("--work", default="artifacts/demo-train", metavar="DIR",
@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit-unroll", type=float, default=None, metavar="P",
                    help="chance a later sampler level is noised from the model's own x0 of the "
                    "level before (default 0)")  # fmt: skip
+    p.add_argument("--start-steps", type=int, default=None, metavar="N",
+                   help="steps of the phase that teaches a shot's first chunk to place the "
+                   "object where its noise says (default 1500)")  # fmt: skip
+    p.add_argument("--follow-steps", type=int, default=None, metavar="N",
+                   help="steps of the phase that keeps that object through the sampler's "
+                   "later steps (default 400)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: fastest on a busy 2-core host)")  # fmt: skip
     p.set_defaults(func=cmd_train_demo)

@@ -68,6 +68,7 @@ class DiTTrainConfig:
     full_shot_prob: float = 0.5  # an earlier shot ran its full length (else it was cut)
     # number of earlier shots 0, 1, 2, ... (more than 6 gives every context frame its own shot)
     history_weights: tuple[float, ...] = (0.3, 0.25, 0.17, 0.12, 0.08, 0.05, 0.03)
+    still_only: bool = False  # start_train: every target shot stays still
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,11 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def clips(self, keys: list[ClipKey]) -> list[torch.Tensor]:
-        """Normalised latents (F, C, h, w) of whole shots."""
-        lat = self.frames([(k, o) for k in keys for o in self.offsets])
-        n = len(self.offsets)
+    def clips(self, keys: list[ClipKey], latent_frames: int | None = None) -> list[torch.Tensor]:
+        """Normalised latents (F, C, h, w) of whole shots (or of their first latent frames)."""
+        offsets = self.offsets[:latent_frames]
+        lat = self.frames([(k, o) for k in keys for o in offsets])
+        n = len(offsets)
         return [torch.stack(lat[i * n : (i + 1) * n]) for i in range(len(keys))]
 
     def frames(self, wanted: list[tuple[ClipKey, int]]) -> list[torch.Tensor]:
@@ -146,10 +148,22 @@ class Batch:
     caption_index: torch.Tensor  # (B, Fc + Fs)
 
 
-def build_batch(examples: list[Example], cfg: ModelConfig, cache: LatentCache, tokenizer) -> Batch:
-    """Latents, flags, caption rows and token ids of a batch, laid out as the generator does."""
-    n_ctx, n_shot = cfg.context_frames, cfg.latent_frames_per_shot
-    targets = cache.clips([ex.story.clip_key(len(ex.story.shots) - 1) for ex in examples])
+def build_batch(
+    examples: list[Example],
+    cfg: ModelConfig,
+    cache: LatentCache,
+    tokenizer,
+    targets: list[ClipKey] | None = None,
+    target_frames: int | None = None,
+) -> Batch:
+    """Latents, flags, caption rows and token ids of a batch, laid out as the generator does.
+
+    `targets` replaces the last shots' keys (same captions, other placements);
+    `target_frames` keeps only the first latent frames of each target shot."""
+    n_ctx = cfg.context_frames
+    n_shot = target_frames or cfg.latent_frames_per_shot
+    keys = targets or [ex.story.clip_key(len(ex.story.shots) - 1) for ex in examples]
+    targets = cache.clips(keys, target_frames)
     rows_of, picks_of = [], []
     for ex in examples:
         s = len(ex.story.shots) - 1

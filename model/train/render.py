@@ -54,11 +54,20 @@ class Geometry:
         sx, sy = STEP[motion]
         return sx * SPEED["horizontal"] * self.width, sy * SPEED["vertical"] * self.height
 
-    def centres(self, framing: str, motion: str, frames: int) -> torch.Tensor:
-        """Object centre (frames, 2) as (x, y) in pixels for the first `frames` of a shot."""
+    def centres(
+        self,
+        framing: str,
+        motion: str,
+        frames: int,
+        start: tuple[float, float] | None = None,
+    ) -> torch.Tensor:
+        """Object centre (frames, 2) as (x, y) in pixels for the first `frames` of a shot:
+        from `start` at frame 0 when given (it may leave the frame), else the framing's path."""
         ax, ay = ANCHOR[framing]
         vx, vy = self.speed(motion)
         t = torch.arange(frames, dtype=torch.float64)
+        if start is not None:
+            return torch.stack([start[0] + vx * t, start[1] + vy * t], dim=1)
         mid = (self.shot_frames - 1) / 2  # the path is centred on the anchor at mid-shot
         cx = (ax if vx == 0 else 0.5) * self.width + vx * (t - mid)
         cy = (ay if vy == 0 else 0.5) * self.height + vy * (t - mid)
@@ -106,6 +115,9 @@ class ClipKey(NamedTuple):
     shape: str
     framing: str
     motion: str
+    # the object's centre (x, y) in pixels at the shot's first frame; None: the framing's
+    # anchored path (start_train places first chunks where their noise says instead)
+    start: tuple[float, float] | None = None
 
 
 def render_clip(key: ClipKey, geo: Geometry, frames: int | None = None) -> torch.Tensor:
@@ -116,7 +128,7 @@ def render_clip(key: ClipKey, geo: Geometry, frames: int | None = None) -> torch
 
 def render_frames(key: ClipKey, geo: Geometry, offsets: list[int]) -> torch.Tensor:
     """Selected frames of a shot, (N, 3, H, W) in [-1, 1]; only those frames are drawn."""
-    centres = geo.centres(key.framing, key.motion, max(offsets) + 1)[offsets]
+    centres = geo.centres(key.framing, key.motion, max(offsets) + 1, key.start)[offsets]
     cov = coverage(
         key.shape, centres, geo.size(key.framing), geo.height, geo.width, geo.supersample
     )

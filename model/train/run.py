@@ -2,6 +2,8 @@
 
     work/vae.pt        phase 1 checkpoint (model, optimiser, step); vae_final.pt when done
     work/dit.pt        phase 2 checkpoint (DiT, text encoder, optimiser, step)
+    work/start.pt      phase 3 checkpoint (first chunks place the object where their noise says)
+    work/follow.pt     phase 4 checkpoint (first chunks' later steps from the model's own chain)
     export/            generator.safetensors, vae/, text_encoder/, tokenizer/, vocabulary.json
 
 Checkpoints are written atomically every `checkpoint_s` seconds and at the end of a phase;
@@ -26,6 +28,7 @@ from model.dit import CausalDiT, build_dit
 from model.text import build_umt5, load_tokenizer
 from model.train.dit_train import DiTTrainConfig, DiTTrainer
 from model.train.render import ClipKey, Geometry, all_scenes, held_out_scenes, render_frames
+from model.train.start_train import StartTrainer
 from model.train.tokenizer import save_tokenizer
 from model.train.vae_train import (
     VAETrainConfig,
@@ -45,6 +48,21 @@ class TrainDemoConfig:
     seed: int = 0
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     dit: DiTTrainConfig = field(default_factory=DiTTrainConfig)
+    # phase 3 (start_train): sigma = 1 only, first shots that stay still
+    start: DiTTrainConfig = field(
+        default_factory=lambda: DiTTrainConfig(
+            steps=1500,
+            lr=1e-3,
+            warmup=20,
+            level_weights=(1.0, 0.0, 0.0, 0.0),
+            history_weights=(1.0,),
+            still_only=True,
+        )  # fmt: skip
+    )
+    # phase 4 (start_train): every level, any shot; later levels mostly from the own chain
+    follow: DiTTrainConfig = field(
+        default_factory=lambda: DiTTrainConfig(steps=400, lr=5e-4, warmup=20, unroll_prob=0.8)
+    )
     checkpoint_s: float = 120.0
 
 
@@ -56,6 +74,14 @@ def _save(obj: dict, path: Path) -> None:
 
 def _load(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+LATER_PHASES = ("start", "follow")  # phases after the DiT phase, in order
+
+
+def _discard(work: Path, phases) -> None:
+    for name in phases:
+        (work / f"{name}.pt").unlink(missing_ok=True)
 
 
 class _Checkpointer:
@@ -151,6 +177,8 @@ def train_dit_phase(
         text.load_state_dict(ckpt["text"])
         trainer.opt.load_state_dict(ckpt["opt"])
         start = ckpt["step"]
+    if start < tc.dit.steps:  # later phases built on other weights: start them afresh
+        _discard(work, LATER_PHASES)
     dit.train()
     text.train()
 
@@ -178,6 +206,55 @@ def train_dit_phase(
         trainer.close()
     save(tc.dit.steps)
     return dit.eval(), text.eval(), start
+
+
+def train_start_phase(
+    name: str,
+    cfg: ModelConfig,
+    tc: TrainDemoConfig,
+    work: Path,
+    vae: WanVAE,
+    dit: CausalDiT,
+    text: torch.nn.Module,
+    resume: bool,
+) -> None:
+    """Phases 3 and 4 (start_train, `name` "start" or "follow"): a shot's first chunk places
+    the object where its noise says, then keeps it through the sampler's later steps;
+    trains `dit` and `text` in place."""
+    pc: DiTTrainConfig = getattr(tc, name)
+    tokenizer = load_tokenizer(cfg.text, save_tokenizer(work / "tokenizer"))
+    held = held_out_scenes()
+    scenes = [s for s in all_scenes() if s not in held]
+    trainer = StartTrainer(cfg, dit, text, vae, tokenizer, scenes, pc, tc.seed)
+    start = 0
+    ckpt = _load(work / f"{name}.pt") if resume else None
+    if ckpt is not None:
+        dit.load_state_dict(ckpt["dit"])
+        text.load_state_dict(ckpt["text"])
+        trainer.opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+    if start < pc.steps:
+        _discard(work, LATER_PHASES[LATER_PHASES.index(name) + 1 :])
+    dit.train()
+    text.train()
+
+    def save(step: int) -> None:
+        state = {"dit": dit.state_dict(), "text": text.state_dict()}
+        _save({**state, "opt": trainer.opt.state_dict(), "step": step}, work / f"{name}.pt")
+
+    timer = _Checkpointer(tc.checkpoint_s)
+    bar = tqdm(range(start, pc.steps), desc=name, unit="step", initial=start, total=pc.steps)
+    try:
+        for step in bar:
+            logs = trainer.step(step)
+            bar.set_postfix(x0=f"{logs['x0_mse']:.4f}", cache=len(trainer.cache))
+            if timer.due():
+                save(step + 1)
+    finally:
+        trainer.close()
+    save(pc.steps)
+    dit.eval()
+    text.eval()
 
 
 def export_weights(
@@ -216,10 +293,19 @@ def train_demo(
     vae = train_vae_phase(cfg, tc, work, resume)
     t_vae = time.time() - t0
     dit, text, dit_start = train_dit_phase(cfg, tc, work, vae, resume)
+    t_dit = time.time() - t0 - t_vae
+    train_start_phase("start", cfg, tc, work, vae, dit, text, resume)
+    t_start = time.time() - t0 - t_vae - t_dit
+    train_start_phase("follow", cfg, tc, work, vae, dit, text, resume)
     meta = {
         "preset": cfg.name,
         "config": asdict(tc),
-        "seconds": {"vae": round(t_vae), "dit": round(time.time() - t0 - t_vae)},
+        "seconds": {
+            "vae": round(t_vae),
+            "dit": round(t_dit),
+            "start": round(t_start),
+            "follow": round(time.time() - t0 - t_vae - t_dit - t_start),
+        },
         "torch_threads": torch.get_num_threads(),
         "resumed": resume,
         "dit_started_at_step": dit_start,
@@ -239,7 +325,11 @@ def run_train_demo(args) -> int:
         dit = replace(dit, batch=args.dit_batch)
     if args.dit_unroll is not None:
         dit = replace(dit, unroll_prob=args.dit_unroll)
-    tc = replace(base, vae=vae, dit=dit)
+    start = base.start if args.start_steps is None else replace(base.start, steps=args.start_steps)
+    follow = base.follow
+    if args.follow_steps is not None:
+        follow = replace(follow, steps=args.follow_steps)
+    tc = replace(base, vae=vae, dit=dit, start=start, follow=follow)
     out = train_demo(args.work, args.out, tc, resume=args.resume, threads=args.threads)
     print(f"weights written to {out}")
     return 0

@@ -140,3 +140,71 @@ def test_unrolled_levels_are_noised_from_the_models_own_previous_x0(tmp_path):
         torch.testing.assert_close(loss, (err / sigma).mean(), rtol=1e-5, atol=1e-6)
     finally:
         trainer.close()
+
+
+def test_noise_start_is_the_centre_of_the_token_with_the_largest_pooled_noise():
+    from model.train.start_train import noise_start
+
+    eps = torch.zeros(2, *CFG.latent_shape)
+    _, ph, pw = CFG.dit.patch_size
+    eps[0, 0, 1 * ph : 2 * ph, 4 * pw : 5 * pw] = 1.0  # token (row 1, col 4)
+    eps[1, 0, 3 * ph, 0] = 5.0  # one latent pixel of token (3, 0)
+    eps[1, 1, 0:ph, 0:pw] = 9.0  # other channels do not count
+    cell_h, cell_w = CFG.height / CFG.grid_h, CFG.width / CFG.grid_w
+    expected = torch.tensor([[4.5 * cell_w, 1.5 * cell_h], [0.5 * cell_w, 3.5 * cell_h]])
+    torch.testing.assert_close(noise_start(eps, CFG), expected.double())
+
+
+def test_a_start_places_the_object_and_its_motion_goes_on_from_there():
+    from model.train.probe import read_frame
+
+    key = KEY._replace(start=(30.0, 20.0))  # wide, moving right
+    frames = render_frames(key, GEO, [0, 8])
+    u8 = ((frames.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    first, later = read_frame(u8[0]), read_frame(u8[1])
+    assert abs(first.centre[0] - 30.0) < 0.5 and abs(first.centre[1] - 20.0) < 0.5
+    vx, _ = GEO.speed("right")
+    assert abs(later.centre[0] - (30.0 + 8 * vx)) < 0.5 and abs(later.centre[1] - 20.0) < 0.5
+    # no start: the anchored path, unchanged
+    assert torch.equal(render_frames(KEY, GEO, [0]), render_clip(KEY, GEO, 1))
+
+
+def test_start_phase_targets_sit_where_the_noise_says_and_a_step_trains(tmp_path):
+    """Phase 3 batches: the first chunk's target has its object at `noise_start` of the same
+    step's noise, the batch is a function of (seed, step), and a step moves the weights."""
+    from model.text import build_umt5, load_tokenizer
+    from model.train.dit_train import DiTTrainConfig
+    from model.train.probe import read_frame
+    from model.train.render import all_scenes
+    from model.train.run import init_dit
+    from model.train.start_train import StartTrainer, noise_start
+    from model.train.tokenizer import save_tokenizer
+
+    torch.manual_seed(0)
+    dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
+    tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
+    tc = DiTTrainConfig(batch=3, steps=2, lr=1e-3, warmup=1)
+    vae = _per_frame_vae()
+    trainer = StartTrainer(CFG, dit, text, vae, tok, all_scenes()[:12], tc, seed=1)
+    try:
+        batch, eps = trainer._prepare(5)
+        assert batch.clean.shape == (3, CFG.chunk_frames, *CFG.latent_shape)
+        assert batch.caption_index.shape == (3, CFG.context_frames + CFG.chunk_frames)
+        again, eps2 = trainer._prepare(5)
+        assert torch.equal(eps, eps2) and torch.equal(batch.clean, again.clean)
+        starts = noise_start(eps[:, 0], CFG)
+        for i, ex in enumerate(trainer.examples(5)):
+            key = ex.story.clip_key(len(ex.story.shots) - 1)
+            key = key._replace(start=tuple(starts[i].tolist()))
+            want = vae.encode_frames(render_frames(key, GEO, [0]))[0]
+            torch.testing.assert_close(batch.clean[i, 0], want, rtol=1e-4, atol=1e-5)
+            u8 = ((render_frames(key, GEO, [0])[0].permute(1, 2, 0) + 1) * 127.5).to(torch.uint8)
+            centre = read_frame(u8).centre
+            if centre is not None:  # an object starting at an edge may be cut by the frame
+                assert abs(centre[0] - starts[i, 0]) < 3 and abs(centre[1] - starts[i, 1]) < 3
+        before = [p.detach().clone() for p in dit.parameters()]
+        logs = trainer.step(0)
+        assert torch.isfinite(torch.tensor(logs["loss"]))
+        assert any(not torch.equal(a, p) for a, p in zip(before, dit.parameters(), strict=True))
+    finally:
+        trainer.close()

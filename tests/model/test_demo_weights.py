@@ -64,6 +64,10 @@ def _tiny_run(work: Path, dit_steps: int, resume: bool = False) -> dict[str, tor
         seed=3,
         vae=VAETrainConfig(steps=1, frame_batch=2, stats_frames=8),
         dit=DiTTrainConfig(steps=dit_steps, batch=1, warmup=30),
+        start=DiTTrainConfig(
+            steps=1, batch=1, level_weights=(1.0, 0.0, 0.0, 0.0), history_weights=(1.0,)
+        ),
+        follow=DiTTrainConfig(steps=1, batch=1, unroll_prob=1.0),
     )
     out = train_demo(work, work / "export", tc, resume=resume)
     return load_file(str(out / "generator.safetensors"))

@@ -1,0 +1,130 @@
+"""Phase 3 of the demo recipe: the first chunk of a shot learns to place the object where its
+noise says.
+
+Why. The DiT has no absolute position: RoPE is relative, and at sigma = 1 the first chunk of
+a shot sees only noise, a context of identical (zero or other-shot) frames and text. Such a
+network cannot put an object at a fixed anchor; the x0-MSE optimum it can reach is the
+average over places, a flat field (checked: after the teacher-forced phase the first step
+draws the right background and no object). The sampler then re-noises with fresh noise, so
+the later steps see no object either, and none ever appears. A distilled student maps
+noise to a committed sample; this phase teaches the same thing directly, with a placement
+rule a position-blind network can compute: the object's first-frame centre is the centre
+of the DiT token (patch) whose 2x2-pooled channel-0 noise in the chunk's first latent
+frame is the largest (`noise_start`). Training is x0-MSE at sigma = 1 on the first chunk
+of sampled shots (history and captions as in phase 2), the target rendered from that start
+and moving as its caption says. Later chunks keep following the clean history, as trained
+in phase 2.
+
+Every batch is a pure function of (seed, step), so a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.teacher_forcing import shot_mask, teacher_forced_flow
+from model.train.dit_train import Batch, DiTTrainer, Example, build_batch, encode_text
+from model.train.render import stable_seed
+
+
+def noise_start(eps0: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Object centres (B, 2) as (x, y) pixels for first-frame noise latents (B, C, h, w): the
+    centre of the token whose mean channel-0 noise is the largest."""
+    _, ph, pw = cfg.dit.patch_size
+    pooled = F.avg_pool2d(eps0[:, :1], (ph, pw))[:, 0]  # (B, grid_h, grid_w)
+    idx = pooled.flatten(1).argmax(dim=1)
+    ty, tx = idx // cfg.grid_w, idx % cfg.grid_w
+    cell_h, cell_w = cfg.height / cfg.grid_h, cfg.width / cfg.grid_w
+    return torch.stack([(tx + 0.5) * cell_w, (ty + 0.5) * cell_h], dim=1).to(torch.float64)
+
+
+class StartTrainer(DiTTrainer):
+    """Phase 3: sigma = 1 on the first chunk only, targets placed by `noise_start`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.cfg
+        self.mask = shot_mask(cfg.context_frames, 1, cfg.chunk_frames, cfg.tokens_per_frame)
+
+    def noise(self, step: int) -> torch.Tensor:
+        """The first chunk's sigma = 1 input (B, chunk_frames, C, h, w)."""
+        gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-noise"))
+        shape = (self.tc.batch, self.cfg.chunk_frames, *self.cfg.latent_shape)
+        return torch.randn(shape, generator=gen)
+
+    def examples(self, step: int) -> list[Example]:
+        out = super().examples(step)
+        if not self.tc.still_only:
+            return out
+        still = []
+        for ex in out:
+            shots = ex.story.shots[:-1] + (replace(ex.story.shots[-1], motion="still"),)
+            still.append(replace(ex, story=replace(ex.story, shots=shots)))
+        return still
+
+    def _prepare(self, step: int) -> tuple[Batch, torch.Tensor]:
+        examples = self.examples(step)
+        eps = self.noise(step)
+        starts = noise_start(eps[:, 0], self.cfg).tolist()
+        keys = [
+            ex.story.clip_key(len(ex.story.shots) - 1)._replace(start=(x, y))
+            for ex, (x, y) in zip(examples, starts, strict=True)
+        ]
+        batch = build_batch(
+            examples, self.cfg, self.cache, self.tokenizer, keys, self.cfg.chunk_frames
+        )
+        return batch, eps
+
+    def sigmas(self, step: int, b: int) -> torch.Tensor:
+        """The first chunk's noise level (B, 1): one of the sampler's levels, drawn with the
+        phase's `level_weights` (sigma = 1 is the point of the phase; the others keep the
+        later steps following an object wherever the first one put it)."""
+        gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-sigma"))
+        weights = torch.tensor(self.tc.level_weights, dtype=torch.float32)
+        return self.levels[torch.multinomial(weights, b, replacement=True, generator=gen)][:, None]
+
+    def _flow(self, batch: Batch, noisy, sigma, prompt) -> torch.Tensor:
+        return teacher_forced_flow(
+            self.dit, batch.context, batch.context_flags, batch.clean, noisy,
+            sigma * self.cfg.sampler.num_train_timesteps, batch.gen_flag, prompt,
+            batch.caption_index, self.mask,
+        )  # fmt: skip
+
+    def first_chain(self, batch: Batch, eps, prompt, step: int) -> list[torch.Tensor]:
+        """The sampler run by the model itself (no grad) from `eps`, as the generator runs a
+        first chunk: element j is the input of level j + 1 (its x0 of level j, re-noised
+        with fresh noise)."""
+        levels = self.levels.tolist()
+        gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-chain"))
+        b, out, x = eps.shape[0], [], eps
+        with torch.no_grad():
+            for j, sig in enumerate(levels[:-1]):
+                x0 = x - sig * self._flow(batch, x, torch.full((b, 1), sig), prompt)
+                nxt = levels[j + 1]
+                x = (1 - nxt) * x0 + nxt * torch.randn(eps.shape, generator=gen)
+                out.append(x)
+        return out
+
+    def loss(self, prepared, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        batch, eps = prepared
+        b = eps.shape[0]
+        sigma = self.sigmas(step, b)
+        s = sigma[..., None, None, None]
+        noisy = (1 - s) * batch.clean + s * eps
+        prompt = encode_text(self.text, batch.ids, batch.mask)
+        if self.tc.unroll_prob > 0:  # later levels from the model's own chain
+            level = (sigma - self.levels).abs().argmin(dim=1)  # (B,)
+            gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-coin"))
+            use = (level > 0) & (torch.rand(b, generator=gen) < self.tc.unroll_prob)
+            if bool(use.any()):
+                chain = torch.stack(self.first_chain(batch, eps, prompt.detach(), step))
+                own = chain[(level - 1).clamp(min=0), torch.arange(b)]
+                noisy = torch.where(use[:, None, None, None, None], own, noisy)
+        flow = self._flow(batch, noisy, sigma, prompt)
+        err = (noisy - s * flow - batch.clean).pow(2).mean(dim=(1, 2, 3, 4))  # (B,)
+        loss = (err / sigma[:, 0]).mean()
+        return loss, {"loss": float(loss.detach()), "x0_mse": float(err.detach().mean())}
