@@ -69,6 +69,10 @@ class DiTTrainConfig:
     # number of earlier shots 0, 1, 2, ... (more than 6 gives every context frame its own shot)
     history_weights: tuple[float, ...] = (0.3, 0.25, 0.17, 0.12, 0.08, 0.05, 0.03)
     still_only: bool = False  # start_train: every target shot stays still
+    # start_train, levels after the first: the clean input is faded toward its own spatial
+    # mean by a factor drawn from [fade_min, 1], so a faint first-step object is kept and
+    # sharpened where it is (1: off)
+    fade_min: float = 1.0
 
 
 @dataclass(frozen=True)

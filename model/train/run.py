@@ -59,9 +59,13 @@ class TrainDemoConfig:
             still_only=True,
         )  # fmt: skip
     )
-    # phase 4 (start_train): every level, any shot; later levels mostly from the own chain
+    # phase 4 (start_train): any shot's first chunk, every level: the first keeps placing
+    # the object, the later ones keep it wherever it is, faint ones included
     follow: DiTTrainConfig = field(
-        default_factory=lambda: DiTTrainConfig(steps=400, lr=5e-4, warmup=20, unroll_prob=0.8)
+        default_factory=lambda: DiTTrainConfig(
+            steps=800, lr=5e-4, warmup=20, level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
+            fade_min=0.2,
+        )  # fmt: skip
     )
     checkpoint_s: float = 120.0
 

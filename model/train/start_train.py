@@ -114,7 +114,19 @@ class StartTrainer(DiTTrainer):
         b = eps.shape[0]
         sigma = self.sigmas(step, b)
         s = sigma[..., None, None, None]
-        noisy = (1 - s) * batch.clean + s * eps
+        base = batch.clean
+        if self.tc.fade_min < 1:
+            gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-fade"))
+            keep = self.tc.fade_min + (1 - self.tc.fade_min) * torch.rand(b, generator=gen)
+            keep = torch.where(sigma[:, 0] < 1, keep, torch.ones(b))[:, None, None, None, None]
+            field = base.mean(dim=(3, 4), keepdim=True)
+            base = keep * base + (1 - keep) * field
+        # later levels see fresh noise, as in the sampler: only the object itself (not the
+        # placement noise) may tell them where it is
+        gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-renoise"))
+        fresh = torch.randn(eps.shape, generator=gen)
+        noise = torch.where(sigma[:, 0, None, None, None, None] < 1, fresh, eps)
+        noisy = (1 - s) * base + s * noise
         prompt = encode_text(self.text, batch.ids, batch.mask)
         if self.tc.unroll_prob > 0:  # later levels from the model's own chain
             level = (sigma - self.levels).abs().argmin(dim=1)  # (B,)

@@ -208,3 +208,49 @@ def test_start_phase_targets_sit_where_the_noise_says_and_a_step_trains(tmp_path
         assert any(not torch.equal(a, p) for a, p in zip(before, dit.parameters(), strict=True))
     finally:
         trainer.close()
+
+
+def test_start_phase_later_levels_see_fresh_noise_and_faded_objects(tmp_path, monkeypatch):
+    """At sigma = 1 the first chunk's input is the placement noise itself; at later levels it
+    is re-noised with other noise (the sampler's fresh noise, which says nothing about where
+    the object is) from a clean chunk faded toward its mean by a factor in [fade_min, 1]."""
+    import model.train.start_train as st
+    from model.text import build_umt5, load_tokenizer
+    from model.train.dit_train import DiTTrainConfig
+    from model.train.render import all_scenes
+    from model.train.run import init_dit
+    from model.train.tokenizer import save_tokenizer
+
+    seen = []
+
+    def capture(dit, context, flags, clean, noisy, t, *rest):
+        seen.append((noisy, t))
+        return torch.zeros_like(noisy)
+
+    monkeypatch.setattr(st, "teacher_forced_flow", capture)
+    dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
+    tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
+    tc = DiTTrainConfig(batch=8, level_weights=(0.5, 0.5, 0.0, 0.0), fade_min=0.2)
+    trainer = st.StartTrainer(CFG, dit, text, _per_frame_vae(), tok, all_scenes()[:12], tc, 2)
+    try:
+        prepared = trainer._prepare(0)
+        batch, eps = prepared
+        trainer.loss(prepared, 0)
+        (noisy, t), sigma = seen[0], trainer.sigmas(0, 8)[:, 0]
+        assert set(sigma.tolist()) == {1.0, 0.75}  # both kinds in this batch
+        for i in range(8):
+            if sigma[i] == 1:
+                assert torch.equal(noisy[i], eps[i])
+                continue
+            noise = (noisy[i] - 0.25 * batch.clean[i]) / 0.75  # if it were not faded
+            assert not torch.allclose(noise, eps[i], atol=0.1)  # not the placement noise
+            field = batch.clean[i].mean(dim=(2, 3), keepdim=True)
+            fitted = []  # the fade factor that explains the input best, per latent frame
+            for f in range(CFG.chunk_frames):
+                resid = noisy[i, f] - 0.25 * field[f]
+                d = 0.25 * (batch.clean[i, f] - field[f])
+                fitted.append(float((resid * d).sum() / (d * d).sum()))
+            assert all(0.2 - 0.15 < k < 1 + 0.15 for k in fitted), fitted
+        assert torch.allclose(t[:, 0], sigma * 1000)
+    finally:
+        trainer.close()
