@@ -1,5 +1,5 @@
-"""Phase 3 of the demo recipe: the first chunk of a shot learns to place the object where its
-noise says.
+"""Phases 3 and 4 of the demo recipe: the first chunk of a shot learns to place the object
+where its noise says (3), and to keep it there through the sampler's later steps (4).
 
 Why. The DiT has no absolute position: RoPE is relative, and at sigma = 1 the first chunk of
 a shot sees only noise, a context of identical (zero or other-shot) frames and text. Such a
@@ -10,10 +10,14 @@ the later steps see no object either, and none ever appears. A distilled student
 noise to a committed sample; this phase teaches the same thing directly, with a placement
 rule a position-blind network can compute: the object's first-frame centre is the centre
 of the DiT token (patch) whose 2x2-pooled channel-0 noise in the chunk's first latent
-frame is the largest (`noise_start`). Training is x0-MSE at sigma = 1 on the first chunk
-of sampled shots (history and captions as in phase 2), the target rendered from that start
-and moving as its caption says. Later chunks keep following the clean history, as trained
-in phase 2.
+frame is the largest (`noise_start`). Training is x0-MSE on the first chunk of sampled
+shots (history and captions as in phase 2), the target rendered from that start and moving
+as its caption says; phase 3 uses sigma = 1 only. Phase 4 mixes in the later levels: their
+input is re-noised with fresh noise (the placement noise would tell them where the object
+is; the sampler's never does) from the clean chunk faded toward its mean (`fade_min`), so
+a faint first-step object is kept where it is. `unroll_prob` feeds the later levels from
+the model's own chain instead (tried: the target's place is then invisible to them and they
+learn to erase). Later chunks keep following the clean history, as trained in phase 2.
 
 Every batch is a pure function of (seed, step), so a resumed run sees the same data.
 """
