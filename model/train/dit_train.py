@@ -8,8 +8,8 @@ of later ones) gets six zero latents. `teacher_forced_flow` runs
 [context | clean shot | noisy shot] in one forward with the inference attention pattern.
 
 Objective: each 3-frame chunk gets its own noise level, drawn from the sampler's four levels
-(80 %; sigma = 1 twice as often as each of the others) or uniformly (20 %); the loss is the x0 error of the sampler's own x0 = x_t - sigma v,
-weighted 1/sigma per chunk. The few-step sampler consumes x0 predictions at exactly these
+(80 %; sigma = 1 twice as often as each of the others) or uniformly (20 %); the loss is the
+x0 error of the sampler's own x0 = x_t - sigma v, weighted 1/sigma per chunk. The few-step sampler consumes x0 predictions at exactly these
 levels; the high-noise ones decide colour, shape and position, which plain x0-MSE weights
 most, and 1/sigma keeps enough weight on sigma = 0.25, which sets the final detail (plain
 flow matching, 1/sigma^2, would spend most of a small budget there).
@@ -286,6 +286,16 @@ class DiTTrainer:
         use_level = torch.rand(b, n, generator=gen) < self.tc.level_prob
         return torch.where(use_level, pick, uniform)
 
+    def flow(
+        self, batch: Batch, noisy: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor
+    ) -> torch.Tensor:
+        """The model's flow for the noisy chunks of `batch` at per-chunk levels (B, chunks)."""
+        return teacher_forced_flow(
+            self.dit, batch.context, batch.context_flags, batch.clean, noisy,
+            sigma * self.cfg.sampler.num_train_timesteps, batch.gen_flag, prompt,
+            batch.caption_index, self.mask,
+        )  # fmt: skip
+
     def own_chain(self, batch: Batch, prompt: torch.Tensor, step: int) -> list[torch.Tensor]:
         """The sampler's x0 at each of its levels but the last, run by the model itself (no
         grad) from pure noise over the whole shot, with the true clean history (as inference
@@ -298,12 +308,9 @@ class DiTTrainer:
             for j, sig in enumerate(levels[:-1]):
                 eps = torch.randn(batch.clean.shape, generator=gen)
                 x = eps if j == 0 else (1 - sig) * x0 + sig * eps
-                flow = teacher_forced_flow(
-                    self.dit, batch.context, batch.context_flags, batch.clean, x,
-                    torch.full((b, cfg.chunks_per_shot), sig * cfg.sampler.num_train_timesteps),
-                    batch.gen_flag, prompt, batch.caption_index, self.mask,
-                )  # fmt: skip
-                x0 = x - sig * flow
+                x0 = x - sig * self.flow(
+                    batch, x, torch.full((b, cfg.chunks_per_shot), sig), prompt
+                )
                 out.append(x0)
         return out
 
@@ -335,12 +342,7 @@ class DiTTrainer:
                 pick = use.repeat_interleave(cfg.chunk_frames, dim=1)[..., None, None, None]
                 base = torch.where(pick, own, batch.clean)
         noisy = (1 - s) * base + s * eps
-        flow = teacher_forced_flow(
-            self.dit, batch.context, batch.context_flags, batch.clean, noisy,
-            sigma * cfg.sampler.num_train_timesteps, batch.gen_flag, prompt,
-            batch.caption_index, self.mask,
-        )  # fmt: skip
-        x0 = noisy - s * flow
+        x0 = noisy - s * self.flow(batch, noisy, sigma, prompt)
         err = (x0 - batch.clean).pow(2).mean(dim=(2, 3, 4))  # (B, Fs)
         per_chunk = err.view(b, cfg.chunks_per_shot, cfg.chunk_frames).mean(dim=2)
         loss = (per_chunk / sigma).mean()

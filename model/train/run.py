@@ -3,7 +3,7 @@
     work/vae.pt        phase 1 checkpoint (model, optimiser, step); vae_final.pt when done
     work/dit.pt        phase 2 checkpoint (DiT, text encoder, optimiser, step)
     work/start.pt      phase 3 checkpoint (first chunks place the object where their noise says)
-    work/follow.pt     phase 4 checkpoint (first chunks' later steps from the model's own chain)
+    work/follow.pt     phase 4 checkpoint (first chunks keep that object through later steps)
     export/            generator.safetensors, vae/, text_encoder/, tokenizer/, vocabulary.json
 
 Checkpoints are written atomically every `checkpoint_s` seconds and at the end of a phase;
@@ -63,7 +63,10 @@ class TrainDemoConfig:
     # the object, the later ones keep it wherever it is, faint ones included
     follow: DiTTrainConfig = field(
         default_factory=lambda: DiTTrainConfig(
-            steps=800, lr=5e-4, warmup=20, level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
+            steps=800,
+            lr=5e-4,
+            warmup=20,
+            level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
             fade_min=0.2,
         )  # fmt: skip
     )
@@ -86,6 +89,49 @@ LATER_PHASES = ("start", "follow")  # phases after the DiT phase, in order
 def _discard(work: Path, phases) -> None:
     for name in phases:
         (work / f"{name}.pt").unlink(missing_ok=True)
+
+
+def _run_phase(
+    name: str, trainer: DiTTrainer, work: Path, checkpoint_s: float, resume: bool, later
+) -> int:
+    """Train `trainer`'s DiT and text encoder to its config's step count, checkpointing to
+    work/NAME.pt (resumed from it with `resume`); returns the step it started at. When it
+    trains at all, the `later` phases' checkpoints are discarded: they were built on other
+    weights."""
+    dit, text, opt, steps = trainer.dit, trainer.text, trainer.opt, trainer.tc.steps
+    path = work / f"{name}.pt"
+    start = 0
+    ckpt = _load(path) if resume else None
+    if ckpt is not None:
+        dit.load_state_dict(ckpt["dit"])
+        text.load_state_dict(ckpt["text"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+    if start < steps:
+        _discard(work, later)
+    dit.train()
+    text.train()
+
+    def save(step: int) -> None:
+        state = {"dit": dit.state_dict(), "text": text.state_dict(), "opt": opt.state_dict()}
+        _save({**state, "step": step}, path)
+
+    timer = _Checkpointer(checkpoint_s)
+    bar = tqdm(range(start, steps), desc=name, unit="step", initial=start, total=steps)
+    try:
+        for step in bar:
+            logs = trainer.step(step)
+            bar.set_postfix(
+                loss=f"{logs['loss']:.4f}", x0=f"{logs['x0_mse']:.4f}", cache=len(trainer.cache)
+            )
+            if timer.due():
+                save(step + 1)
+    finally:
+        trainer.close()
+    save(steps)
+    dit.eval()
+    text.eval()
+    return start
 
 
 class _Checkpointer:
@@ -161,6 +207,14 @@ def init_dit(cfg: ModelConfig, seed: int) -> CausalDiT:
     return dit
 
 
+def _tokenizer_and_scenes(cfg: ModelConfig, work: Path) -> tuple:
+    """The tokenizer (written to work/tokenizer) and the training scenes (all but the
+    held-out ones) of the DiT phases."""
+    tokenizer = load_tokenizer(cfg.text, save_tokenizer(work / "tokenizer"))
+    held = held_out_scenes()
+    return tokenizer, [s for s in all_scenes() if s not in held]
+
+
 def train_dit_phase(
     cfg: ModelConfig, tc: TrainDemoConfig, work: Path, vae: WanVAE, resume: bool
 ) -> tuple[CausalDiT, torch.nn.Module, int]:
@@ -170,46 +224,10 @@ def train_dit_phase(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tc.seed + 2)
         text = build_umt5(cfg.text)
-    tokenizer = load_tokenizer(cfg.text, save_tokenizer(work / "tokenizer"))
-    held = held_out_scenes()
-    scenes = [s for s in all_scenes() if s not in held]
+    tokenizer, scenes = _tokenizer_and_scenes(cfg, work)
     trainer = DiTTrainer(cfg, dit, text, vae, tokenizer, scenes, tc.dit, tc.seed)
-    start = 0
-    ckpt = _load(work / "dit.pt") if resume else None
-    if ckpt is not None:
-        dit.load_state_dict(ckpt["dit"])
-        text.load_state_dict(ckpt["text"])
-        trainer.opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
-    if start < tc.dit.steps:  # later phases built on other weights: start them afresh
-        _discard(work, LATER_PHASES)
-    dit.train()
-    text.train()
-
-    def save(step: int) -> None:
-        state = {
-            "dit": dit.state_dict(),
-            "text": text.state_dict(),
-            "opt": trainer.opt.state_dict(),
-        }
-        _save({**state, "step": step}, work / "dit.pt")
-
-    timer = _Checkpointer(tc.checkpoint_s)
-    bar = tqdm(
-        range(start, tc.dit.steps), desc="dit", unit="step", initial=start, total=tc.dit.steps
-    )
-    try:
-        for step in bar:
-            logs = trainer.step(step)
-            bar.set_postfix(
-                loss=f"{logs['loss']:.4f}", x0=f"{logs['x0_mse']:.4f}", cache=len(trainer.cache)
-            )
-            if timer.due():
-                save(step + 1)
-    finally:
-        trainer.close()
-    save(tc.dit.steps)
-    return dit.eval(), text.eval(), start
+    start = _run_phase("dit", trainer, work, tc.checkpoint_s, resume, LATER_PHASES)
+    return dit, text, start
 
 
 def train_start_phase(
@@ -224,41 +242,12 @@ def train_start_phase(
 ) -> None:
     """Phases 3 and 4 (start_train, `name` "start" or "follow"): a shot's first chunk places
     the object where its noise says, then keeps it through the sampler's later steps;
-    trains `dit` and `text` in place."""
+    trains `dit` and `text` in place and leaves them in eval mode."""
     pc: DiTTrainConfig = getattr(tc, name)
-    tokenizer = load_tokenizer(cfg.text, save_tokenizer(work / "tokenizer"))
-    held = held_out_scenes()
-    scenes = [s for s in all_scenes() if s not in held]
+    tokenizer, scenes = _tokenizer_and_scenes(cfg, work)
     trainer = StartTrainer(cfg, dit, text, vae, tokenizer, scenes, pc, tc.seed)
-    start = 0
-    ckpt = _load(work / f"{name}.pt") if resume else None
-    if ckpt is not None:
-        dit.load_state_dict(ckpt["dit"])
-        text.load_state_dict(ckpt["text"])
-        trainer.opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
-    if start < pc.steps:
-        _discard(work, LATER_PHASES[LATER_PHASES.index(name) + 1 :])
-    dit.train()
-    text.train()
-
-    def save(step: int) -> None:
-        state = {"dit": dit.state_dict(), "text": text.state_dict()}
-        _save({**state, "opt": trainer.opt.state_dict(), "step": step}, work / f"{name}.pt")
-
-    timer = _Checkpointer(tc.checkpoint_s)
-    bar = tqdm(range(start, pc.steps), desc=name, unit="step", initial=start, total=pc.steps)
-    try:
-        for step in bar:
-            logs = trainer.step(step)
-            bar.set_postfix(x0=f"{logs['x0_mse']:.4f}", cache=len(trainer.cache))
-            if timer.due():
-                save(step + 1)
-    finally:
-        trainer.close()
-    save(pc.steps)
-    dit.eval()
-    text.eval()
+    later = LATER_PHASES[LATER_PHASES.index(name) + 1 :]
+    _run_phase(name, trainer, work, tc.checkpoint_s, resume, later)
 
 
 def export_weights(
@@ -329,7 +318,9 @@ def run_train_demo(args) -> int:
         dit = replace(dit, batch=args.dit_batch)
     if args.dit_unroll is not None:
         dit = replace(dit, unroll_prob=args.dit_unroll)
-    start = base.start if args.start_steps is None else replace(base.start, steps=args.start_steps)
+    start = base.start
+    if args.start_steps is not None:
+        start = replace(start, steps=args.start_steps)
     follow = base.follow
     if args.follow_steps is not None:
         follow = replace(follow, steps=args.follow_steps)

@@ -15,9 +15,9 @@ shots (history and captions as in phase 2), the target rendered from that start 
 as its caption says; phase 3 uses sigma = 1 only. Phase 4 mixes in the later levels: their
 input is re-noised with fresh noise (the placement noise would tell them where the object
 is; the sampler's never does) from the clean chunk faded toward its mean (`fade_min`), so
-a faint first-step object is kept where it is. `unroll_prob` feeds the later levels from
-the model's own chain instead (tried: the target's place is then invisible to them and they
-learn to erase). Later chunks keep following the clean history, as trained in phase 2.
+a faint first-step object is kept where it is. (Feeding them the model's own chain instead,
+as phase 2's `unroll_prob` does, was tried: the target's place is then invisible to them
+and they learn to erase; StartTrainer refuses `unroll_prob`.) Later chunks keep following the clean history, as trained in phase 2.
 
 Every batch is a pure function of (seed, step), so a resumed run sees the same data.
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
-from model.teacher_forcing import shot_mask, teacher_forced_flow
+from model.teacher_forcing import shot_mask
 from model.train.dit_train import Batch, DiTTrainer, Example, build_batch, encode_text
 from model.train.render import stable_seed
 
@@ -47,10 +47,13 @@ def noise_start(eps0: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 class StartTrainer(DiTTrainer):
-    """Phase 3: sigma = 1 on the first chunk only, targets placed by `noise_start`."""
+    """Phases 3 and 4: the first chunk only, at the phase's levels, its target placed by
+    `noise_start`."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.tc.unroll_prob:
+            raise ValueError("start_train does not unroll the chain (see the module docstring)")
         cfg = self.cfg
         self.mask = shot_mask(cfg.context_frames, 1, cfg.chunk_frames, cfg.tokens_per_frame)
 
@@ -91,56 +94,27 @@ class StartTrainer(DiTTrainer):
         weights = torch.tensor(self.tc.level_weights, dtype=torch.float32)
         return self.levels[torch.multinomial(weights, b, replacement=True, generator=gen)][:, None]
 
-    def _flow(self, batch: Batch, noisy, sigma, prompt) -> torch.Tensor:
-        return teacher_forced_flow(
-            self.dit, batch.context, batch.context_flags, batch.clean, noisy,
-            sigma * self.cfg.sampler.num_train_timesteps, batch.gen_flag, prompt,
-            batch.caption_index, self.mask,
-        )  # fmt: skip
-
-    def first_chain(self, batch: Batch, eps, prompt, step: int) -> list[torch.Tensor]:
-        """The sampler run by the model itself (no grad) from `eps`, as the generator runs a
-        first chunk: element j is the input of level j + 1 (its x0 of level j, re-noised
-        with fresh noise)."""
-        levels = self.levels.tolist()
-        gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-chain"))
-        b, out, x = eps.shape[0], [], eps
-        with torch.no_grad():
-            for j, sig in enumerate(levels[:-1]):
-                x0 = x - sig * self._flow(batch, x, torch.full((b, 1), sig), prompt)
-                nxt = levels[j + 1]
-                x = (1 - nxt) * x0 + nxt * torch.randn(eps.shape, generator=gen)
-                out.append(x)
-        return out
-
     def loss(self, prepared, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch, eps = prepared
         b = eps.shape[0]
         sigma = self.sigmas(step, b)
         s = sigma[..., None, None, None]
+        later = (sigma[:, 0] < 1)[:, None, None, None, None]  # levels after the first
         base = batch.clean
         if self.tc.fade_min < 1:
             gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-fade"))
             keep = self.tc.fade_min + (1 - self.tc.fade_min) * torch.rand(b, generator=gen)
-            keep = torch.where(sigma[:, 0] < 1, keep, torch.ones(b))[:, None, None, None, None]
+            keep = torch.where(later, keep[:, None, None, None, None], 1.0)
             field = base.mean(dim=(3, 4), keepdim=True)
             base = keep * base + (1 - keep) * field
         # later levels see fresh noise, as in the sampler: only the object itself (not the
         # placement noise) may tell them where it is
         gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-renoise"))
         fresh = torch.randn(eps.shape, generator=gen)
-        noise = torch.where(sigma[:, 0, None, None, None, None] < 1, fresh, eps)
+        noise = torch.where(later, fresh, eps)
         noisy = (1 - s) * base + s * noise
         prompt = encode_text(self.text, batch.ids, batch.mask)
-        if self.tc.unroll_prob > 0:  # later levels from the model's own chain
-            level = (sigma - self.levels).abs().argmin(dim=1)  # (B,)
-            gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-coin"))
-            use = (level > 0) & (torch.rand(b, generator=gen) < self.tc.unroll_prob)
-            if bool(use.any()):
-                chain = torch.stack(self.first_chain(batch, eps, prompt.detach(), step))
-                own = chain[(level - 1).clamp(min=0), torch.arange(b)]
-                noisy = torch.where(use[:, None, None, None, None], own, noisy)
-        flow = self._flow(batch, noisy, sigma, prompt)
+        flow = self.flow(batch, noisy, sigma, prompt)
         err = (noisy - s * flow - batch.clean).pow(2).mean(dim=(1, 2, 3, 4))  # (B,)
         loss = (err / sigma[:, 0]).mean()
         return loss, {"loss": float(loss.detach()), "x0_mse": float(err.detach().mean())}

@@ -223,16 +223,16 @@ def test_start_phase_later_levels_see_fresh_noise_and_faded_objects(tmp_path, mo
 
     seen = []
 
-    def capture(dit, context, flags, clean, noisy, t, *rest):
-        seen.append((noisy, t))
+    def capture(batch, noisy, sigma, prompt):
+        seen.append((noisy, sigma * CFG.sampler.num_train_timesteps))
         return torch.zeros_like(noisy)
 
-    monkeypatch.setattr(st, "teacher_forced_flow", capture)
     dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
     tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
     tc = DiTTrainConfig(batch=8, level_weights=(0.5, 0.5, 0.0, 0.0), fade_min=0.2)
     trainer = st.StartTrainer(CFG, dit, text, _per_frame_vae(), tok, all_scenes()[:12], tc, 2)
     try:
+        monkeypatch.setattr(trainer, "flow", capture)
         prepared = trainer._prepare(0)
         batch, eps = prepared
         trainer.loss(prepared, 0)
