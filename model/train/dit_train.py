@@ -9,10 +9,11 @@ of later ones) gets six zero latents. `teacher_forced_flow` runs
 
 Objective: each 3-frame chunk gets its own noise level, drawn from the sampler's four levels
 (80 %; sigma = 1 twice as often as each of the others) or uniformly (20 %); the loss is the
-x0 error of the sampler's own x0 = x_t - sigma v, weighted 1/sigma per chunk. The few-step sampler consumes x0 predictions at exactly these
-levels; the high-noise ones decide colour, shape and position, which plain x0-MSE weights
-most, and 1/sigma keeps enough weight on sigma = 0.25, which sets the final detail (plain
-flow matching, 1/sigma^2, would spend most of a small budget there).
+x0 error of the sampler's own x0 = x_t - sigma v, weighted 1/sigma per chunk. The few-step
+sampler consumes x0 predictions at exactly these levels; the high-noise ones decide colour,
+shape and position, which plain x0-MSE weights most, and 1/sigma keeps enough weight on the
+last level, which sets the final detail (plain flow matching, 1/sigma^2, would spend most of
+a small budget there).
 
 Every example is a pure function of (seed, step), so a resumed run sees the same data.
 """
@@ -73,6 +74,9 @@ class DiTTrainConfig:
     # mean by a factor drawn from [fade_min, 1], so a faint first-step object is kept and
     # sharpened where it is (1: off)
     fade_min: float = 1.0
+    # start_train: train every chunk of the target shot, not only the first; later chunks
+    # (fresh noise at any level) learn to follow their history rather than their noise
+    whole_shot: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,11 @@ input is re-noised with fresh noise (the placement noise would tell them where t
 is; the sampler's never does) from the clean chunk faded toward its mean (`fade_min`), so
 a faint first-step object is kept where it is. (Feeding them the model's own chain instead,
 as phase 2's `unroll_prob` does, was tried: the target's place is then invisible to them
-and they learn to erase; StartTrainer refuses `unroll_prob`.) Later chunks keep following the clean history, as trained in phase 2.
+and they learn to erase; StartTrainer refuses `unroll_prob`.) Phase 4 trains the whole shot
+(`whole_shot`): the target is rendered from the first chunk's noise start and goes on as its
+caption says, and later chunks, at any level, see fresh noise and the clean history. Without
+them the placement rule leaked into later chunks, which are not trained in phase 3: each
+chunk put the object anew where its own noise said, so it jumped from chunk to chunk.
 
 Every batch is a pure function of (seed, step), so a resumed run sees the same data.
 """
@@ -55,7 +59,10 @@ class StartTrainer(DiTTrainer):
         if self.tc.unroll_prob:
             raise ValueError("start_train does not unroll the chain (see the module docstring)")
         cfg = self.cfg
-        self.mask = shot_mask(cfg.context_frames, 1, cfg.chunk_frames, cfg.tokens_per_frame)
+        self.n_chunks = cfg.chunks_per_shot if self.tc.whole_shot else 1
+        self.mask = shot_mask(
+            cfg.context_frames, self.n_chunks, cfg.chunk_frames, cfg.tokens_per_frame
+        )
 
     def noise(self, step: int) -> torch.Tensor:
         """The first chunk's sigma = 1 input (B, chunk_frames, C, h, w)."""
@@ -81,40 +88,46 @@ class StartTrainer(DiTTrainer):
             ex.story.clip_key(len(ex.story.shots) - 1)._replace(start=(x, y))
             for ex, (x, y) in zip(examples, starts, strict=True)
         ]
-        batch = build_batch(
-            examples, self.cfg, self.cache, self.tokenizer, keys, self.cfg.chunk_frames
-        )
+        frames = None if self.tc.whole_shot else self.cfg.chunk_frames
+        batch = build_batch(examples, self.cfg, self.cache, self.tokenizer, keys, frames)
         return batch, eps
 
     def sigmas(self, step: int, b: int) -> torch.Tensor:
-        """The first chunk's noise level (B, 1): one of the sampler's levels, drawn with the
-        phase's `level_weights` (sigma = 1 is the point of the phase; the others keep the
-        later steps following an object wherever the first one put it)."""
+        """Per-chunk noise levels (B, n_chunks): each one of the sampler's levels, drawn with
+        the phase's `level_weights` (sigma = 1 of the first chunk is the point of the
+        phases; the other levels keep the later steps following an object wherever the
+        first one put it, and later chunks following their history)."""
         gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-sigma"))
         weights = torch.tensor(self.tc.level_weights, dtype=torch.float32)
-        return self.levels[torch.multinomial(weights, b, replacement=True, generator=gen)][:, None]
+        drawn = torch.multinomial(weights, b * self.n_chunks, replacement=True, generator=gen)
+        return self.levels[drawn].view(b, self.n_chunks)
 
     def loss(self, prepared, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch, eps = prepared
-        b = eps.shape[0]
-        sigma = self.sigmas(step, b)
-        s = sigma[..., None, None, None]
-        later = (sigma[:, 0] < 1)[:, None, None, None, None]  # levels after the first
+        b, cf = eps.shape[0], self.cfg.chunk_frames
+        sigma = self.sigmas(step, b)  # (B, n_chunks)
+        per_frame = sigma.repeat_interleave(cf, dim=1)  # (B, frames)
+        s = per_frame[..., None, None, None]
         base = batch.clean
         if self.tc.fade_min < 1:
             gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-fade"))
-            keep = self.tc.fade_min + (1 - self.tc.fade_min) * torch.rand(b, generator=gen)
-            keep = torch.where(later, keep[:, None, None, None, None], 1.0)
+            u = torch.rand(sigma.shape, generator=gen)
+            keep = self.tc.fade_min + (1 - self.tc.fade_min) * u
+            keep = torch.where(sigma < 1, keep, 1.0).repeat_interleave(cf, dim=1)
             field = base.mean(dim=(3, 4), keepdim=True)
+            keep = keep[..., None, None, None]
             base = keep * base + (1 - keep) * field
-        # later levels see fresh noise, as in the sampler: only the object itself (not the
-        # placement noise) may tell them where it is
+        # Only the first chunk at sigma = 1 sees the placement noise; every other input is
+        # re-noised with fresh noise, as in the sampler: the object itself (or the history,
+        # for later chunks) must tell them where it is, never the noise.
         gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-renoise"))
-        fresh = torch.randn(eps.shape, generator=gen)
-        noise = torch.where(later, fresh, eps)
+        noise = torch.randn(batch.clean.shape, generator=gen)
+        placing = (sigma[:, 0] == 1)[:, None, None, None, None]
+        noise[:, :cf] = torch.where(placing, eps, noise[:, :cf])
         noisy = (1 - s) * base + s * noise
         prompt = encode_text(self.text, batch.ids, batch.mask)
         flow = self.flow(batch, noisy, sigma, prompt)
-        err = (noisy - s * flow - batch.clean).pow(2).mean(dim=(1, 2, 3, 4))  # (B,)
-        loss = (err / sigma[:, 0]).mean()
-        return loss, {"loss": float(loss.detach()), "x0_mse": float(err.detach().mean())}
+        err = (noisy - s * flow - batch.clean).pow(2).mean(dim=(2, 3, 4))  # (B, frames)
+        per_chunk = err.view(b, self.n_chunks, cf).mean(dim=2)
+        loss = (per_chunk / sigma).mean()
+        return loss, {"loss": float(loss.detach()), "x0_mse": float(per_chunk.detach().mean())}

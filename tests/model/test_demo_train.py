@@ -237,20 +237,76 @@ def test_start_phase_later_levels_see_fresh_noise_and_faded_objects(tmp_path, mo
         batch, eps = prepared
         trainer.loss(prepared, 0)
         (noisy, t), sigma = seen[0], trainer.sigmas(0, 8)[:, 0]
-        assert set(sigma.tolist()) == {1.0, 0.75}  # both kinds in this batch
+        second = trainer.levels[1].item()
+        assert set(sigma.tolist()) == {1.0, second}  # both kinds in this batch
         for i in range(8):
             if sigma[i] == 1:
                 assert torch.equal(noisy[i], eps[i])
                 continue
-            noise = (noisy[i] - 0.25 * batch.clean[i]) / 0.75  # if it were not faded
+            noise = (noisy[i] - (1 - second) * batch.clean[i]) / second  # if it were not faded
             assert not torch.allclose(noise, eps[i], atol=0.1)  # not the placement noise
             field = batch.clean[i].mean(dim=(2, 3), keepdim=True)
             fitted = []  # the fade factor that explains the input best, per latent frame
             for f in range(CFG.chunk_frames):
-                resid = noisy[i, f] - 0.25 * field[f]
-                d = 0.25 * (batch.clean[i, f] - field[f])
+                resid = noisy[i, f] - (1 - second) * field[f]
+                d = (1 - second) * (batch.clean[i, f] - field[f])
                 fitted.append(float((resid * d).sum() / (d * d).sum()))
             assert all(0.2 - 0.15 < k < 1 + 0.15 for k in fitted), fitted
         assert torch.allclose(t[:, 0], sigma * 1000)
+    finally:
+        trainer.close()
+
+
+def test_whole_shot_phase_later_chunks_follow_the_placed_shot_with_fresh_noise(
+    tmp_path, monkeypatch
+):
+    """Phase 4 with `whole_shot`: the target is the whole shot rendered from the first
+    chunk's noise start (so later chunks continue from where it was placed), every chunk gets
+    its own level, and only the first chunk at sigma = 1 sees the placement noise: later
+    chunks at sigma = 1 see fresh noise, so they must follow their history, not their noise."""
+    import model.train.start_train as st
+    from model.text import build_umt5, load_tokenizer
+    from model.train.dit_train import DiTTrainConfig
+    from model.train.render import all_scenes
+    from model.train.run import init_dit
+    from model.train.tokenizer import save_tokenizer
+
+    seen = []
+
+    def capture(batch, noisy, sigma, prompt):
+        seen.append((noisy, sigma))
+        return torch.zeros_like(noisy)
+
+    dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
+    tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
+    tc = DiTTrainConfig(batch=6, level_weights=(0.5, 0.5, 0.0, 0.0), whole_shot=True)
+    vae = _per_frame_vae()
+    trainer = st.StartTrainer(CFG, dit, text, vae, tok, all_scenes()[:12], tc, 3)
+    try:
+        monkeypatch.setattr(trainer, "flow", capture)
+        prepared = trainer._prepare(0)
+        batch, eps = prepared
+        n, cf = CFG.chunks_per_shot, CFG.chunk_frames
+        assert batch.clean.shape == (6, CFG.latent_frames_per_shot, *CFG.latent_shape)
+        starts = st.noise_start(eps[:, 0], CFG)
+        offsets = clip_frame_offsets(CFG.vae, CFG.latent_frames_per_shot)
+        for i, ex in enumerate(trainer.examples(0)):
+            key = ex.story.clip_key(len(ex.story.shots) - 1)
+            key = key._replace(start=tuple(starts[i].tolist()))
+            want = vae.encode_frames(render_frames(key, GEO, offsets))
+            torch.testing.assert_close(batch.clean[i], want, rtol=1e-4, atol=1e-5)
+        trainer.loss(prepared, 0)
+        noisy, sigma = seen[0]
+        assert sigma.shape == (6, n)
+        assert bool((sigma[:, 1:] == 1).any())  # some later chunk at sigma = 1 in this batch
+        for i in range(6):
+            for c in range(n):
+                x = noisy[i, c * cf : (c + 1) * cf]
+                if sigma[i, c] != 1:
+                    continue
+                if c == 0:
+                    assert torch.equal(x, eps[i])
+                else:
+                    assert not torch.allclose(x, eps[i], atol=0.1)
     finally:
         trainer.close()
