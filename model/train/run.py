@@ -68,6 +68,7 @@ class TrainDemoConfig:
             warmup=20,
             level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
             fade_min=0.2,
+            whole_shot=True,
         )  # fmt: skip
     )
     checkpoint_s: float = 120.0
