@@ -1,9 +1,10 @@
-"""`shotstream train-demo`: both phases with checkpoints and resume, then the export.
+"""`shotstream train-demo`: four phases with checkpoints and resume, then the export.
 
     work/vae.pt        phase 1 checkpoint (model, optimiser, step); vae_final.pt when done
     work/dit.pt        phase 2 checkpoint (DiT, text encoder, optimiser, step)
     work/start.pt      phase 3 checkpoint (first chunks place the object where their noise says)
-    work/follow.pt     phase 4 checkpoint (first chunks keep that object through later steps)
+    work/follow.pt     phase 4 checkpoint (whole shots keep that object through later steps
+                       and later chunks)
     export/            generator.safetensors, vae/, text_encoder/, tokenizer/, vocabulary.json
 
 Checkpoints are written atomically every `checkpoint_s` seconds and at the end of a phase;
@@ -59,8 +60,9 @@ class TrainDemoConfig:
             still_only=True,
         )  # fmt: skip
     )
-    # phase 4 (start_train): any shot's first chunk, every level: the first keeps placing
-    # the object, the later ones keep it wherever it is, faint ones included
+    # phase 4 (start_train): any shot, every chunk at its own level: the first chunk at
+    # sigma 1 keeps placing the object, its later levels keep it wherever it is (faint ones
+    # included), and later chunks follow their history
     follow: DiTTrainConfig = field(
         default_factory=lambda: DiTTrainConfig(
             steps=800,
