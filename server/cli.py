@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train-demo",
         help="train the small demo model on procedural shapes (CPU: about 80 minutes on 2 cores)",
         description="Train the demo preset's VAE, then its causal DiT and text encoder, on "
-        "procedural multi-shot clips, then the first chunk of a shot at sigma 1; checkpoints go to --work, the weights to --out. "
+        "procedural multi-shot clips, then a shot's first chunk at sigma 1 (object placement), "
+        "then whole shots at every level; checkpoints go to --work, the weights to --out. "
         "Seeded: the same seed and step counts give the same batches, resumed or not.",
     )
     p.add_argument("--work", default="artifacts/demo-train", metavar="DIR",
