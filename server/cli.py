@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "object where its noise says (default 1500)")  # fmt: skip
     p.add_argument("--follow-steps", type=int, default=None, metavar="N",
                    help="steps of the phase that keeps that object through the sampler's "
-                   "later steps (default 400)")  # fmt: skip
+                   "later steps and later chunks (default 800)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: fastest on a busy 2-core host)")  # fmt: skip
     p.set_defaults(func=cmd_train_demo)

@@ -6,7 +6,7 @@
     tokenizer  the word-level offline tokenizer shipped with the demo weights
     vae_train  the tiny Wan VAE, trained on rendered frames and clips
     dit_train  the causal student (+ umT5 encoder), teacher-forced flow matching
-    start_train  a shot's first chunk at sigma 1: the object placed where its noise says
+    start_train  the object placed where a shot's first noise says, kept by later steps and chunks
     evaluate   prompt adherence and consistency of the production generator, from pixels
     run        `shotstream train-demo` / `eval-demo`: phases, checkpoints, resume, export
 

@@ -346,9 +346,18 @@ class DiTTrainer:
                 pick = use.repeat_interleave(cfg.chunk_frames, dim=1)[..., None, None, None]
                 base = torch.where(pick, own, batch.clean)
         noisy = (1 - s) * base + s * eps
+        return self.x0_loss(batch, noisy, sigma, prompt)
+
+    def x0_loss(
+        self, batch: Batch, noisy: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective for `noisy` chunks at levels `sigma` (B, chunks): the x0 error of
+        x0 = x_t - sigma v against the clean shot, per chunk, weighted 1/sigma."""
+        b, n = sigma.shape
+        s = sigma.repeat_interleave(self.cfg.chunk_frames, dim=1)[..., None, None, None]
         x0 = noisy - s * self.flow(batch, noisy, sigma, prompt)
-        err = (x0 - batch.clean).pow(2).mean(dim=(2, 3, 4))  # (B, Fs)
-        per_chunk = err.view(b, cfg.chunks_per_shot, cfg.chunk_frames).mean(dim=2)
+        err = (x0 - batch.clean).pow(2).mean(dim=(2, 3, 4))  # (B, frames)
+        per_chunk = err.view(b, n, self.cfg.chunk_frames).mean(dim=2)
         loss = (per_chunk / sigma).mean()
         return loss, {"loss": float(loss.detach()), "x0_mse": float(per_chunk.detach().mean())}
 

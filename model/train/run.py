@@ -244,8 +244,9 @@ def train_start_phase(
     resume: bool,
 ) -> None:
     """Phases 3 and 4 (start_train, `name` "start" or "follow"): a shot's first chunk places
-    the object where its noise says, then keeps it through the sampler's later steps;
-    trains `dit` and `text` in place and leaves them in eval mode."""
+    the object where its noise says, then the whole shot keeps it through the sampler's
+    later steps and later chunks; trains `dit` and `text` in place and leaves them in eval
+    mode."""
     pc: DiTTrainConfig = getattr(tc, name)
     tokenizer, scenes = _tokenizer_and_scenes(cfg, work)
     trainer = StartTrainer(cfg, dit, text, vae, tokenizer, scenes, pc, tc.seed)

@@ -51,8 +51,8 @@ def noise_start(eps0: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 class StartTrainer(DiTTrainer):
-    """Phases 3 and 4: the first chunk only, at the phase's levels, its target placed by
-    `noise_start`."""
+    """Phases 3 and 4: the first chunk (or, with `whole_shot`, every chunk) at the phase's
+    levels, the target shot placed by `noise_start` of the first chunk's noise."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -106,8 +106,7 @@ class StartTrainer(DiTTrainer):
         batch, eps = prepared
         b, cf = eps.shape[0], self.cfg.chunk_frames
         sigma = self.sigmas(step, b)  # (B, n_chunks)
-        per_frame = sigma.repeat_interleave(cf, dim=1)  # (B, frames)
-        s = per_frame[..., None, None, None]
+        s = sigma.repeat_interleave(cf, dim=1)[..., None, None, None]
         base = batch.clean
         if self.tc.fade_min < 1:
             gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-fade"))
@@ -126,8 +125,4 @@ class StartTrainer(DiTTrainer):
         noise[:, :cf] = torch.where(placing, eps, noise[:, :cf])
         noisy = (1 - s) * base + s * noise
         prompt = encode_text(self.text, batch.ids, batch.mask)
-        flow = self.flow(batch, noisy, sigma, prompt)
-        err = (noisy - s * flow - batch.clean).pow(2).mean(dim=(2, 3, 4))  # (B, frames)
-        per_chunk = err.view(b, self.n_chunks, cf).mean(dim=2)
-        loss = (per_chunk / sigma).mean()
-        return loss, {"loss": float(loss.detach()), "x0_mse": float(per_chunk.detach().mean())}
+        return self.x0_loss(batch, noisy, sigma, prompt)

@@ -67,7 +67,7 @@ def _tiny_run(work: Path, dit_steps: int, resume: bool = False) -> dict[str, tor
         start=DiTTrainConfig(
             steps=1, batch=1, level_weights=(1.0, 0.0, 0.0, 0.0), history_weights=(1.0,)
         ),
-        follow=DiTTrainConfig(steps=1, batch=1, fade_min=0.2),
+        follow=DiTTrainConfig(steps=1, batch=1, fade_min=0.2, whole_shot=True),
     )
     out = train_demo(work, work / "export", tc, resume=resume)
     return load_file(str(out / "generator.safetensors"))
