@@ -77,6 +77,20 @@ class DiTTrainConfig:
     # start_train: train every chunk of the target shot, not only the first; later chunks
     # (fresh noise at any level) learn to follow their history rather than their noise
     whole_shot: bool = False
+    # weight of the motion term: the error of the frame-to-frame change within each chunk,
+    # (x0[t] - x0[t-1]) - (clean[t] - clean[t-1]), weighted 1/sigma like the x0 error; a
+    # displacement of a few pixels per latent frame is a small part of the plain x0 error,
+    # so the plain objective lets a still object pass for a moving one (0: off)
+    motion_weight: float = 0.0
+    # start_train with whole_shot: chance a moving target shot stands still for its first
+    # chunks and starts moving at a later one (uniform); the still chunks are history only
+    # (no loss), so a chunk learns to start the caption's motion from a still history, as it
+    # must when an earlier chunk came out still (0: off)
+    onset_prob: float = 0.0
+    # start_train, levels after the first: chance a chunk's clean input is its first frame
+    # held through the chunk (a still object) while the target moves as its caption says, so
+    # the later steps learn to add the motion a still first step left out (0: off)
+    freeze_prob: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -349,17 +363,33 @@ class DiTTrainer:
         return self.x0_loss(batch, noisy, sigma, prompt)
 
     def x0_loss(
-        self, batch: Batch, noisy: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor
+        self,
+        batch: Batch,
+        noisy: torch.Tensor,
+        sigma: torch.Tensor,
+        prompt: torch.Tensor,
+        weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The objective for `noisy` chunks at levels `sigma` (B, chunks): the x0 error of
-        x0 = x_t - sigma v against the clean shot, per chunk, weighted 1/sigma."""
+        x0 = x_t - sigma v against the clean shot, per chunk, weighted 1/sigma (and by
+        `weight` (B, chunks) when given: 0 leaves a chunk out), plus the motion term."""
         b, n = sigma.shape
-        s = sigma.repeat_interleave(self.cfg.chunk_frames, dim=1)[..., None, None, None]
+        cf = self.cfg.chunk_frames
+        s = sigma.repeat_interleave(cf, dim=1)[..., None, None, None]
         x0 = noisy - s * self.flow(batch, noisy, sigma, prompt)
         err = (x0 - batch.clean).pow(2).mean(dim=(2, 3, 4))  # (B, frames)
-        per_chunk = err.view(b, n, self.cfg.chunk_frames).mean(dim=2)
-        loss = (per_chunk / sigma).mean()
-        return loss, {"loss": float(loss.detach()), "x0_mse": float(per_chunk.detach().mean())}
+        per_chunk = err.view(b, n, cf).mean(dim=2)
+        w = torch.ones_like(sigma) if weight is None else weight
+        total = w.sum().clamp(min=1e-8)
+        loss = (per_chunk / sigma * w).sum() / total
+        logs = {"x0_mse": float((per_chunk * w).detach().sum() / total)}
+        if self.tc.motion_weight:
+            pred = x0.view(b, n, cf, *x0.shape[2:])
+            true = batch.clean.view(b, n, cf, *x0.shape[2:])
+            change = (pred.diff(dim=2) - true.diff(dim=2)).pow(2).mean(dim=(2, 3, 4, 5))
+            loss = loss + self.tc.motion_weight * (change / sigma * w).sum() / total
+            logs["motion_mse"] = float((change * w).detach().sum() / total)
+        return loss, {"loss": float(loss.detach()), **logs}
 
     def step(self, step: int) -> dict[str, float]:
         batch = self.batch(step)

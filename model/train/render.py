@@ -60,13 +60,16 @@ class Geometry:
         motion: str,
         frames: int,
         start: tuple[float, float] | None = None,
+        onset: int = 0,
     ) -> torch.Tensor:
         """Object centre (frames, 2) as (x, y) in pixels for the first `frames` of a shot:
-        from `start` at frame 0 when given (it may leave the frame), else the framing's path."""
+        from `start` at frame 0 when given (it may leave the frame), else the framing's path.
+        With a start, the object stands still until frame `onset`, then moves."""
         ax, ay = ANCHOR[framing]
         vx, vy = self.speed(motion)
         t = torch.arange(frames, dtype=torch.float64)
         if start is not None:
+            t = (t - onset).clamp(min=0)
             return torch.stack([start[0] + vx * t, start[1] + vy * t], dim=1)
         mid = (self.shot_frames - 1) / 2  # the path is centred on the anchor at mid-shot
         cx = (ax if vx == 0 else 0.5) * self.width + vx * (t - mid)
@@ -118,6 +121,8 @@ class ClipKey(NamedTuple):
     # the object's centre (x, y) in pixels at the shot's first frame; None: the framing's
     # anchored path (start_train places first chunks where their noise says instead)
     start: tuple[float, float] | None = None
+    # with a start: the pixel frame the motion begins at (start_train's motion onsets)
+    onset: int = 0
 
 
 def render_clip(key: ClipKey, geo: Geometry, frames: int | None = None) -> torch.Tensor:
@@ -128,7 +133,8 @@ def render_clip(key: ClipKey, geo: Geometry, frames: int | None = None) -> torch
 
 def render_frames(key: ClipKey, geo: Geometry, offsets: list[int]) -> torch.Tensor:
     """Selected frames of a shot, (N, 3, H, W) in [-1, 1]; only those frames are drawn."""
-    centres = geo.centres(key.framing, key.motion, max(offsets) + 1, key.start)[offsets]
+    centres = geo.centres(key.framing, key.motion, max(offsets) + 1, key.start, key.onset)
+    centres = centres[offsets]
     cov = coverage(
         key.shape, centres, geo.size(key.framing), geo.height, geo.width, geo.supersample
     )

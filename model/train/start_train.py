@@ -23,11 +23,18 @@ caption says, and later chunks, at any level, see fresh noise and the clean hist
 them the placement rule leaked into later chunks, which are not trained in phase 3: each
 chunk put the object anew where its own noise said, so it jumped from chunk to chunk.
 
+Three options aim at motion (all off by default; measured in the #11 notes, none has yet
+made objects move as their captions say): `motion_weight` adds the error of each chunk's
+frame-to-frame change to the loss, `onset_prob` trains shots that start moving at a later
+chunk from a still history (the still chunks carry no loss), and `freeze_prob` hands later
+levels a still object (the chunk's first frame held) while the target moves.
+
 Every batch is a pure function of (seed, step), so a resumed run sees the same data.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import torch
@@ -80,7 +87,7 @@ class StartTrainer(DiTTrainer):
             still.append(replace(ex, story=replace(ex.story, shots=shots)))
         return still
 
-    def _prepare(self, step: int) -> tuple[Batch, torch.Tensor]:
+    def _prepare(self, step: int) -> tuple[Batch, torch.Tensor, torch.Tensor]:
         examples = self.examples(step)
         eps = self.noise(step)
         starts = noise_start(eps[:, 0], self.cfg).tolist()
@@ -88,9 +95,28 @@ class StartTrainer(DiTTrainer):
             ex.story.clip_key(len(ex.story.shots) - 1)._replace(start=(x, y))
             for ex, (x, y) in zip(examples, starts, strict=True)
         ]
+        keys, weight = self.onsets(step, keys)
         frames = None if self.tc.whole_shot else self.cfg.chunk_frames
         batch = build_batch(examples, self.cfg, self.cache, self.tokenizer, keys, frames)
-        return batch, eps
+        return batch, eps, weight
+
+    def onsets(self, step: int, keys: list) -> tuple[list, torch.Tensor]:
+        """With `onset_prob` (whole shots only), moving target shots that start moving at a
+        later chunk c (the object still through chunk c - 1, moved from chunk c's first
+        frame on), and the per-chunk loss weights (B, n_chunks) that leave chunks before c
+        out."""
+        weight = torch.ones(len(keys), self.n_chunks)
+        if not self.tc.onset_prob or self.n_chunks < 2:
+            return keys, weight
+        rng = random.Random(stable_seed(self.seed, step, "start-onset"))
+        cf, out = self.cfg.chunk_frames, []
+        for i, key in enumerate(keys):
+            if key.motion != "still" and rng.random() < self.tc.onset_prob:
+                c = rng.randint(1, self.n_chunks - 1)
+                key = key._replace(onset=self.cache.offsets[c * cf - 1])
+                weight[i, :c] = 0.0
+            out.append(key)
+        return out, weight
 
     def sigmas(self, step: int, b: int) -> torch.Tensor:
         """Per-chunk noise levels (B, n_chunks): each one of the sampler's levels, drawn with
@@ -103,11 +129,20 @@ class StartTrainer(DiTTrainer):
         return self.levels[drawn].view(b, self.n_chunks)
 
     def loss(self, prepared, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        batch, eps = prepared
+        batch, eps, weight = prepared
         b, cf = eps.shape[0], self.cfg.chunk_frames
         sigma = self.sigmas(step, b)  # (B, n_chunks)
         s = sigma.repeat_interleave(cf, dim=1)[..., None, None, None]
         base = batch.clean
+        if self.tc.freeze_prob:
+            # a later level that was handed a still object: its chunk's first frame held
+            # through the chunk, the target still moving as the caption says
+            gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-freeze"))
+            frozen = (torch.rand(sigma.shape, generator=gen) < self.tc.freeze_prob) & (sigma < 1)
+            chunks = base.view(b, -1, cf, *base.shape[2:])
+            held = chunks[:, :, :1].expand_as(chunks).reshape(base.shape)
+            pick = frozen.repeat_interleave(cf, dim=1)[..., None, None, None]
+            base = torch.where(pick, held, base)
         if self.tc.fade_min < 1:
             gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-fade"))
             u = torch.rand(sigma.shape, generator=gen)
@@ -125,4 +160,4 @@ class StartTrainer(DiTTrainer):
         noise[:, :cf] = torch.where(placing, eps, noise[:, :cf])
         noisy = (1 - s) * base + s * noise
         prompt = encode_text(self.text, batch.ids, batch.mask)
-        return self.x0_loss(batch, noisy, sigma, prompt)
+        return self.x0_loss(batch, noisy, sigma, prompt, weight)

@@ -187,10 +187,10 @@ def test_start_phase_targets_sit_where_the_noise_says_and_a_step_trains(tmp_path
     vae = _per_frame_vae()
     trainer = StartTrainer(CFG, dit, text, vae, tok, all_scenes()[:12], tc, seed=1)
     try:
-        batch, eps = trainer._prepare(5)
+        batch, eps, _ = trainer._prepare(5)
         assert batch.clean.shape == (3, CFG.chunk_frames, *CFG.latent_shape)
         assert batch.caption_index.shape == (3, CFG.context_frames + CFG.chunk_frames)
-        again, eps2 = trainer._prepare(5)
+        again, eps2, _ = trainer._prepare(5)
         assert torch.equal(eps, eps2) and torch.equal(batch.clean, again.clean)
         starts = noise_start(eps[:, 0], CFG)
         for i, ex in enumerate(trainer.examples(5)):
@@ -234,7 +234,7 @@ def test_start_phase_later_levels_see_fresh_noise_and_faded_objects(tmp_path, mo
     try:
         monkeypatch.setattr(trainer, "flow", capture)
         prepared = trainer._prepare(0)
-        batch, eps = prepared
+        batch, eps, _ = prepared
         trainer.loss(prepared, 0)
         (noisy, t), sigma = seen[0], trainer.sigmas(0, 8)[:, 0]
         second = trainer.levels[1].item()
@@ -285,7 +285,7 @@ def test_whole_shot_phase_later_chunks_follow_the_placed_shot_with_fresh_noise(
     try:
         monkeypatch.setattr(trainer, "flow", capture)
         prepared = trainer._prepare(0)
-        batch, eps = prepared
+        batch, eps, _ = prepared
         n, cf = CFG.chunks_per_shot, CFG.chunk_frames
         assert batch.clean.shape == (6, CFG.latent_frames_per_shot, *CFG.latent_shape)
         starts = st.noise_start(eps[:, 0], CFG)
@@ -308,5 +308,145 @@ def test_whole_shot_phase_later_chunks_follow_the_placed_shot_with_fresh_noise(
                     assert torch.equal(x, eps[i])
                 else:
                     assert not torch.allclose(x, eps[i], atol=0.1)
+    finally:
+        trainer.close()
+
+
+def test_motion_term_weighs_the_frame_to_frame_change_within_each_chunk(tmp_path):
+    """motion_weight adds the 1/sigma-weighted error of each chunk's frame-to-frame change:
+    nothing for a prediction off by a constant per chunk, the hand-computed change error
+    for a still prediction of a moving shot."""
+    from model.text import build_umt5, load_tokenizer
+    from model.train.dit_train import DiTTrainConfig, DiTTrainer
+    from model.train.render import all_scenes
+    from model.train.run import init_dit
+    from model.train.tokenizer import save_tokenizer
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
+    tc = DiTTrainConfig(batch=2, motion_weight=3.0)
+    dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
+    trainer = DiTTrainer(CFG, dit, text, _per_frame_vae(), tok, all_scenes()[:6], tc, seed=2)
+    try:
+        batch = trainer.batch(0)
+        b, n, f = 2, CFG.chunks_per_shot, CFG.chunk_frames
+        sigma = torch.tensor([[1.0, 0.5, 0.25, 0.1], [0.5, 1.0, 0.1, 0.25]])
+        s = sigma.repeat_interleave(f, dim=1)[..., None, None, None]
+        noisy = torch.randn(batch.clean.shape)
+        prompt = torch.zeros(1)
+        clean = batch.clean.view(b, n, f, *batch.clean.shape[2:])
+        assert clean.diff(dim=2).abs().amax() > 0.1  # something moves or changes
+
+        def loss_for(pred: torch.Tensor, weight: float) -> torch.Tensor:
+            trainer.tc = DiTTrainConfig(batch=2, motion_weight=weight)
+            trainer.flow = lambda *a: (noisy - pred) / s  # the model's x0 is then `pred`
+            return trainer.x0_loss(batch, noisy, sigma, prompt)[0]
+
+        offset = torch.randn(b, n, 1, *batch.clean.shape[2:]).expand_as(clean)
+        shifted = (clean + offset).reshape(batch.clean.shape)
+        torch.testing.assert_close(loss_for(shifted, 3.0), loss_for(shifted, 0.0))
+
+        still = clean[:, :, :1].expand_as(clean).reshape(batch.clean.shape)
+        change = clean.diff(dim=2).pow(2).mean(dim=(2, 3, 4, 5))  # (B, n): still vs moving
+        expected = loss_for(still, 0.0) + 3.0 * (change / sigma).mean()
+        torch.testing.assert_close(loss_for(still, 3.0), expected)
+    finally:
+        trainer.close()
+
+
+def test_a_motion_onset_keeps_the_object_still_until_its_frame():
+    key = KEY._replace(start=(30.0, 20.0), onset=8)
+    centres = GEO.centres(key.framing, key.motion, 20, key.start, key.onset)
+    assert torch.equal(centres[:9], centres[:1].expand(9, 2))  # still through frame 8
+    vx, _ = GEO.speed(key.motion)
+    torch.testing.assert_close(
+        centres[9:, 0] - centres[8, 0], vx * torch.arange(1.0, 12.0).double()
+    )
+    px = render_frames(key, GEO, [0, 8, 12])
+    assert torch.equal(px[0], px[1]) and not torch.equal(px[1], px[2])
+
+
+def test_onset_shots_start_moving_at_a_later_chunk_and_train_only_from_it(tmp_path):
+    """onset_prob 1: every moving target shot stands still through chunk c - 1 and moves
+    from chunk c on; chunks before c carry no loss (their prediction does not change it),
+    still shots train every chunk."""
+    import model.train.start_train as st
+    from model.text import build_umt5, load_tokenizer
+    from model.train.dit_train import DiTTrainConfig
+    from model.train.render import all_scenes
+    from model.train.run import init_dit
+    from model.train.tokenizer import save_tokenizer
+
+    dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
+    torch.nn.init.normal_(dit.head.head.weight, std=0.02)
+    tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
+    tc = DiTTrainConfig(batch=6, whole_shot=True, onset_prob=1.0)
+    vae = _per_frame_vae()
+    trainer = st.StartTrainer(CFG, dit, text, vae, tok, all_scenes()[:12], tc, 5)
+    try:
+        step = next(s for s in range(20) if len({
+            ex.story.shots[-1].motion == "still" for ex in trainer.examples(s)
+        }) == 2)  # fmt: skip
+        batch, eps, weight = prepared = trainer._prepare(step)
+        n, cf = CFG.chunks_per_shot, CFG.chunk_frames
+        starts = st.noise_start(eps[:, 0], CFG)
+        offsets = clip_frame_offsets(CFG.vae, CFG.latent_frames_per_shot)
+        for i, ex in enumerate(trainer.examples(step)):
+            key = ex.story.clip_key(len(ex.story.shots) - 1)
+            c = int((weight[i] == 0).sum())
+            if key.motion == "still":
+                assert c == 0
+                continue
+            assert 1 <= c < n and torch.equal(weight[i, c:], torch.ones(n - c))
+            key = key._replace(start=tuple(starts[i].tolist()), onset=offsets[c * cf - 1])
+            want = vae.encode_frames(render_frames(key, GEO, offsets))
+            torch.testing.assert_close(batch.clean[i], want, rtol=1e-4, atol=1e-5)
+            still = batch.clean[i, : c * cf]
+            torch.testing.assert_close(still, still[:1].expand_as(still), rtol=0, atol=1e-5)
+            assert (batch.clean[i, c * cf] - batch.clean[i, c * cf - 1]).abs().amax() > 1e-3
+        # the loss ignores what the model predicts for the left-out chunks
+        loss, _ = trainer.loss(prepared, step)
+        flow = trainer.flow
+        out = (weight == 0).repeat_interleave(cf, dim=1)[..., None, None, None]
+        trainer.flow = lambda *a: torch.where(out, flow(*a) + 5.0, flow(*a))
+        torch.testing.assert_close(trainer.loss(prepared, step)[0], loss)
+        trainer.flow = lambda *a: flow(*a) + 5.0 * ~out
+        assert trainer.loss(prepared, step)[0] > loss + 1.0
+    finally:
+        trainer.close()
+
+
+def test_frozen_later_levels_see_a_still_object_and_learn_the_moving_one(tmp_path):
+    """freeze_prob 1: a chunk at a later level is noised from its first frame held through
+    the chunk, while the loss still compares with the moving target."""
+    import model.train.start_train as st
+    from model.text import build_umt5, load_tokenizer
+    from model.train.dit_train import DiTTrainConfig
+    from model.train.render import all_scenes, stable_seed
+    from model.train.run import init_dit
+    from model.train.tokenizer import save_tokenizer
+
+    seen = []
+    dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
+    tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
+    tc = DiTTrainConfig(
+        batch=4, level_weights=(0.0, 1.0, 0.0, 0.0), whole_shot=True, freeze_prob=1.0
+    )
+    trainer = st.StartTrainer(CFG, dit, text, _per_frame_vae(), tok, all_scenes()[:12], tc, 2)
+    try:
+        trainer.flow = lambda batch, noisy, sigma, prompt: seen.append(noisy) or 0 * noisy
+        prepared = trainer._prepare(1)
+        clean = prepared[0].clean
+        loss, _ = trainer.loss(prepared, 1)
+        gen = torch.Generator().manual_seed(stable_seed(2, 1, "start-renoise"))
+        noise = torch.randn(clean.shape, generator=gen)
+        cf = CFG.chunk_frames
+        chunks = clean.view(4, -1, cf, *clean.shape[2:])
+        held = chunks[:, :, :1].expand_as(chunks).reshape(clean.shape)
+        torch.testing.assert_close(seen[0], 0.5 * held + 0.5 * noise)
+        assert not torch.equal(held, clean)  # something moved within a chunk
+        # the model's x0 is the noisy input itself (zero flow): the error is against the
+        # moving target, weighted 1/sigma = 2
+        torch.testing.assert_close(loss, 2 * (seen[0] - clean).pow(2).mean())
     finally:
         trainer.close()
