@@ -304,6 +304,10 @@ class DiTTrainer:
         use_level = torch.rand(b, n, generator=gen) < self.tc.level_prob
         return torch.where(use_level, pick, uniform)
 
+    def per_frame(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-chunk values (B, chunks) broadcast over their frames: (B, frames, 1, 1, 1)."""
+        return x.repeat_interleave(self.cfg.chunk_frames, dim=1)[..., None, None, None]
+
     def flow(
         self, batch: Batch, noisy: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor
     ) -> torch.Tensor:
@@ -338,7 +342,7 @@ class DiTTrainer:
         sigma = self.sigmas(step, b)
         gen = torch.Generator().manual_seed(_key(self.seed, step, "noise"))
         eps = torch.randn(batch.clean.shape, generator=gen)
-        s = sigma.repeat_interleave(cfg.chunk_frames, dim=1)[..., None, None, None]
+        s = self.per_frame(sigma)
         prompt = encode_text(self.text, batch.ids, batch.mask)
         base = batch.clean
         if self.tc.unroll_prob > 0:
@@ -357,7 +361,7 @@ class DiTTrainer:
                 own = chain.gather(
                     0, prev[None, ..., None, None, None].expand(1, *chain.shape[1:])
                 )[0]
-                pick = use.repeat_interleave(cfg.chunk_frames, dim=1)[..., None, None, None]
+                pick = self.per_frame(use)
                 base = torch.where(pick, own, batch.clean)
         noisy = (1 - s) * base + s * eps
         return self.x0_loss(batch, noisy, sigma, prompt)
@@ -375,7 +379,7 @@ class DiTTrainer:
         `weight` (B, chunks) when given: 0 leaves a chunk out), plus the motion term."""
         b, n = sigma.shape
         cf = self.cfg.chunk_frames
-        s = sigma.repeat_interleave(cf, dim=1)[..., None, None, None]
+        s = self.per_frame(sigma)
         x0 = noisy - s * self.flow(batch, noisy, sigma, prompt)
         err = (x0 - batch.clean).pow(2).mean(dim=(2, 3, 4))  # (B, frames)
         per_chunk = err.view(b, n, cf).mean(dim=2)

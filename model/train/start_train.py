@@ -23,8 +23,8 @@ caption says, and later chunks, at any level, see fresh noise and the clean hist
 them the placement rule leaked into later chunks, which are not trained in phase 3: each
 chunk put the object anew where its own noise said, so it jumped from chunk to chunk.
 
-Three options aim at motion (all off by default; measured in the #11 notes, none has yet
-made objects move as their captions say): `motion_weight` adds the error of each chunk's
+Three options aim at motion (all off by default; on the held-out eval stories none has
+yet made objects move as their captions say): `motion_weight` adds the error of each chunk's
 frame-to-frame change to the loss, `onset_prob` trains shots that start moving at a later
 chunk from a still history (the still chunks carry no loss), and `freeze_prob` hands later
 levels a still object (the chunk's first frame held) while the target moves.
@@ -132,7 +132,7 @@ class StartTrainer(DiTTrainer):
         batch, eps, weight = prepared
         b, cf = eps.shape[0], self.cfg.chunk_frames
         sigma = self.sigmas(step, b)  # (B, n_chunks)
-        s = sigma.repeat_interleave(cf, dim=1)[..., None, None, None]
+        s = self.per_frame(sigma)
         base = batch.clean
         if self.tc.freeze_prob:
             # a later level that was handed a still object: its chunk's first frame held
@@ -141,15 +141,14 @@ class StartTrainer(DiTTrainer):
             frozen = (torch.rand(sigma.shape, generator=gen) < self.tc.freeze_prob) & (sigma < 1)
             chunks = base.view(b, -1, cf, *base.shape[2:])
             held = chunks[:, :, :1].expand_as(chunks).reshape(base.shape)
-            pick = frozen.repeat_interleave(cf, dim=1)[..., None, None, None]
+            pick = self.per_frame(frozen)
             base = torch.where(pick, held, base)
         if self.tc.fade_min < 1:
             gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-fade"))
             u = torch.rand(sigma.shape, generator=gen)
             keep = self.tc.fade_min + (1 - self.tc.fade_min) * u
-            keep = torch.where(sigma < 1, keep, 1.0).repeat_interleave(cf, dim=1)
+            keep = self.per_frame(torch.where(sigma < 1, keep, 1.0))
             field = base.mean(dim=(3, 4), keepdim=True)
-            keep = keep[..., None, None, None]
             base = keep * base + (1 - keep) * field
         # Only the first chunk at sigma = 1 sees the placement noise; every other input is
         # re-noised with fresh noise, as in the sampler: the object itself (or the history,
