@@ -338,6 +338,30 @@ async function loadModelInfo() {
     ui.notice.textContent = `Notice: ${m.notice}`;
     ui.notice.hidden = false;
   }
+  if (m.vocabulary) showVocabulary(m.vocabulary);
+}
+
+// The vocabulary a demo-style model was trained on, so a user knows which prompts steer it.
+function showVocabulary(v) {
+  const panel = $("vocabulary");
+  const part = (name) => panel.querySelector(`[data-vocab="${name}"]`);
+  const item = (text) => {
+    const li = document.createElement("li");
+    li.textContent = text;
+    return li;
+  };
+  part("global").textContent = v.global_caption;
+  part("shots").replaceChildren(...v.shot_captions.map(item));
+  part("colours").replaceChildren(
+    ...Object.entries(v.colours).map(([name, [r, g, b]]) => {
+      const li = item(name);
+      li.style.setProperty("--swatch", `rgb(${r}, ${g}, ${b})`);
+      return li;
+    }),
+  );
+  part("shapes").textContent = v.shapes.join(", ");
+  part("matching").textContent = `Matching: ${v.matching}.`;
+  panel.hidden = false;
 }
 
 async function startSession() {

@@ -2,7 +2,8 @@
 real `shotstream serve` (tiny preset, CPU, 127.0.0.1): it plays the stream through Media
 Source Extensions, shows a prompt typed mid-stream from the chunk the server acked, shows
 the random-weights notice, plays on after its socket drops, shows a superseded cut as
-dropped, and ends the session visibly on a fatal server error.
+dropped, and ends the session visibly on a fatal server error. Against a `demo` preset
+server it lists the prompt vocabulary the model learned.
 
 Screenshots land in `artifacts/` at the repo root: `browser-page.png` (the page with the
 new shot on screen) and one per test at teardown (its last state, useful when it fails).
@@ -158,6 +159,7 @@ def test_page_plays_the_stream_and_shows_a_prompt_from_its_acked_chunk(page: Pag
     notice = page.locator("#notice")
     expect(notice).to_be_visible()
     expect(notice).to_contain_text("RANDOM weights")
+    expect(page.locator("#vocabulary")).to_be_hidden()  # tiny learned no vocabulary
 
     start_session(page, "a red circle on a blue background")
     samples = sample_playback(page, 6.0)
@@ -275,3 +277,41 @@ def test_page_shows_a_superseded_cut_as_dropped_and_a_fatal_error_as_the_end(pag
     s = snapshot(page)
     assert s["state"] == "failed" and s["errors"][-1]["fatal"]
     assert s["reconnects"] == 0  # a failed session is not reconnected to
+
+
+def test_page_lists_the_vocabulary_a_demo_model_learned(browser, tmp_path):
+    # a demo-preset weights folder as train-demo exports it (random values: only the
+    # vocabulary.json beside them matters here), loaded through the normal strict path
+    from model.config import get_preset
+    from model.dit import build_dit
+    from model.text import build_umt5
+    from model.train.run import export_weights
+    from model.train.vocab import vocabulary
+    from model.vae import WanVAE
+
+    demo = get_preset("demo")
+    folder = export_weights(
+        tmp_path / "demo", demo, build_dit(demo), build_umt5(demo.text),
+        WanVAE.random(demo, seed=1), {"test": True},
+    )  # fmt: skip
+    srv = ServerProcess(tmp_path, preset="demo", weights=folder).wait_ready()
+    context = browser.new_context()
+    try:
+        pg = context.new_page()
+        pg.goto(srv.base + "/")
+        panel = pg.locator("#vocabulary")
+        expect(panel).to_be_visible()
+        v = vocabulary()
+        expect(panel.locator('[data-vocab="global"]')).to_have_text(v["global_caption"])
+        expect(panel.locator('[data-vocab="shots"] li')).to_have_text(v["shot_captions"])
+        swatches = panel.locator('[data-vocab="colours"] li')
+        expect(swatches).to_have_text(list(v["colours"]))
+        red = swatches.first.evaluate("e => getComputedStyle(e, '::before').backgroundColor")
+        assert red == "rgb({}, {}, {})".format(*v["colours"]["red"])
+        expect(panel.locator('[data-vocab="shapes"]')).to_have_text(", ".join(v["shapes"]))
+        expect(pg.locator("#notice")).to_be_hidden()  # trained weights: no random notice
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        pg.screenshot(path=ARTIFACTS / "browser-vocabulary.png", full_page=True)
+        context.close()
+        assert srv.stop() == 0, srv.log()[-3000:]
