@@ -200,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps of the phase that keeps that object through the sampler's "
                    "later steps and later chunks (default 800)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: fastest on a busy 2-core host)")  # fmt: skip
+                   help="torch CPU threads of the DiT phases (default 1: they prefetch "
+                   "batches on another core)")  # fmt: skip
+    p.add_argument("--vae-threads", type=int, default=0,
+                   help="torch CPU threads of the VAE phase, which runs alone (0 = every core)")  # fmt: skip
     p.set_defaults(func=cmd_train_demo)
 
     p = sub.add_parser(
