@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,7 +20,9 @@ class Settings(BaseSettings):
 
     # -- model -----------------------------------------------------------------------
     preset: str = Field(
-        "tiny", description="model preset: `tiny` (random weights) or `wan2.1-1.3b`"
+        "tiny",
+        description="model preset: `tiny` (random weights) or `wan2.1-1.3b` (the default "
+        "when weights are given)",
     )
     weights: str | None = Field(
         None, description="weights folder (real weights); none = random weights, `tiny` only"
@@ -143,6 +145,14 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value):
         # `SHOTSTREAM_WEIGHTS=` (e.g. a compose override of an image default) means "none".
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _weights_mean_the_real_model(self):
+        # a weights folder without a preset is the real model's (as `shotstream generate`
+        # assumes), not random `tiny` ones: loading it as tiny could only fail
+        if self.weights is not None and "preset" not in self.model_fields_set:
+            self.preset = "wan2.1-1.3b"
+        return self
 
 
 def settings_table() -> str:
