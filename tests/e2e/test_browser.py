@@ -296,8 +296,8 @@ def test_page_lists_the_vocabulary_a_demo_model_learned(browser, tmp_path):
     )  # fmt: skip
     srv = ServerProcess(tmp_path, preset="demo", weights=folder).wait_ready()
     context = browser.new_context()
+    pg = context.new_page()
     try:
-        pg = context.new_page()
         pg.goto(srv.base + "/")
         panel = pg.locator("#vocabulary")
         expect(panel).to_be_visible()
