@@ -283,17 +283,10 @@ def test_page_lists_the_vocabulary_a_demo_model_learned(browser, tmp_path):
     # a demo-preset weights folder as train-demo exports it (random values: only the
     # vocabulary.json beside them matters here), loaded through the normal strict path
     from model.config import get_preset
-    from model.dit import build_dit
-    from model.text import build_umt5
-    from model.train.run import export_weights
     from model.train.vocab import vocabulary
-    from model.vae import WanVAE
+    from tests.model.tiny_weights import write_demo_export
 
-    demo = get_preset("demo")
-    folder = export_weights(
-        tmp_path / "demo", demo, build_dit(demo), build_umt5(demo.text),
-        WanVAE.random(demo, seed=1), {"test": True},
-    )  # fmt: skip
+    folder = write_demo_export(tmp_path / "demo", get_preset("demo"))
     srv = ServerProcess(tmp_path, preset="demo", weights=folder).wait_ready()
     context = browser.new_context()
     pg = context.new_page()

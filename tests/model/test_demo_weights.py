@@ -16,27 +16,18 @@ from safetensors.torch import load_file
 from model.config import get_preset
 from model.generator import load_model
 from model.train.dit_train import DiTTrainConfig
-from model.train.run import TrainDemoConfig, export_weights, train_demo
+from model.train.run import TrainDemoConfig, train_demo
 from model.train.vae_train import VAETrainConfig
 from model.train.vocab import vocabulary
-from model.vae import WanVAE
 from model.weights import WeightsError
+from tests.model.tiny_weights import write_demo_export
 
 DEMO = get_preset("demo")
 SHIPPED = DEMO.bundled_weights_dir
 
 
-def _random_export(folder: Path) -> Path:
-    from model.dit import build_dit
-    from model.text import build_umt5
-
-    torch.manual_seed(0)
-    dit, text = build_dit(DEMO), build_umt5(DEMO.text)
-    return export_weights(folder, DEMO, dit, text, WanVAE.random(DEMO, seed=1), {"test": True})
-
-
 def test_load_model_without_weights_loads_the_bundled_folder(tmp_path):
-    folder = _random_export(tmp_path / "bundled")
+    folder = write_demo_export(tmp_path / "bundled", DEMO)
     cfg = replace(DEMO, bundled_weights=str(folder))  # absolute: used as is
     model = load_model(cfg, device="cpu")
     assert model.real_weights and model.weights == str(folder)
@@ -53,7 +44,7 @@ def test_missing_bundled_weights_name_the_command_that_makes_them(tmp_path):
 
 
 def test_a_bundled_folder_missing_a_component_is_refused(tmp_path):
-    folder = _random_export(tmp_path / "bundled")
+    folder = write_demo_export(tmp_path / "bundled", DEMO)
     shutil.rmtree(folder / "vae")
     with pytest.raises(WeightsError, match="vae"):
         load_model(replace(DEMO, bundled_weights=str(folder)), device="cpu")

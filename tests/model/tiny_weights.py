@@ -2,7 +2,8 @@
 
 The files are what the real releases hold, with the preset's sizes: the ShotStream
 checkpoint `{"generator": {"model.<key>": ...}}`, and the Wan2.1 VAE and umT5 encoder as
-the original `.pth` state dicts or as Diffusers `save_pretrained` folders.
+the original `.pth` state dicts or as Diffusers `save_pretrained` folders. Or, for the
+demo preset, the folder `train-demo` exports (`write_demo_export`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from model import vae as vae_mod
 from model.config import ModelConfig
 from model.dit import build_dit
 from model.text import build_umt5, original_t5_key_map
-from model.vae import build_autoencoder, original_vae_key
+from model.train.run import export_weights
+from model.vae import WanVAE, build_autoencoder, original_vae_key
 from model.weights import GENERATOR_PREFIX
 
 GENERATOR = Path("ShotStream") / "shotstream_merged.pt"
@@ -49,3 +51,10 @@ def write_weights(root: Path, cfg: ModelConfig, layout: str, seed: int = 0) -> P
         vae.save_pretrained(base / vae_mod.DIFFUSERS_SUBFOLDER)
         t5.save_pretrained(base / text_mod.HF_SUBFOLDER)
     return root
+
+
+def write_demo_export(folder: Path, cfg: ModelConfig, seed: int = 0) -> Path:
+    """A weights folder exactly as `train-demo` exports it (vocabulary included), random
+    values; returns it."""
+    dit, vae, t5 = random_modules(cfg, seed)
+    return export_weights(folder, cfg, dit, t5, WanVAE(vae, cfg), {"test": True})
