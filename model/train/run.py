@@ -290,7 +290,8 @@ def train_demo(
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    torch.set_num_threads(vae_threads or os.cpu_count() or 1)
+    vae_threads = vae_threads or os.cpu_count() or 1
+    torch.set_num_threads(vae_threads)
     vae = train_vae_phase(cfg, tc, work, resume)
     torch.set_num_threads(threads)
     t_vae = time.time() - t0
@@ -308,7 +309,7 @@ def train_demo(
             "start": round(t_start),
             "follow": round(time.time() - t0 - t_vae - t_dit - t_start),
         },
-        "torch_threads": {"vae": vae_threads or os.cpu_count(), "dit": threads},
+        "torch_threads": {"vae": vae_threads, "dit": threads},
         "resumed": resume,
         "dit_started_at_step": dit_start,
     }
