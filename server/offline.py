@@ -31,6 +31,7 @@ from tqdm import tqdm
 from cache.kv import KVLayout
 from cache.pool import StatePool
 from model.generator import LoadedModel, ShotStreamGenerator
+from server.settings import default_preset
 
 SHOT_KEY = re.compile(r"shot(\d+)")
 VERBS = ("text", "context", "prefill", "denoise", "decode", "refresh")
@@ -304,7 +305,7 @@ def run_generate(args: Any) -> int:
         script = load_script(args.script)
     except ScriptError as exc:
         return fail(str(exc), 2)
-    preset = args.preset or ("wan2.1-1.3b" if args.weights else "tiny")
+    preset = args.preset or default_preset(args.weights)
     try:
         cfg = get_preset(preset)
     except KeyError as exc:

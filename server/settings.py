@@ -13,6 +13,12 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def default_preset(weights: str | None) -> str:
+    """The preset when none is named: a weights folder is the real model's (loading it as
+    random `tiny` could only fail the strict key check); without one, `tiny`."""
+    return "wan2.1-1.3b" if weights else "tiny"
+
+
 class Settings(BaseSettings):
     """All settings of one server process."""
 
@@ -148,10 +154,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _weights_mean_the_real_model(self):
-        # a weights folder without a preset is the real model's (as `shotstream generate`
-        # assumes), not random `tiny` ones: loading it as tiny could only fail
-        if self.weights is not None and "preset" not in self.model_fields_set:
-            self.preset = "wan2.1-1.3b"
+        if "preset" not in self.model_fields_set:
+            self.preset = default_preset(self.weights)
         return self
 
 
