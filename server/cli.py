@@ -113,13 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a multi-shot script into an MP4 file (offline, no server)",
         description="Generate every shot of a script in the original demo format "
         '({"global_caption": "...", "shot1": "...", "shot2": "...", ...}) and write one '
-        "H.264 MP4 at the preset's fps. Without --weights the tiny preset runs on random "
-        "weights (the video is noise); --preset demo runs on its bundled weights once shipped.",
+        "H.264 MP4 at the preset's fps. Without --weights the demo preset runs on its bundled "
+        "weights (a small model trained on procedural shapes); --preset tiny runs on random "
+        "weights (the video is noise).",
     )
     p.add_argument("--script", required=True, metavar="FILE.json", help="the shot script (JSON)")
     p.add_argument("--out", required=True, metavar="VIDEO.mp4", help="the MP4 file to write")
     p.add_argument("--preset", default=None,
-                   help="model preset (default: wan2.1-1.3b with --weights, tiny without)")  # fmt: skip
+                   help="model preset (default: wan2.1-1.3b with --weights, demo without)")  # fmt: skip
     p.add_argument("--weights", default=None, metavar="DIR",
                    help="weights folder (see `shotstream download`); none = the preset's bundled "
                    "weights (demo) or random ones (tiny)")  # fmt: skip
@@ -199,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow-steps", type=int, default=None, metavar="N",
                    help="steps of the phase that keeps that object through the sampler's "
                    "later steps and later chunks (default 800)")  # fmt: skip
+    p.add_argument("--polish-steps", type=int, default=None, metavar="N",
+                   help="steps of the phase that repeats the one before with the object's "
+                   "pixels weighted up (default 1500)")  # fmt: skip
+    p.add_argument("--carry-steps", type=int, default=None, metavar="N",
+                   help="steps of the last phase, the one before on longer stories with more "
+                   "colour changes (default 1000)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads of the DiT phases (default 1: they prefetch "
                    "batches on another core)")  # fmt: skip

@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import UMT5EncoderModel
 
 from model.config import ModelConfig
@@ -43,7 +44,7 @@ from model.train.render import (
     stable_seed,
 )
 from model.train.vae_train import clip_frame_offsets
-from model.train.vocab import Scene
+from model.train.vocab import PALETTE, Scene
 from model.vae import WanVAE
 
 
@@ -91,6 +92,14 @@ class DiTTrainConfig:
     # held through the chunk (a still object) while the target moves as its caption says, so
     # the later steps learn to add the motion a still first step left out (0: off)
     freeze_prob: float = 0.0
+    # extra x0-error weight on latent pixels the object covers (its rendered coverage pooled
+    # to the latent grid and dilated by one latent pixel): the object is a small part of the
+    # frame, so the plain objective learns the background long before the object's colour
+    # (0: off)
+    object_weight: float = 0.0
+    # start_train with whole_shot: chunks of the target shot trained per example (0: all of
+    # them); later chunks differ from the second only in how much history they see
+    train_chunks: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,14 +133,15 @@ class LatentCache:
 
     The VAE is per-frame (vae_train), so a shot's latent frame j is the image latent of its
     pixel frame 4j, and every latent here is an image encode. A frame's pixels depend only
-    on (ClipKey, offset), so each is encoded once. Thread-safe: a prefetch thread fills it
-    while training runs.
+    on (ClipKey, offset), so each is encoded once, with its `object_mask`. Thread-safe: a
+    prefetch thread fills it while training runs.
     """
 
     def __init__(self, vae: WanVAE, geo: Geometry, latent_frames: int):
         self.vae, self.geo = vae, geo
         self.offsets = clip_frame_offsets(vae.cfg, latent_frames)
         self._frames: dict[tuple[ClipKey, int], torch.Tensor] = {}
+        self._masks: dict[tuple[ClipKey, int], torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -144,6 +154,11 @@ class LatentCache:
         n = len(offsets)
         return [torch.stack(lat[i * n : (i + 1) * n]) for i in range(len(keys))]
 
+    def masks(self, keys: list[ClipKey], latent_frames: int | None = None) -> list[torch.Tensor]:
+        """Object masks (F, 1, h, w) of the frames `clips` returns (they must be cached)."""
+        offsets = self.offsets[:latent_frames]
+        return [torch.stack([self._masks[(k, o)] for o in offsets])[:, None] for k in keys]
+
     def frames(self, wanted: list[tuple[ClipKey, int]]) -> list[torch.Tensor]:
         """Normalised latents (C, h, w) of single frames, each encoded as a 1-frame clip."""
         missing = list(dict.fromkeys(w for w in wanted if w not in self._frames))
@@ -154,9 +169,25 @@ class LatentCache:
             px = torch.cat([render_frames(k, self.geo, offs) for k, offs in by_key.items()])
             order = [(k, o) for k, offs in by_key.items() for o in offs]
             lat = torch.cat([self.vae.encode_frames(b).clone() for b in px.split(64)])
+            bg = torch.stack([_background(k) for k, offs in by_key.items() for _ in offs])
+            masks = object_mask(px, bg, self.vae.cfg.spatial_stride)
             with self._lock:
                 self._frames.update(zip(order, lat, strict=True))
+                self._masks.update(zip(order, masks, strict=True))
         return [self._frames[w] for w in wanted]
+
+
+def _background(key: ClipKey) -> torch.Tensor:
+    return torch.tensor(PALETTE[key.background], dtype=torch.float32) / 127.5 - 1.0
+
+
+def object_mask(px: torch.Tensor, bg: torch.Tensor, stride: int) -> torch.Tensor:
+    """(N, h, w) weights in 0..1 for frames px (N, 3, H, W) on backgrounds bg (N, 3): the
+    fraction of each latent pixel's stride x stride patch the object covers, dilated by one
+    latent pixel (the encoder spreads an object's edge into its neighbours)."""
+    obj = ((px - bg[:, :, None, None]).abs().amax(dim=1, keepdim=True) > 0.02).float()
+    frac = F.avg_pool2d(obj, stride)
+    return F.max_pool2d(frac, 3, stride=1, padding=1)[:, 0]
 
 
 @dataclass
@@ -168,6 +199,7 @@ class Batch:
     ids: torch.Tensor  # (B, S, T) caption token ids, padded
     mask: torch.Tensor  # (B, S, T)
     caption_index: torch.Tensor  # (B, Fc + Fs)
+    object_mask: torch.Tensor  # (B, Fs, 1, h, w) `object_mask` of the clean shot
 
 
 def build_batch(
@@ -220,7 +252,10 @@ def build_batch(
             tc = tokenize_caption(tokenizer, spec, cfg.text.text_len)
             row_ids, row_mask = pad_ids(tc.ids, cfg.text.text_len, tokenizer.pad_token_id)
             ids[i, r], mask[i, r] = torch.tensor(row_ids), torch.tensor(row_mask)
-    return Batch(z, flags, torch.stack(targets), flags[:, -1] + 1, ids, mask, caption_index)
+    objects = torch.stack(cache.masks(keys, target_frames))
+    return Batch(
+        z, flags, torch.stack(targets), flags[:, -1] + 1, ids, mask, caption_index, objects
+    )
 
 
 def encode_text(text: UMT5EncoderModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -381,7 +416,12 @@ class DiTTrainer:
         cf = self.cfg.chunk_frames
         s = self.per_frame(sigma)
         x0 = noisy - s * self.flow(batch, noisy, sigma, prompt)
-        err = (x0 - batch.clean).pow(2).mean(dim=(2, 3, 4))  # (B, frames)
+        sq = (x0 - batch.clean).pow(2)
+        if self.tc.object_weight:
+            px = 1.0 + self.tc.object_weight * batch.object_mask  # (B, frames, 1, h, w)
+            err = (sq * px).sum(dim=(2, 3, 4)) / (px.sum(dim=(2, 3, 4)) * sq.shape[2])
+        else:
+            err = sq.mean(dim=(2, 3, 4))  # (B, frames)
         per_chunk = err.view(b, n, cf).mean(dim=2)
         w = torch.ones_like(sigma) if weight is None else weight
         total = w.sum().clamp(min=1e-8)

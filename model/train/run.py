@@ -1,10 +1,14 @@
-"""`shotstream train-demo`: four phases with checkpoints and resume, then the export.
+"""`shotstream train-demo`: six phases with checkpoints and resume, then the export.
 
     work/vae.pt        phase 1 checkpoint (model, optimiser, step); vae_final.pt when done
     work/dit.pt        phase 2 checkpoint (DiT, text encoder, optimiser, step)
     work/start.pt      phase 3 checkpoint (first chunks place the object where their noise says)
     work/follow.pt     phase 4 checkpoint (whole shots keep that object through later steps
                        and later chunks)
+    work/polish.pt     phase 5 checkpoint (phase 4 again, the object's pixels weighted up,
+                       two chunks per shot)
+    work/carry.pt      phase 6 checkpoint (phase 5 again on longer stories with more colour
+                       turns)
     export/            generator.safetensors, vae/, text_encoder/, tokenizer/, vocabulary.json
 
 Checkpoints are written atomically every `checkpoint_s` seconds and at the end of a phase;
@@ -73,6 +77,39 @@ class TrainDemoConfig:
             whole_shot=True,
         )  # fmt: skip
     )
+    # phase 5 (start_train): phase 4 again on its weights, the object's latent pixels weighted
+    # up (the plain objective had learnt the backgrounds and spent little on the object's
+    # colour) and two chunks per shot (a third cheaper; later chunks differ from the second
+    # only in how much history they see)
+    polish: DiTTrainConfig = field(
+        default_factory=lambda: DiTTrainConfig(
+            steps=1500,
+            lr=5e-4,
+            warmup=20,
+            level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
+            fade_min=0.2,
+            whole_shot=True,
+            object_weight=6.0,
+            train_chunks=2,
+        )  # fmt: skip
+    )
+    # phase 6 (start_train): phase 5 again on stories with more earlier shots and more colour
+    # turns (a later shot's colour comes from its own caption or from the context frames more
+    # often than from the global caption)
+    carry: DiTTrainConfig = field(
+        default_factory=lambda: DiTTrainConfig(
+            steps=1000,
+            lr=5e-4,
+            warmup=20,
+            level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
+            fade_min=0.2,
+            whole_shot=True,
+            object_weight=6.0,
+            train_chunks=2,
+            turn_prob=0.5,
+            history_weights=(0.1, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08),
+        )  # fmt: skip
+    )
     checkpoint_s: float = 120.0
 
 
@@ -86,7 +123,7 @@ def _load(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
 
 
-LATER_PHASES = ("start", "follow")  # phases after the DiT phase, in order
+LATER_PHASES = ("start", "follow", "polish", "carry")  # phases after the DiT phase, in order
 
 
 def _discard(work: Path, phases) -> None:
@@ -243,9 +280,9 @@ def train_start_phase(
     text: torch.nn.Module,
     resume: bool,
 ) -> None:
-    """Phases 3 and 4 (start_train, `name` "start" or "follow"): a shot's first chunk places
-    the object where its noise says, then the whole shot keeps it through the sampler's
-    later steps and later chunks; trains `dit` and `text` in place and leaves them in eval
+    """Phases 3 to 6 (start_train, `name` one of LATER_PHASES): a shot's first chunk
+    places the object where its noise says, then the whole shot keeps it through the
+    sampler's later steps and later chunks; trains `dit` and `text` in place and leaves them in eval
     mode."""
     pc: DiTTrainConfig = getattr(tc, name)
     tokenizer, scenes = _tokenizer_and_scenes(cfg, work)
@@ -300,6 +337,10 @@ def train_demo(
     train_start_phase("start", cfg, tc, work, vae, dit, text, resume)
     t_start = time.time() - t0 - t_vae - t_dit
     train_start_phase("follow", cfg, tc, work, vae, dit, text, resume)
+    t_follow = time.time() - t0 - t_vae - t_dit - t_start
+    train_start_phase("polish", cfg, tc, work, vae, dit, text, resume)
+    t_polish = time.time() - t0 - t_vae - t_dit - t_start - t_follow
+    train_start_phase("carry", cfg, tc, work, vae, dit, text, resume)
     meta = {
         "preset": cfg.name,
         "config": asdict(tc),
@@ -307,7 +348,9 @@ def train_demo(
             "vae": round(t_vae),
             "dit": round(t_dit),
             "start": round(t_start),
-            "follow": round(time.time() - t0 - t_vae - t_dit - t_start),
+            "follow": round(t_follow),
+            "polish": round(t_polish),
+            "carry": round(time.time() - t0 - t_vae - t_dit - t_start - t_follow - t_polish),
         },
         "torch_threads": {"vae": vae_threads, "dit": threads},
         "resumed": resume,
@@ -334,7 +377,13 @@ def run_train_demo(args) -> int:
     follow = base.follow
     if args.follow_steps is not None:
         follow = replace(follow, steps=args.follow_steps)
-    tc = replace(base, vae=vae, dit=dit, start=start, follow=follow)
+    polish = base.polish
+    if args.polish_steps is not None:
+        polish = replace(polish, steps=args.polish_steps)
+    carry = base.carry
+    if args.carry_steps is not None:
+        carry = replace(carry, steps=args.carry_steps)
+    tc = replace(base, vae=vae, dit=dit, start=start, follow=follow, polish=polish, carry=carry)
     out = train_demo(
         args.work, args.out, tc, resume=args.resume, threads=args.threads,
         vae_threads=args.vae_threads,

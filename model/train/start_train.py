@@ -1,5 +1,7 @@
-"""Phases 3 and 4 of the demo recipe: the first chunk of a shot learns to place the object
-where its noise says (3), and to keep it there through the sampler's later steps (4).
+"""Phases 3 to 6 of the demo recipe: the first chunk of a shot learns to place the object
+where its noise says (3), and to keep it there through the sampler's later steps (4);
+phases 5 and 6 repeat 4 with the object's latent pixels weighted up (`object_weight`), 6 on
+longer stories with more colour turns.
 
 Why. The DiT has no absolute position: RoPE is relative, and at sigma = 1 the first chunk of
 a shot sees only noise, a context of identical (zero or other-shot) frames and text. Such a
@@ -58,7 +60,7 @@ def noise_start(eps0: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 class StartTrainer(DiTTrainer):
-    """Phases 3 and 4: the first chunk (or, with `whole_shot`, every chunk) at the phase's
+    """Phases 3 to 6: the first chunk (or, with `whole_shot`, every chunk) at the phase's
     levels, the target shot placed by `noise_start` of the first chunk's noise."""
 
     def __init__(self, *args, **kwargs):
@@ -66,7 +68,9 @@ class StartTrainer(DiTTrainer):
         if self.tc.unroll_prob:
             raise ValueError("start_train does not unroll the chain (see the module docstring)")
         cfg = self.cfg
-        self.n_chunks = cfg.chunks_per_shot if self.tc.whole_shot else 1
+        self.n_chunks = (self.tc.train_chunks or cfg.chunks_per_shot) if self.tc.whole_shot else 1
+        if self.n_chunks > cfg.chunks_per_shot:
+            raise ValueError(f"train_chunks {self.n_chunks} > chunks_per_shot")
         self.mask = shot_mask(
             cfg.context_frames, self.n_chunks, cfg.chunk_frames, cfg.tokens_per_frame
         )
@@ -96,7 +100,7 @@ class StartTrainer(DiTTrainer):
             for ex, (x, y) in zip(examples, starts, strict=True)
         ]
         keys, weight = self.onsets(step, keys)
-        frames = None if self.tc.whole_shot else self.cfg.chunk_frames
+        frames = self.n_chunks * self.cfg.chunk_frames
         batch = build_batch(examples, self.cfg, self.cache, self.tokenizer, keys, frames)
         return batch, eps, weight
 

@@ -450,3 +450,66 @@ def test_frozen_later_levels_see_a_still_object_and_learn_the_moving_one(tmp_pat
         torch.testing.assert_close(loss, 2 * (seen[0] - clean).pow(2).mean())
     finally:
         trainer.close()
+
+
+def test_object_mask_covers_the_objects_latent_pixels_and_one_around():
+    """object_mask: the object's coverage of each latent pixel's 8x8 patch, dilated by one
+    latent pixel; zero on the rest of the background."""
+    from model.train.dit_train import object_mask
+    from model.train.vocab import PALETTE
+
+    stride = CFG.vae.spatial_stride
+    key = KEY._replace(framing="close-up", motion="still", start=(44.0, 28.0))
+    px = render_frames(key, GEO, [0])
+    bg = torch.tensor(PALETTE[key.background], dtype=torch.float32)[None] / 127.5 - 1
+    mask = object_mask(px, bg, stride)[0]
+    assert mask.shape == (CFG.latent_h, CFG.latent_w)
+    covered = ((px[0] - bg[0, :, None, None]).abs().amax(dim=0) > 0.02).float()
+    frac = torch.nn.functional.avg_pool2d(covered[None, None], stride)[0, 0]
+    assert torch.all(mask >= frac) and mask.max() == 1.0  # a close-up fills whole patches
+    touched = torch.nn.functional.max_pool2d((frac > 0).float()[None], 3, 1, 1)[0] > 0
+    assert torch.all(mask[~touched] == 0) and torch.all(mask[touched] > 0)
+    assert 0 < int(touched.sum()) < mask.numel() // 2
+
+
+def test_object_weight_counts_errors_on_the_object_more_and_train_chunks_trims_shots(tmp_path):
+    """With object_weight w, a latent pixel's squared x0 error counts 1 + w * mask, normalised
+    by the weights (so an error everywhere costs the same as without); train_chunks keeps
+    the first chunks of each whole target shot."""
+    import model.train.start_train as st
+    from model.text import build_umt5, load_tokenizer
+    from model.train.dit_train import DiTTrainConfig
+    from model.train.render import all_scenes
+    from model.train.run import init_dit
+    from model.train.tokenizer import save_tokenizer
+
+    tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
+    tc = DiTTrainConfig(batch=2, whole_shot=True, train_chunks=2, object_weight=6.0)
+    dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
+    trainer = st.StartTrainer(CFG, dit, text, _per_frame_vae(), tok, all_scenes()[:6], tc, 1)
+    try:
+        batch, _, _ = trainer._prepare(0)
+        n, cf = 2, CFG.chunk_frames
+        assert batch.clean.shape == (2, n * cf, *CFG.latent_shape)
+        assert batch.object_mask.shape == (2, n * cf, 1, CFG.latent_h, CFG.latent_w)
+        assert 0 < float(batch.object_mask.mean()) < 0.5
+        sigma = torch.tensor([[1.0, 0.5], [0.25, 0.1]])
+        s = sigma.repeat_interleave(cf, dim=1)[..., None, None, None]
+        noisy = torch.randn(batch.clean.shape)
+
+        def loss_for(pred: torch.Tensor, weight: float) -> torch.Tensor:
+            trainer.tc = DiTTrainConfig(object_weight=weight)
+            trainer.flow = lambda *a: (noisy - pred) / s  # the model's x0 is then `pred`
+            return trainer.x0_loss(batch, noisy, sigma, torch.zeros(1))[0]
+
+        everywhere = batch.clean + 0.5
+        torch.testing.assert_close(loss_for(everywhere, 6.0), loss_for(everywhere, 0.0))
+        on_object = batch.clean + 0.5 * (batch.object_mask > 0)
+        px = 1 + 6.0 * batch.object_mask
+        sq = 0.25 * (batch.object_mask > 0).float()
+        per_frame = (sq * px).sum(dim=(2, 3, 4)) / px.sum(dim=(2, 3, 4))  # channels cancel
+        expected = (per_frame.view(2, n, cf).mean(dim=2) / sigma).mean()
+        torch.testing.assert_close(loss_for(on_object, 6.0), expected)
+        assert loss_for(on_object, 6.0) > 2 * loss_for(on_object, 0.0)
+    finally:
+        trainer.close()

@@ -59,6 +59,10 @@ def _tiny_run(work: Path, dit_steps: int, resume: bool = False) -> dict[str, tor
             steps=1, batch=1, level_weights=(1.0, 0.0, 0.0, 0.0), history_weights=(1.0,)
         ),
         follow=DiTTrainConfig(steps=1, batch=1, fade_min=0.2, whole_shot=True),
+        polish=DiTTrainConfig(steps=1, batch=1, whole_shot=True, object_weight=6.0, train_chunks=2),
+        carry=DiTTrainConfig(
+            steps=1, batch=1, whole_shot=True, object_weight=6.0, train_chunks=2, turn_prob=0.5
+        ),
     )
     out = train_demo(work, work / "export", tc, resume=resume)
     return load_file(str(out / "generator.safetensors"))
