@@ -5,7 +5,7 @@
 #   docker build -t shotstream .
 #   docker run --gpus all -p 8000:8000 -v /srv/shotstream-weights:/weights shotstream
 #
-# CPU image (tiny preset, random weights; see docker/compose.cpu.yaml):
+# CPU image (demo preset, bundled weights; see docker/compose.cpu.yaml):
 #   docker build --build-arg BASE_IMAGE=ubuntu:24.04 --build-arg EXTRAS= \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t shotstream:cpu .
 #

@@ -14,9 +14,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_preset(weights: str | None) -> str:
-    """The preset when none is named: a weights folder is the real model's (loading it as
-    random `tiny` could only fail the strict key check); without one, `tiny`."""
-    return "wan2.1-1.3b" if weights else "tiny"
+    """The preset when none is named: a weights folder is the real model's (loading it under
+    another preset could only fail the strict key check); without one, `demo`, the small
+    model trained on procedural shapes whose weights ship in the package."""
+    return "wan2.1-1.3b" if weights else "demo"
 
 
 class Settings(BaseSettings):
@@ -26,12 +27,14 @@ class Settings(BaseSettings):
 
     # -- model -----------------------------------------------------------------------
     preset: str = Field(
-        "tiny",
-        description="model preset: `tiny` (random weights) or `wan2.1-1.3b` (the default "
-        "when weights are given)",
+        "demo",
+        description="model preset: `demo` (bundled weights trained on procedural shapes, "
+        "CPU), `tiny` (random weights) or `wan2.1-1.3b` (the default when weights are given)",
     )
     weights: str | None = Field(
-        None, description="weights folder (real weights); none = random weights, `tiny` only"
+        None,
+        description="weights folder (real weights); none = the preset's bundled weights "
+        "(`demo`) or random ones (`tiny`)",
     )
     device: str = Field("auto", description="`auto` (CUDA if present), `cuda`, `cuda:N` or `cpu`")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(

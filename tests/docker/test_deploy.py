@@ -93,11 +93,11 @@ def test_compose_gpu_stack():
     assert prom["/etc/prometheus"] == DOCKER / "prometheus"
 
 
-def test_compose_cpu_variant_runs_tiny_without_a_gpu():
+def test_compose_cpu_variant_runs_demo_without_a_gpu():
     cfg = compose_config("compose.yaml", "compose.cpu.yaml")
     srv = cfg["services"]["shotstream"]
     assert "deploy" not in srv or not srv["deploy"].get("resources")
-    assert srv["environment"]["SHOTSTREAM_PRESET"] == "tiny"
+    assert srv["environment"]["SHOTSTREAM_PRESET"] == "demo"
     assert srv["environment"]["SHOTSTREAM_WEIGHTS"] == ""  # empty means none: random weights
     assert srv["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
 

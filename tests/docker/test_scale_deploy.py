@@ -290,7 +290,7 @@ def test_compose_scale_runs_replicas_behind_the_proxy(cpu):
         assert srv["environment"]["SHOTSTREAM_REPLICA_ID"] == name  # its DNS name
         assert "shotstream-pool" in srv["networks"]["default"]["aliases"]
         assert not srv.get("ports"), f"{name} is published: only the proxy should be"
-        assert srv["environment"]["SHOTSTREAM_PRESET"] == ("tiny" if cpu else "wan2.1-1.3b")
+        assert srv["environment"]["SHOTSTREAM_PRESET"] == ("demo" if cpu else "wan2.1-1.3b")
         assert bool(srv.get("deploy")) is not cpu
     if not cpu:  # one GPU each
         gpus = [s["deploy"]["resources"]["reservations"]["devices"] for s in replicas.values()]

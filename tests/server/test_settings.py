@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from model.config import get_preset
 from server.settings import Settings
 
 
@@ -13,9 +14,10 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_without_weights_the_default_is_tiny():
+def test_without_weights_the_default_is_the_bundled_demo_model():
     s = Settings()
-    assert s.preset == "tiny" and s.weights is None
+    assert s.preset == "demo" and s.weights is None
+    assert get_preset(s.preset).bundled_weights  # it runs on weights shipped in the package
 
 
 def test_a_weights_folder_without_a_preset_is_the_real_model(monkeypatch):
