@@ -39,12 +39,14 @@ from model.train.render import (
     ClipKey,
     Geometry,
     Story,
+    background_value,
+    object_pixels,
     render_frames,
     sample_story,
     stable_seed,
 )
 from model.train.vae_train import clip_frame_offsets
-from model.train.vocab import PALETTE, Scene
+from model.train.vocab import Scene
 from model.vae import WanVAE
 
 
@@ -169,7 +171,7 @@ class LatentCache:
             px = torch.cat([render_frames(k, self.geo, offs) for k, offs in by_key.items()])
             order = [(k, o) for k, offs in by_key.items() for o in offs]
             lat = torch.cat([self.vae.encode_frames(b).clone() for b in px.split(64)])
-            bg = torch.stack([_background(k) for k, offs in by_key.items() for _ in offs])
+            bg = torch.stack([background_value(k) for k, offs in by_key.items() for _ in offs])
             masks = object_mask(px, bg, self.vae.cfg.spatial_stride)
             with self._lock:
                 self._frames.update(zip(order, lat, strict=True))
@@ -177,16 +179,11 @@ class LatentCache:
         return [self._frames[w] for w in wanted]
 
 
-def _background(key: ClipKey) -> torch.Tensor:
-    return torch.tensor(PALETTE[key.background], dtype=torch.float32) / 127.5 - 1.0
-
-
 def object_mask(px: torch.Tensor, bg: torch.Tensor, stride: int) -> torch.Tensor:
     """(N, h, w) weights in 0..1 for frames px (N, 3, H, W) on backgrounds bg (N, 3): the
     fraction of each latent pixel's stride x stride patch the object covers, dilated by one
     latent pixel (the encoder spreads an object's edge into its neighbours)."""
-    obj = ((px - bg[:, :, None, None]).abs().amax(dim=1, keepdim=True) > 0.02).float()
-    frac = F.avg_pool2d(obj, stride)
+    frac = F.avg_pool2d(object_pixels(px, bg), stride)
     return F.max_pool2d(frac, 3, stride=1, padding=1)[:, 0]
 
 

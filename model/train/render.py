@@ -125,6 +125,18 @@ class ClipKey(NamedTuple):
     onset: int = 0
 
 
+def background_value(key: ClipKey) -> torch.Tensor:
+    """The background colour of `key`'s frames, (3,) in render_frames' [-1, 1] scale."""
+    return torch.tensor(PALETTE[key.background], dtype=torch.float32) / 127.5 - 1.0
+
+
+def object_pixels(x: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    """1.0 where rendered frames x (B, 3, ...) differ from their background bg (B, 3) (the
+    object and its anti-aliased edge), else 0.0; shape (B, 1, ...)."""
+    bg = bg.view(*bg.shape, *([1] * (x.ndim - 2)))
+    return ((x - bg).abs().amax(dim=1, keepdim=True) > 0.02).float()
+
+
 def render_clip(key: ClipKey, geo: Geometry, frames: int | None = None) -> torch.Tensor:
     """The first `frames` (default: all) of a shot, (T, 3, H, W) float32 in [-1, 1]."""
     n = geo.shot_frames if frames is None else frames

@@ -48,6 +48,15 @@ from model.train.vocab import vocabulary
 from model.vae import WanVAE, build_autoencoder
 
 
+def _whole_shots(steps: int, **changes) -> DiTTrainConfig:
+    """A start_train phase over whole shots, every chunk at one of the sampler's levels (the
+    first half the time: it places the object) and later levels fed faded objects."""
+    return DiTTrainConfig(
+        steps=steps, lr=5e-4, warmup=20, level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
+        fade_min=0.2, whole_shot=True, **changes,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TrainDemoConfig:
     seed: int = 0
@@ -67,43 +76,20 @@ class TrainDemoConfig:
     # phase 4 (start_train): any shot, every chunk at its own level: the first chunk at
     # sigma 1 keeps placing the object, its later levels keep it wherever it is (faint ones
     # included), and later chunks follow their history
-    follow: DiTTrainConfig = field(
-        default_factory=lambda: DiTTrainConfig(
-            steps=800,
-            lr=5e-4,
-            warmup=20,
-            level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
-            fade_min=0.2,
-            whole_shot=True,
-        )  # fmt: skip
-    )
+    follow: DiTTrainConfig = field(default_factory=lambda: _whole_shots(800))
     # phase 5 (start_train): phase 4 again on its weights, the object's latent pixels weighted
     # up (the plain objective had learnt the backgrounds and spent little on the object's
     # colour) and two chunks per shot (a third cheaper; later chunks differ from the second
     # only in how much history they see)
     polish: DiTTrainConfig = field(
-        default_factory=lambda: DiTTrainConfig(
-            steps=1500,
-            lr=5e-4,
-            warmup=20,
-            level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
-            fade_min=0.2,
-            whole_shot=True,
-            object_weight=6.0,
-            train_chunks=2,
-        )  # fmt: skip
+        default_factory=lambda: _whole_shots(1500, object_weight=6.0, train_chunks=2)
     )
     # phase 6 (start_train): phase 5 again on stories with more earlier shots and more colour
     # turns (a later shot's colour comes from its own caption or from the context frames more
     # often than from the global caption)
     carry: DiTTrainConfig = field(
-        default_factory=lambda: DiTTrainConfig(
-            steps=1000,
-            lr=5e-4,
-            warmup=20,
-            level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
-            fade_min=0.2,
-            whole_shot=True,
+        default_factory=lambda: _whole_shots(
+            1000,
             object_weight=6.0,
             train_chunks=2,
             turn_prob=0.5,

@@ -41,11 +41,12 @@ from model.train.render import (
     ClipKey,
     Geometry,
     all_scenes,
+    background_value,
+    object_pixels,
     render_frames,
     sample_story,
     stable_seed,
 )
-from model.train.vocab import PALETTE
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def vae_batch(
     for _ in range(cfg.frame_batch):
         key = random_key(rng)
         frames.append(render_frames(key, geo, [rng.randrange(geo.shot_frames)])[0])
-        bgs.append(torch.tensor(PALETTE[key.background], dtype=torch.float32) / 127.5 - 1)
+        bgs.append(background_value(key))
     return torch.stack(frames)[:, :, None].contiguous(), torch.stack(bgs)
 
 
@@ -130,8 +131,7 @@ def vae_loss(
     posterior = model.encode(x).latent_dist
     z = posterior.sample(generator=gen)
     out = model.decode(z).sample
-    is_object = ((x - bg[:, :, None, None, None]).abs().amax(dim=1, keepdim=True) > 0.02).float()
-    weight = 1.0 + cfg.object_weight * is_object
+    weight = 1.0 + cfg.object_weight * object_pixels(x, bg)
     l1 = ((out - x).abs() * weight).sum() / (weight.sum() * x.shape[1])
     kl = posterior.kl().mean() / z[0].numel()
     loss = l1 + cfg.kl_weight * kl

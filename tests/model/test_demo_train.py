@@ -456,12 +456,13 @@ def test_object_mask_covers_the_objects_latent_pixels_and_one_around():
     """object_mask: the object's coverage of each latent pixel's 8x8 patch, dilated by one
     latent pixel; zero on the rest of the background."""
     from model.train.dit_train import object_mask
-    from model.train.vocab import PALETTE
+    from model.train.render import background_value
 
     stride = CFG.vae.spatial_stride
     key = KEY._replace(framing="close-up", motion="still", start=(44.0, 28.0))
     px = render_frames(key, GEO, [0])
-    bg = torch.tensor(PALETTE[key.background], dtype=torch.float32)[None] / 127.5 - 1
+    bg = background_value(key)[None]
+    assert torch.equal(px[0, :, 0, 0], bg[0])  # the corner is background
     mask = object_mask(px, bg, stride)[0]
     assert mask.shape == (CFG.latent_h, CFG.latent_w)
     covered = ((px[0] - bg[0, :, None, None]).abs().amax(dim=0) > 0.02).float()

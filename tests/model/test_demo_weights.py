@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -93,5 +93,8 @@ def test_shipped_demo_weights_are_complete_small_and_in_the_vocabulary():
     assert sum(p.stat().st_size for p in tensors) <= 25 * 2**20
     assert (SHIPPED / "README.md").is_file() or (SHIPPED / "MODEL_CARD.md").is_file()
     assert json.loads((SHIPPED / "vocabulary.json").read_text()) == vocabulary()
+    # the recipe that made them is train-demo's default one, seed 0
+    meta = json.loads((SHIPPED / "training.json").read_text())
+    assert meta["config"] == json.loads(json.dumps(asdict(TrainDemoConfig())))
     model = load_model(DEMO, device="cpu")  # strict: every key and shape checked
     assert model.real_weights and model.vocabulary == vocabulary()
