@@ -79,8 +79,8 @@ class TrainDemoConfig:
     follow: DiTTrainConfig = field(default_factory=lambda: _whole_shots(800))
     # phase 5 (start_train): phase 4 again on its weights, the object's latent pixels weighted
     # up (the plain objective had learnt the backgrounds and spent little on the object's
-    # colour) and two chunks per shot (a third cheaper; later chunks differ from the second
-    # only in how much history they see)
+    # colour) and two chunks per shot (less than half the time per step; later chunks differ
+    # from the second only in how much history they see)
     polish: DiTTrainConfig = field(
         default_factory=lambda: _whole_shots(1500, object_weight=6.0, train_chunks=2)
     )
