@@ -268,8 +268,8 @@ def train_start_phase(
 ) -> None:
     """Phases 3 to 6 (start_train, `name` one of LATER_PHASES): a shot's first chunk
     places the object where its noise says, then the whole shot keeps it through the
-    sampler's later steps and later chunks; trains `dit` and `text` in place and leaves them in eval
-    mode."""
+    sampler's later steps and later chunks; trains `dit` and `text` in place and leaves them
+    in eval mode."""
     pc: DiTTrainConfig = getattr(tc, name)
     tokenizer, scenes = _tokenizer_and_scenes(cfg, work)
     trainer = StartTrainer(cfg, dit, text, vae, tokenizer, scenes, pc, tc.seed)
@@ -312,32 +312,24 @@ def train_demo(
     cfg = get_preset("demo")
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, int] = {}
     t0 = time.time()
     vae_threads = vae_threads or os.cpu_count() or 1
     torch.set_num_threads(vae_threads)
     vae = train_vae_phase(cfg, tc, work, resume)
     torch.set_num_threads(threads)
-    t_vae = time.time() - t0
+    seconds["vae"] = round(time.time() - t0)
+    t0 = time.time()
     dit, text, dit_start = train_dit_phase(cfg, tc, work, vae, resume)
-    t_dit = time.time() - t0 - t_vae
-    train_start_phase("start", cfg, tc, work, vae, dit, text, resume)
-    t_start = time.time() - t0 - t_vae - t_dit
-    train_start_phase("follow", cfg, tc, work, vae, dit, text, resume)
-    t_follow = time.time() - t0 - t_vae - t_dit - t_start
-    train_start_phase("polish", cfg, tc, work, vae, dit, text, resume)
-    t_polish = time.time() - t0 - t_vae - t_dit - t_start - t_follow
-    train_start_phase("carry", cfg, tc, work, vae, dit, text, resume)
+    seconds["dit"] = round(time.time() - t0)
+    for name in LATER_PHASES:
+        t0 = time.time()
+        train_start_phase(name, cfg, tc, work, vae, dit, text, resume)
+        seconds[name] = round(time.time() - t0)
     meta = {
         "preset": cfg.name,
         "config": asdict(tc),
-        "seconds": {
-            "vae": round(t_vae),
-            "dit": round(t_dit),
-            "start": round(t_start),
-            "follow": round(t_follow),
-            "polish": round(t_polish),
-            "carry": round(time.time() - t0 - t_vae - t_dit - t_start - t_follow - t_polish),
-        },
+        "seconds": seconds,
         "torch_threads": {"vae": vae_threads, "dit": threads},
         "resumed": resume,
         "dit_started_at_step": dit_start,
@@ -357,19 +349,11 @@ def run_train_demo(args) -> int:
         dit = replace(dit, batch=args.dit_batch)
     if args.dit_unroll is not None:
         dit = replace(dit, unroll_prob=args.dit_unroll)
-    start = base.start
-    if args.start_steps is not None:
-        start = replace(start, steps=args.start_steps)
-    follow = base.follow
-    if args.follow_steps is not None:
-        follow = replace(follow, steps=args.follow_steps)
-    polish = base.polish
-    if args.polish_steps is not None:
-        polish = replace(polish, steps=args.polish_steps)
-    carry = base.carry
-    if args.carry_steps is not None:
-        carry = replace(carry, steps=args.carry_steps)
-    tc = replace(base, vae=vae, dit=dit, start=start, follow=follow, polish=polish, carry=carry)
+    later = {}  # each of LATER_PHASES, with its --NAME-steps when given
+    for name in LATER_PHASES:
+        phase, steps = getattr(base, name), getattr(args, f"{name}_steps")
+        later[name] = phase if steps is None else replace(phase, steps=steps)
+    tc = replace(base, vae=vae, dit=dit, **later)
     out = train_demo(
         args.work, args.out, tc, resume=args.resume, threads=args.threads,
         vae_threads=args.vae_threads,
