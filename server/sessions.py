@@ -211,8 +211,10 @@ class SessionManager:
         s = self.sessions.get(sid) or self.ended.get(sid)
         # Bytes, not str: compare_digest raises TypeError on non-ASCII str (a 500 for any
         # header or query token with such a character).
-        if s is None or token is None or not hmac.compare_digest(
-            s.token.encode(), token.encode("utf-8", "surrogatepass")
+        if (
+            s is None
+            or token is None
+            or not hmac.compare_digest(s.token.encode(), token.encode("utf-8", "surrogatepass"))
         ):
             return None
         return s
@@ -475,8 +477,8 @@ class SessionManager:
         now = time.monotonic()
         m, conn = self.metrics, s.conn
         s.sent.append(item)
+        counted = self._settle(s, item)
         if item.data is None:  # a `shot` message
-            s.shown_shot = item.message["shot"]
             return
         m.frames_sent.inc(item.frames)
         m.bytes_sent.inc(len(item.data))
@@ -496,16 +498,26 @@ class SessionManager:
                 m.deadline_misses.inc()
                 s.play_start += now - due
         s.video_delivered += item.duration
-        if not item.replay:  # a replay was counted when it was first sent
-            s.chunks_delivered += 1
-            s.frames_sent += item.frames
-            s.bytes_sent += len(item.data)
-            s.video_sent += item.duration
-            s.last_delivered_seq = item.seq
-            if item.prompt is not None:
-                m.prompts_applied.inc()
-                m.prompt_to_visible.observe(now - item.prompt.received)
+        if counted and item.prompt is not None:
+            m.prompts_applied.inc()
+            m.prompt_to_visible.observe(now - item.prompt.received)
         self._wake_engine()
+
+    @staticmethod
+    def _settle(s: Session, item: MediaItem) -> bool:
+        """Count an item as the client's: a chunk leaves the outbox bound and joins the
+        session's totals (True), unless it is a replay, counted when it was first sent."""
+        if item.data is None:  # a `shot` message
+            s.shown_shot = item.message["shot"]
+            return False
+        if item.replay:
+            return False
+        s.chunks_delivered += 1
+        s.frames_sent += item.frames
+        s.bytes_sent += len(item.data)
+        s.video_sent += item.duration
+        s.last_delivered_seq = item.seq
+        return True
 
     # -- control ----------------------------------------------------------------------------
     def pause(self, s: Session, reason: str = "client") -> None:
@@ -545,6 +557,11 @@ class SessionManager:
         s.play_start = None
         s.control.clear()  # replies meant for the dead connection
         if last_seq is not None:
+            # The client holds every seq up to last_seq. The dropped connection may have got
+            # an item out whole before its sender could take it off the outbox: it is the
+            # client's, not sent again.
+            while s.media and s.media[0].seq <= last_seq:
+                self._settle(s, s.media.popleft())
             again = [replace(x, replay=True) for x in s.sent if x.seq > last_seq]
             s.media.extendleft(reversed(again))
         s.sent.clear()

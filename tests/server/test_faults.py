@@ -156,6 +156,32 @@ def test_client_vanishes_then_resumes_with_nothing_lost(server, point, tmp_path)
     assert server.wait_metric("shotstream_pool_bytes", 0) == 0
 
 
+def test_a_resume_does_not_resend_what_the_client_names_as_held(server):
+    """A dropped connection can get a chunk out whole before its sender takes it off the
+    outbox; a reconnect naming that chunk as its last starts after it. Staged without the
+    race: a session not yet watched prepares its lead (chunks 0 and 1) in the outbox, and
+    the first connection names chunk 0 as held."""
+    package = ("shotstream_verb_duration_seconds_count", {"verb": "package"})
+    before = server.metric(*package)
+    d = server.create(seed=91)
+    assert server.wait_metric(package[0], before + 2, labels=package[1]) == before + 2
+
+    async def go():
+        c = await reconnect(f"{d['stream_url']}?token={d['token']}&last_seq=0")
+        try:
+            await c.chunks(4)
+            await c.send({"type": "stop"})
+            return c.stream.messages[0], await c.closed()
+        finally:
+            await c.__aexit__()
+
+    hello, st = run(go())
+    seqs = [c.message["seq"] for c in st.chunks]
+    assert hello["next_seq"] == 1 and seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 4
+    # Chunk 0 counts as delivered (the client's), so it does not hold a place in the outbox.
+    assert status(server, d)["frames_sent"] > sum(c.message["frames"] for c in st.chunks)
+
+
 def test_a_reader_that_stops_reading_pauses_only_its_own_session(server):
     """A client that stops reading (its socket buffers fill) holds at most the outbox: its
     generation stops while another session streams on; when it reads again it gets every
