@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train-demo",
-        help="train the small demo model on procedural shapes (CPU: about 80 minutes on 2 cores)",
+        help="train the small demo model on procedural shapes (2 CPU cores: under an hour)",
         description="Train the demo preset's VAE, then its causal DiT and text encoder, on "
         "procedural multi-shot clips, then a shot's first chunk at sigma 1 (object placement), "
         "then whole shots at every level; checkpoints go to --work, the weights to --out. "
@@ -188,24 +188,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights live in model/demo_weights)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of data, noise and initial weights")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
-    p.add_argument("--vae-steps", type=int, default=None, metavar="N", help="VAE optimiser steps")
-    p.add_argument("--dit-steps", type=int, default=None, metavar="N", help="DiT optimiser steps")
+    p.add_argument("--recipe", choices=["quick", "full"], default="quick",
+                   help="quick: under an hour on 2 CPU cores (57 minutes measured); full: the "
+                   "shipped weights' recipe, longer phases and better adherence (164 minutes)")  # fmt: skip
+    p.add_argument("--vae-steps", type=int, default=None, metavar="N",
+                   help="VAE optimiser steps (default 1000, both recipes)")  # fmt: skip
+    p.add_argument("--dit-steps", type=int, default=None, metavar="N",
+                   help="steps of the teacher-forced DiT phase over every level and chunk "
+                   "(default 0: quick starts with the placement phase; full 1000)")  # fmt: skip
     p.add_argument("--dit-batch", type=int, default=None, metavar="N", help="DiT shots per step")
     p.add_argument("--dit-unroll", type=float, default=None, metavar="P",
                    help="chance a later sampler level is noised from the model's own x0 of the "
                    "level before (default 0)")  # fmt: skip
     p.add_argument("--start-steps", type=int, default=None, metavar="N",
                    help="steps of the phase that teaches a shot's first chunk to place the "
-                   "object where its noise says (default 1500)")  # fmt: skip
+                   "object where its noise says (default 800; full 1500)")  # fmt: skip
     p.add_argument("--follow-steps", type=int, default=None, metavar="N",
                    help="steps of the phase that keeps that object through the sampler's "
-                   "later steps and later chunks (default 800)")  # fmt: skip
+                   "later steps and later chunks (default 0; full 800)")  # fmt: skip
     p.add_argument("--polish-steps", type=int, default=None, metavar="N",
                    help="steps of the phase that repeats the one before with the object's "
-                   "pixels weighted up (default 1500)")  # fmt: skip
+                   "pixels weighted up (default 900; full 1500)")  # fmt: skip
     p.add_argument("--carry-steps", type=int, default=None, metavar="N",
                    help="steps of the last phase, the one before on longer stories with more "
-                   "colour changes (default 1000)")  # fmt: skip
+                   "colour changes (default 450; full 1000)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads of the DiT phases (default 1: they prefetch "
                    "batches on another core)")  # fmt: skip

@@ -51,52 +51,69 @@ from model.vae import WanVAE, build_autoencoder
 def _whole_shots(steps: int, **changes) -> DiTTrainConfig:
     """A start_train phase over whole shots, every chunk at one of the sampler's levels (the
     first half the time: it places the object) and later levels fed faded objects."""
+    base = dict(lr=5e-4, warmup=20, level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
+                fade_min=0.2, whole_shot=True)  # fmt: skip
+    return DiTTrainConfig(steps=steps, **{**base, **changes})
+
+
+def _placement(steps: int, **changes) -> DiTTrainConfig:
+    """A start_train phase of first chunks at sigma 1 only, first shots that stay still."""
     return DiTTrainConfig(
-        steps=steps, lr=5e-4, warmup=20, level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
-        fade_min=0.2, whole_shot=True, **changes,
+        steps=steps, lr=1e-3, warmup=20, level_weights=(1.0, 0.0, 0.0, 0.0),
+        history_weights=(1.0,), still_only=True, **changes,
+    )  # fmt: skip
+
+
+def _carry(steps: int) -> DiTTrainConfig:
+    """The object-weighted two-chunk phase on stories with more earlier shots and more colour
+    turns (a later shot's colour comes from its own caption or from the context frames more
+    often than from the global caption)."""
+    return _whole_shots(
+        steps, object_weight=6.0, train_chunks=2, turn_prob=0.5,
+        history_weights=(0.1, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08),
     )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class TrainDemoConfig:
+    """The `quick` recipe (the defaults): under an hour on 2 CPU cores (56.5 minutes
+    measured). `full_recipe()` is the longer one the shipped weights come from."""
+
     seed: int = 0
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
-    dit: DiTTrainConfig = field(default_factory=DiTTrainConfig)
-    # phase 3 (start_train): sigma = 1 only, first shots that stay still
-    start: DiTTrainConfig = field(
-        default_factory=lambda: DiTTrainConfig(
-            steps=1500,
-            lr=1e-3,
-            warmup=20,
-            level_weights=(1.0, 0.0, 0.0, 0.0),
-            history_weights=(1.0,),
-            still_only=True,
-        )  # fmt: skip
-    )
+    # phase 2: teacher-forced flow matching over every level and chunk from a fresh DiT;
+    # the quick recipe skips it (the placement phase learns as fast from scratch)
+    dit: DiTTrainConfig = field(default_factory=lambda: DiTTrainConfig(steps=0))
+    # phase 3 (start_train): sigma = 1 only, first shots that stay still; the object's latent
+    # pixels weighted up (the plain objective learns the backgrounds long before the
+    # object's colour)
+    start: DiTTrainConfig = field(default_factory=lambda: _placement(800, object_weight=6.0))
     # phase 4 (start_train): any shot, every chunk at its own level: the first chunk at
     # sigma 1 keeps placing the object, its later levels keep it wherever it is (faint ones
-    # included), and later chunks follow their history
-    follow: DiTTrainConfig = field(default_factory=lambda: _whole_shots(800))
-    # phase 5 (start_train): phase 4 again on its weights, the object's latent pixels weighted
-    # up (the plain objective had learnt the backgrounds and spent little on the object's
-    # colour) and two chunks per shot (less than half the time per step; later chunks differ
-    # from the second only in how much history they see)
+    # included), and later chunks follow their history; the quick recipe skips it
+    follow: DiTTrainConfig = field(default_factory=lambda: _whole_shots(0))
+    # phase 5 (start_train): phase 4 with the object's latent pixels weighted up and two
+    # chunks per shot (less than half the time per step; later chunks differ from the second
+    # only in how much history they see)
     polish: DiTTrainConfig = field(
-        default_factory=lambda: _whole_shots(1500, object_weight=6.0, train_chunks=2)
+        default_factory=lambda: _whole_shots(900, lr=1e-3, object_weight=6.0, train_chunks=2)
     )
-    # phase 6 (start_train): phase 5 again on stories with more earlier shots and more colour
-    # turns (a later shot's colour comes from its own caption or from the context frames more
-    # often than from the global caption)
-    carry: DiTTrainConfig = field(
-        default_factory=lambda: _whole_shots(
-            1000,
-            object_weight=6.0,
-            train_chunks=2,
-            turn_prob=0.5,
-            history_weights=(0.1, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08),
-        )  # fmt: skip
-    )
+    # phase 6 (start_train): phase 5 on longer stories with more colour turns
+    carry: DiTTrainConfig = field(default_factory=lambda: _carry(450))
     checkpoint_s: float = 120.0
+
+
+def full_recipe(seed: int = 0) -> TrainDemoConfig:
+    """The recipe of the shipped weights (164 minutes on 2 CPU cores): the teacher-forced
+    DiT phase first, placement without the object weight, the plain whole-shot phase, then
+    the object-weighted phases, each longer."""
+    return TrainDemoConfig(
+        seed=seed, dit=DiTTrainConfig(), start=_placement(1500), follow=_whole_shots(800),
+        polish=_whole_shots(1500, object_weight=6.0, train_chunks=2), carry=_carry(1000),
+    )  # fmt: skip
+
+
+RECIPES = {"quick": TrainDemoConfig, "full": full_recipe}  # name -> (seed) -> config
 
 
 def _save(obj: dict, path: Path) -> None:
@@ -328,6 +345,7 @@ def train_demo(
         seconds[name] = round(time.time() - t0)
     meta = {
         "preset": cfg.name,
+        "recipe": next((n for n, make in RECIPES.items() if make(tc.seed) == tc), "custom"),
         "config": asdict(tc),
         "seconds": seconds,
         "torch_threads": {"vae": vae_threads, "dit": threads},
@@ -340,7 +358,7 @@ def train_demo(
 
 def run_train_demo(args) -> int:
     """`shotstream train-demo`."""
-    base = TrainDemoConfig(seed=args.seed)
+    base = RECIPES[args.recipe](seed=args.seed)
     vae = base.vae if args.vae_steps is None else replace(base.vae, steps=args.vae_steps)
     dit = base.dit
     if args.dit_steps is not None:

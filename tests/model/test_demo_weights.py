@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from model.config import get_preset
 from model.generator import load_model
 from model.train.dit_train import DiTTrainConfig
-from model.train.run import TrainDemoConfig, train_demo
+from model.train.run import RECIPES, TrainDemoConfig, train_demo
 from model.train.vae_train import VAETrainConfig
 from model.train.vocab import vocabulary
 from model.weights import WeightsError
@@ -76,6 +76,7 @@ def test_train_demo_resumed_equals_uninterrupted(tmp_path):
     resumed = _tiny_run(tmp_path / "b", dit_steps=2, resume=True)
     meta = json.loads((tmp_path / "b" / "export" / "training.json").read_text())
     assert meta["resumed"] and meta["dit_started_at_step"] == 1  # from the checkpoint
+    assert meta["recipe"] == "custom"  # neither named recipe
     assert any(not torch.equal(stopped[k], resumed[k]) for k in stopped)  # it trained on
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=1e-5)
@@ -93,8 +94,31 @@ def test_shipped_demo_weights_are_complete_small_and_in_the_vocabulary():
     assert sum(p.stat().st_size for p in tensors) <= 25 * 2**20
     assert (SHIPPED / "README.md").is_file() or (SHIPPED / "MODEL_CARD.md").is_file()
     assert json.loads((SHIPPED / "vocabulary.json").read_text()) == vocabulary()
-    # the recipe that made them is train-demo's default one, seed 0
+    # the recipe that made them is train-demo's full one, seed 0
     meta = json.loads((SHIPPED / "training.json").read_text())
-    assert meta["config"] == json.loads(json.dumps(asdict(TrainDemoConfig())))
+    assert meta["config"] == json.loads(json.dumps(asdict(RECIPES["full"](seed=0))))
     model = load_model(DEMO, device="cpu")  # strict: every key and shape checked
     assert model.real_weights and model.vocabulary == vocabulary()
+
+
+def test_train_demo_help_states_the_recipes_step_counts():
+    """Each --NAME-steps help says its phase's step count in the quick recipe (the default)
+    and in the full one."""
+    import argparse
+    import re
+
+    from model.train.run import LATER_PHASES
+    from server.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train = sub.choices["train-demo"]
+    helps = {a.dest: a.help for a in train._actions}
+    assert train.parse_args([]).recipe == "quick"
+    quick, full = RECIPES["quick"](), RECIPES["full"]()
+    for name in ("vae", "dit", *LATER_PHASES):
+        text = helps[f"{name}_steps"]
+        stated = re.search(r"\(default (\d+)", text)
+        assert stated and int(stated[1]) == getattr(quick, name).steps, name
+        stated_full = re.search(r"full (\d+)", text)
+        full_steps = int(stated_full[1]) if stated_full else int(stated[1])  # "both recipes"
+        assert full_steps == getattr(full, name).steps, name
