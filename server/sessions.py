@@ -561,7 +561,9 @@ class SessionManager:
             # an item out whole before its sender could take it off the outbox: it is the
             # client's, not sent again.
             while s.media and s.media[0].seq <= last_seq:
-                self._settle(s, s.media.popleft())
+                item = s.media.popleft()
+                if self._settle(s, item) and item.prompt is not None:
+                    self.metrics.prompts_applied.inc()  # shown to the user; when is not known
             again = [replace(x, replay=True) for x in s.sent if x.seq > last_seq]
             s.media.extendleft(reversed(again))
         s.sent.clear()

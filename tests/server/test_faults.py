@@ -163,6 +163,7 @@ def test_a_resume_does_not_resend_what_the_client_names_as_held(server):
     the first connection names chunk 0 as held."""
     package = ("shotstream_verb_duration_seconds_count", {"verb": "package"})
     before = server.metric(*package)
+    applied = server.metric("shotstream_prompts_applied_total")
     d = server.create(seed=91)
     assert server.wait_metric(package[0], before + 2, labels=package[1]) == before + 2
 
@@ -180,6 +181,8 @@ def test_a_resume_does_not_resend_what_the_client_names_as_held(server):
     assert hello["next_seq"] == 1 and seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 4
     # Chunk 0 counts as delivered (the client's), so it does not hold a place in the outbox.
     assert status(server, d)["frames_sent"] > sum(c.message["frames"] for c in st.chunks)
+    # ... and the session's first prompt, which chunk 0 showed, counts as applied.
+    assert server.metric("shotstream_prompts_applied_total") == applied + 1
 
 
 def test_a_reader_that_stops_reading_pauses_only_its_own_session(server):
