@@ -553,7 +553,11 @@ class Session:
         """Connect and read `hello`; the server's refusal raises its mapped error."""
         timeout = self._client.timeout
         # On a resume, name the last chunk we have: the server sends again what it kept after it.
-        url = self.stream_url if self.last_seq is None else f"{self.stream_url}?last_seq={self.last_seq}"
+        url = (
+            self.stream_url
+            if self.last_seq is None
+            else f"{self.stream_url}?last_seq={self.last_seq}"
+        )
         try:
             ws = await connect(
                 url,

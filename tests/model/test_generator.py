@@ -114,7 +114,9 @@ def test_batched_chunks_equal_each_session_alone(model, pool):
     from model.generator import next_chunks
 
     def make(seed, chunks_before, shot_texts):
-        gen = ShotStreamGenerator(model, pool.acquire(f"session-{next(_owners)}"), "a scene", seed=seed, trace={})
+        gen = ShotStreamGenerator(
+            model, pool.acquire(f"session-{next(_owners)}"), "a scene", seed=seed, trace={}
+        )
         for text in shot_texts:
             gen.start_shot(text)
         for _ in range(chunks_before):

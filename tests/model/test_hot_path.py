@@ -50,7 +50,9 @@ def test_hot_path_traces_without_graph_breaks(setup):
 
 def test_caches_in_place_and_no_tensor_growth_across_shots(setup):
     cfg, model, *_ = setup
-    pool = StatePool(KVLayout.for_config(cfg), model.vae.new_decoder_state, model.dtype, model.device)
+    pool = StatePool(
+        KVLayout.for_config(cfg), model.vae.new_decoder_state, model.dtype, model.device
+    )
     lease = pool.acquire("s")
     kv = lease.kv
     ptrs = [t.data_ptr() for t in (kv.k, kv.v, kv.text_k, kv.text_v)]
@@ -83,7 +85,9 @@ def test_compiled_dit_equals_eager(setup):
     of compilation on CPU, so it runs in `make soak`)."""
     cfg, model, kv, flags, prompt = setup
     dit = model.dit
-    prefill_context(dit, kv, torch.zeros(1, cfg.context_frames, *cfg.latent_shape), flags, flags, prompt)
+    prefill_context(
+        dit, kv, torch.zeros(1, cfg.context_frames, *cfg.latent_shape), flags, flags, prompt
+    )
     compiled = torch.compile(dit.forward)
     x = torch.randn(1, cfg.chunk_frames, *cfg.latent_shape)
     t = torch.full((1, cfg.chunk_frames), 957.9287719726562)
