@@ -6,7 +6,6 @@ generated from this class (`python -m server.settings --markdown`), so the two n
 
 from __future__ import annotations
 
-import sys
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -174,5 +173,14 @@ def settings_table() -> str:
 
 
 if __name__ == "__main__":
-    if "--markdown" in sys.argv:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m server.settings", description="The server's settings, documented."
+    )
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the settings as the README's Markdown table")  # fmt: skip
+    if parser.parse_args().markdown:
         print(settings_table())
+    else:
+        parser.print_help()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from server.readme import README, render
+from server.settings import settings_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,3 +65,18 @@ def test_documented_commands_name_real_subcommands_and_flags():
             if flag not in options:
                 wrong.append(f"{name}: {command!r}: `{words[0]} {words[1]}` has no {flag}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_settings_table_command_prints_the_table_and_has_help():
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "server.settings", *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    table = run("--markdown")
+    assert table.returncode == 0 and table.stdout == settings_table() + "\n"
+    for args in ((), ("--help",)):
+        shown = run(*args)
+        assert shown.returncode == 0 and "--markdown" in shown.stdout
+    assert run("--bogus").returncode == 2
