@@ -499,14 +499,13 @@ class SessionManager:
                 s.play_start += now - due
         s.video_delivered += item.duration
         if counted and item.prompt is not None:
-            m.prompts_applied.inc()
             m.prompt_to_visible.observe(now - item.prompt.received)
         self._wake_engine()
 
-    @staticmethod
-    def _settle(s: Session, item: MediaItem) -> bool:
+    def _settle(self, s: Session, item: MediaItem) -> bool:
         """Count an item as the client's: a chunk leaves the outbox bound and joins the
-        session's totals (True), unless it is a replay, counted when it was first sent."""
+        session's totals, and the prompt whose shot it begins counts as applied (True),
+        unless it is a replay, counted when it was first sent."""
         if item.data is None:  # a `shot` message
             s.shown_shot = item.message["shot"]
             return False
@@ -517,6 +516,8 @@ class SessionManager:
         s.bytes_sent += len(item.data)
         s.video_sent += item.duration
         s.last_delivered_seq = item.seq
+        if item.prompt is not None:
+            self.metrics.prompts_applied.inc()
         return True
 
     # -- control ----------------------------------------------------------------------------
@@ -561,9 +562,8 @@ class SessionManager:
             # an item out whole before its sender could take it off the outbox: it is the
             # client's, not sent again.
             while s.media and s.media[0].seq <= last_seq:
-                item = s.media.popleft()
-                if self._settle(s, item) and item.prompt is not None:
-                    self.metrics.prompts_applied.inc()  # shown to the user; when is not known
+                # a prompt it shows counts as applied; when it became visible is not known
+                self._settle(s, s.media.popleft())
             again = [replace(x, replay=True) for x in s.sent if x.seq > last_seq]
             s.media.extendleft(reversed(again))
         s.sent.clear()
