@@ -60,3 +60,15 @@ def candidate_offsets(length: int, max_count: int) -> list[int]:
     """Offsets within a finished shot that any later boundary can select (counts never grow),
     so only these frames' latents need keeping: the union of spread(0, length-1, c), c <= max."""
     return sorted({o for c in range(1, max_count + 1) for o in spread(0, length - 1, c)})
+
+
+def caption_rows(picks: Sequence[ContextPick], shot: int) -> tuple[list[int], list[int]]:
+    """The captions a shot's passes read, and each context frame's row among them.
+
+    The original encodes a caption for every shot so far, but a frame only ever reads the
+    caption of its own source shot, so the captions of shots that contribute no context
+    frame (the oldest ones, once there are more shots than frames) are never read and are
+    left out: `rows` is the sorted source shots of `picks`, then `shot` itself (last).
+    """
+    rows = sorted({p.shot for p in picks}) + [shot]
+    return rows, [rows.index(p.shot) for p in picks]

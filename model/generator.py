@@ -22,7 +22,7 @@ import torch
 from cache.pool import Lease
 from model.attention import resolve_backend
 from model.config import ModelConfig
-from model.context import candidate_offsets, context_counts, select_context
+from model.context import candidate_offsets, caption_rows, context_counts, select_context
 from model.dit import CausalDiT, build_dit
 from model.sampler import FlowSchedule
 from model.steps import ChunkRow, batched_chunk_pass, denoise_chunk, prefill_context, refresh_cache
@@ -245,7 +245,7 @@ class ShotStreamGenerator:
         s = len(self.shot_lengths)
 
         picks = select_context(self.shot_lengths, cfg.context_frames)
-        rows = sorted({p.shot for p in picks}) + [s]  # caption rows actually used
+        rows, ctx_rows = caption_rows(picks, s)
         texts = [*self.shot_texts, shot_text]
         specs = [CaptionSpec(self.global_caption, i, texts[i]) for i in rows]
         enc = clock.measure("text", self.encode_captions, specs)
@@ -254,7 +254,7 @@ class ShotStreamGenerator:
         if picks:
             latents = clock.measure("context", self._context_latents, picks)[None]
             flags = torch.tensor([[p.shot for p in picks]], device=m.device)
-            captions = torch.tensor([[rows.index(p.shot) for p in picks]], device=m.device)
+            captions = torch.tensor([ctx_rows], device=m.device)
         else:  # first shot: six exact-zero latents, flag 0, caption 0 (model-spec §8)
             latents = torch.zeros(
                 1, cfg.context_frames, *cfg.latent_shape, device=m.device, dtype=m.dtype

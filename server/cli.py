@@ -33,6 +33,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
                 "tensors": len(grp.checks),
                 "max_abs": grp.max_abs,
                 "tolerance": grp.tolerance,
+                "reference_spread": grp.spread,
                 "worst": grp.worst,
                 "ok": grp.ok,
             }
@@ -104,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         "each) and print one JSON line per tensor group with its max abs error. Exits 1 "
         "past tolerance.",
     )
-    p.add_argument("--golden", action="append", required=True, metavar="FILE",
-                   help="golden .safetensors file (its .json sidecar must sit beside it); repeatable")  # fmt: skip
+    p.add_argument(
+        "--golden", action="extend", nargs="+", required=True, metavar="FILE",
+        help="golden .safetensors files (each with its .json sidecar beside it); repeatable",
+    )  # fmt: skip
     p.set_defaults(func=cmd_selftest)
 
     p = sub.add_parser(

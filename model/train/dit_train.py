@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers import UMT5EncoderModel
 
 from model.config import ModelConfig
-from model.context import select_context
+from model.context import caption_rows, select_context
 from model.dit import CausalDiT
 from model.teacher_forcing import shot_mask, teacher_forced_flow
 from model.text import CaptionSpec, pad_ids, tokenize_caption
@@ -224,7 +224,7 @@ def build_batch(
             else select_context([chunk_pixels(cfg, c) for c in ex.prev_chunks], n_ctx)
         )
         picks_of.append(picks)
-        rows_of.append(sorted({p.shot for p in picks}) + [s])
+        rows_of.append(caption_rows(picks, s)[0])
     wanted = [
         (ex.story.clip_key(p.shot), p.offset)
         for ex, picks in zip(examples, picks_of, strict=True)

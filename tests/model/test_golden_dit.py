@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from model.golden import Golden, replay_dit_calls, replay_dit_chain
+from model.golden import Golden, max_abs, replay_dit_calls, replay_dit_chain
 from model.sampler import FlowSchedule
 from tests.conftest import GOLDEN_FILES, golden_params
 
@@ -123,3 +123,45 @@ def test_whole_loop_through_the_generator(golden):
         assert {f"shot{s}.latents", f"shot{s}.decode.pixels", f"shot{s}.shot_flags"} <= names
     for s in range(1, golden.num_shots):
         assert {f"shot{s}.ctx.indices", f"shot{s}.ctx.latents_vae"} <= names
+
+
+def test_dropping_captions_of_shots_without_context_frames_changes_nothing():
+    """The original encodes a caption for every earlier shot; the live generator keeps only
+    the captions of shots that give a context frame. For every recorded shot with an
+    earlier shot that gives none, both layouts run the same shot to the same bits."""
+    from model.context import ContextPick, caption_rows
+    from model.golden import new_cache, recorded_renoise, run_shot
+
+    compared = 0
+    for path in GOLDEN_FILES:
+        g = Golden(path)
+        dit, schedule = g.build_dit(), FlowSchedule(g.cfg.sampler)
+        for shot in range(1, g.num_shots):
+            prefill = g.calls_by_id[f"shot{shot}.prefill"]["inputs"]
+            flags = g[prefill["shot_flags"]].long()[None]
+            if set(flags[0].tolist()) == set(range(shot)):
+                continue  # every earlier shot gives a frame: nothing to drop
+            prompt = g[prefill["prompt_embeds"]][None]
+            assert prompt.shape[1] == shot + 1  # the recording holds every shot's caption
+            picks = [ContextPick(0, int(f), 0) for f in flags[0]]
+            rows, ctx_rows = caption_rows(picks, shot)
+            assert len(rows) < shot + 1
+            runs = []
+            for captions, embeds in (
+                (None, prompt),
+                ((torch.tensor([ctx_rows]), torch.tensor([len(rows) - 1])), prompt[:, rows]),
+            ):
+                kv = new_cache(g.cfg, captions=prompt.shape[1])
+                with torch.inference_mode():
+                    latents = run_shot(
+                        dit, schedule, g[prefill["x"]], flags, embeds, g[f"shot{shot}.noise"],
+                        recorded_renoise(g, shot), captions=captions, kv=kv,
+                    )  # fmt: skip
+                runs.append((latents, kv.k.clone(), kv.v.clone()))
+            (lat_all, k_all, v_all), (lat_kept, k_kept, v_kept) = runs
+            assert torch.equal(lat_all, lat_kept)
+            assert torch.equal(k_all, k_kept) and torch.equal(v_all, v_kept)
+            # and the run is the recorded one
+            assert max_abs(lat_kept, g[f"shot{shot}.latents"]) <= g.chain_tol
+            compared += 1
+    assert compared, "no golden file has a shot whose earlier shot gives no context frame"
