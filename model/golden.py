@@ -241,7 +241,9 @@ def replay_dit_calls(g: Golden, dit: CausalDiT, schedule: FlowSchedule) -> Itera
                         ours = record.get(act, dit.embed_text(prompt))[0]
                     else:
                         ours = record[act]
-                    yield Check("dit.activations", name, max_abs(ours, g[name]), tol("dit.activations"))
+                    yield Check(
+                        "dit.activations", name, max_abs(ours, g[name]), tol("dit.activations")
+                    )
             del cid
 
 
