@@ -31,8 +31,8 @@ test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check model cache server clients tests bench docker
-	$(BIN)/ruff format --check model cache server clients tests bench docker
+	$(BIN)/ruff check model cache server clients training tests bench docker
+	$(BIN)/ruff format --check model cache server clients training tests bench docker
 
 soak: $(STAMP) system-deps
 	$(BIN)/python -m pytest -m slow -s $(PYTEST_ARGS)

@@ -261,13 +261,13 @@ def _tiny() -> ModelConfig:
 
 
 def _demo() -> ModelConfig:
-    # Trained on procedural shapes (model/train, model card in model/demo_weights/). Sizes
+    # Trained on procedural shapes (training/, model card in model/demo_weights/). Sizes
     # keep a chunk (4 denoise + refresh + decode) at >= 2x real time on one CPU core; the
     # VAE decoder dominates, so 64x96 frames and base_dim 8 (base 4 decodes ~1.6x faster
     # but learns colours far slower: its 4-channel full-resolution stage is a bottleneck).
     # No distillation, so the four steps reach low noise (shift 1, sigma 1, 0.5, 0.25, 0.1)
     # instead of the released sigma >= 0.74. The first step commits to a layout (see
-    # model/train/start_train.py); a large second drop keeps its object visible to the next
+    # training/start_train.py); a large second drop keeps its object visible to the next
     # step (measured on the same weights, eval-demo object colour: 0.23 with 1/.75/.5/.25,
     # 0.47 with these).
     return ModelConfig(

@@ -71,15 +71,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
-    """Train the bundled demo model (model/train; never imported by the server)."""
-    from model.train.run import run_train_demo
+    """Train the bundled demo model (training/; never imported by the server)."""
+    from training.run import run_train_demo
 
     return run_train_demo(args)
 
 
 def cmd_eval_demo(args: argparse.Namespace) -> int:
     """Prompt adherence of the demo model on held-out prompts, from pixels."""
-    from model.train.run import run_eval_demo
+    from training.run import run_eval_demo
 
     return run_eval_demo(args)
 

@@ -283,8 +283,8 @@ def test_page_lists_the_vocabulary_a_demo_model_learned(browser, tmp_path):
     # a demo-preset weights folder as train-demo exports it (random values: only the
     # vocabulary.json beside them matters here), loaded through the normal strict path
     from model.config import get_preset
-    from model.train.vocab import vocabulary
     from tests.model.tiny_weights import write_demo_export
+    from training.vocab import vocabulary
 
     folder = write_demo_export(tmp_path / "demo", get_preset("demo"))
     srv = ServerProcess(tmp_path, preset="demo", weights=folder).wait_ready()

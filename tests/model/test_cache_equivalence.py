@@ -10,7 +10,7 @@ from model.dit import build_dit
 from model.golden import caption_index_for, new_cache
 from model.sampler import FlowSchedule
 from model.steps import chunk_pass, prefill_context, refresh_cache
-from model.teacher_forcing import shot_mask, teacher_forced_flow
+from training.teacher_forcing import shot_mask, teacher_forced_flow
 
 
 @pytest.fixture(scope="module")

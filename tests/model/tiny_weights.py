@@ -17,9 +17,9 @@ from model import vae as vae_mod
 from model.config import ModelConfig
 from model.dit import build_dit
 from model.text import build_umt5, original_t5_key_map
-from model.train.run import export_weights
 from model.vae import WanVAE, build_autoencoder, original_vae_key
 from model.weights import GENERATOR_PREFIX
+from training.run import export_weights
 
 GENERATOR = Path("ShotStream") / "shotstream_merged.pt"
 WAN_FOLDER = {"original": "Wan2.1-T2V-1.3B", "diffusers": "Wan2.1-T2V-1.3B-Diffusers"}

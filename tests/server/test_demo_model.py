@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from model.config import get_preset
-from model.train.probe import read_chunk
-from model.train.vocab import PALETTE, SHAPES
 from tests.support.server import ServerProcess, StreamClient
+from training.probe import read_chunk
+from training.vocab import PALETTE, SHAPES
 
 SHIPPED = get_preset("demo").bundled_weights_dir
 pytestmark = pytest.mark.skipif(

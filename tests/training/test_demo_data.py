@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from model.text import CaptionSpec, tokenize_caption
-from model.train.probe import read_chunk, read_frame
-from model.train.render import (
+from model.vae import to_uint8
+from training.probe import read_chunk, read_frame
+from training.render import (
     ClipKey,
     Geometry,
     Story,
@@ -23,8 +24,8 @@ from model.train.render import (
     render_clip,
     sample_story,
 )
-from model.train.tokenizer import build_tokenizer
-from model.train.vocab import (
+from training.tokenizer import build_tokenizer
+from training.vocab import (
     COLOURS,
     MOTIONS,
     PALETTE,
@@ -35,7 +36,6 @@ from model.train.vocab import (
     parse_shot,
     vocabulary,
 )
-from model.vae import to_uint8
 
 GEO = Geometry()
 

@@ -1,6 +1,6 @@
 """The README's image strip: one multi-shot stream of the demo model, with its prompts.
 
-    python -m model.train.strip --out docs/demo-strip.png
+    python -m training.strip --out docs/demo-strip.png
 
 Runs the production generator exactly as a server session does (global caption, then each
 shot prompt sent mid-stream, cutting the running shot after a few chunks), and draws one

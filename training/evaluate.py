@@ -33,10 +33,10 @@ from model.config import ModelConfig, get_preset
 from model.dit import build_dit
 from model.generator import LoadedModel, ShotStreamGenerator, load_model
 from model.text import TextEncoder, load_tokenizer
-from model.train.probe import read_chunk
-from model.train.render import Story, held_out_scenes, sample_shot
-from model.train.vocab import ShotSpec
 from model.vae import WanVAE
+from training.probe import read_chunk
+from training.render import Story, held_out_scenes, sample_shot
+from training.vocab import ShotSpec
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def random_demo_model(cfg: ModelConfig, seed: int = 0) -> LoadedModel:
     if tok_dir is not None and tok_dir.is_dir():
         tokenizer = load_tokenizer(cfg.text, tok_dir)
     else:  # before the first export: build the same tokenizer in memory
-        from model.train.tokenizer import save_tokenizer
+        from training.tokenizer import save_tokenizer
 
         tokenizer = load_tokenizer(cfg.text, save_tokenizer(Path("artifacts/demo/tokenizer")))
     with torch.random.fork_rng(devices=[]):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from model.config import get_preset
-from model.train.render import ClipKey, Geometry, render_clip, render_frames
-from model.train.vae_train import (
+from model.vae import WanVAE, build_autoencoder
+from training.render import ClipKey, Geometry, render_clip, render_frames
+from training.vae_train import (
     VAETrainConfig,
     clip_frame_offsets,
     fold_normalisation,
@@ -16,7 +17,6 @@ from model.train.vae_train import (
     train_vae_step,
     vae_batch,
 )
-from model.vae import WanVAE, build_autoencoder
 
 CFG = get_preset("demo")
 GEO = Geometry.for_config(CFG)
@@ -97,10 +97,10 @@ def test_unrolled_levels_are_noised_from_the_models_own_previous_x0(tmp_path):
     itself made at level k - 1 (its no-grad chain), level 0 from the truth; the loss is the
     x0 error against the truth either way."""
     from model.text import build_umt5, load_tokenizer
-    from model.train.dit_train import DiTTrainConfig, DiTTrainer
-    from model.train.render import all_scenes
-    from model.train.run import init_dit
-    from model.train.tokenizer import save_tokenizer
+    from training.dit_train import DiTTrainConfig, DiTTrainer
+    from training.render import all_scenes
+    from training.run import init_dit
+    from training.tokenizer import save_tokenizer
 
     torch.manual_seed(0)
     dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
@@ -113,8 +113,8 @@ def test_unrolled_levels_are_noised_from_the_models_own_previous_x0(tmp_path):
         batch = trainer.batch(step)
         loss, _ = trainer.loss(batch, step)
         # the same loss, computed by hand from the chain
-        from model.teacher_forcing import teacher_forced_flow
-        from model.train.dit_train import _key, encode_text
+        from training.dit_train import _key, encode_text
+        from training.teacher_forcing import teacher_forced_flow
 
         b, n, f = 2, CFG.chunks_per_shot, CFG.chunk_frames
         sigma = trainer.sigmas(step, b)
@@ -143,7 +143,7 @@ def test_unrolled_levels_are_noised_from_the_models_own_previous_x0(tmp_path):
 
 
 def test_noise_start_is_the_centre_of_the_token_with_the_largest_pooled_noise():
-    from model.train.start_train import noise_start
+    from training.start_train import noise_start
 
     eps = torch.zeros(2, *CFG.latent_shape)
     _, ph, pw = CFG.dit.patch_size
@@ -156,7 +156,7 @@ def test_noise_start_is_the_centre_of_the_token_with_the_largest_pooled_noise():
 
 
 def test_a_start_places_the_object_and_its_motion_goes_on_from_there():
-    from model.train.probe import read_frame
+    from training.probe import read_frame
 
     key = KEY._replace(start=(30.0, 20.0))  # wide, moving right
     frames = render_frames(key, GEO, [0, 8])
@@ -173,12 +173,12 @@ def test_start_phase_targets_sit_where_the_noise_says_and_a_step_trains(tmp_path
     """Phase 3 batches: the first chunk's target has its object at `noise_start` of the same
     step's noise, the batch is a function of (seed, step), and a step moves the weights."""
     from model.text import build_umt5, load_tokenizer
-    from model.train.dit_train import DiTTrainConfig
-    from model.train.probe import read_frame
-    from model.train.render import all_scenes
-    from model.train.run import init_dit
-    from model.train.start_train import StartTrainer, noise_start
-    from model.train.tokenizer import save_tokenizer
+    from training.dit_train import DiTTrainConfig
+    from training.probe import read_frame
+    from training.render import all_scenes
+    from training.run import init_dit
+    from training.start_train import StartTrainer, noise_start
+    from training.tokenizer import save_tokenizer
 
     torch.manual_seed(0)
     dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
@@ -214,12 +214,12 @@ def test_start_phase_later_levels_see_fresh_noise_and_faded_objects(tmp_path, mo
     """At sigma = 1 the first chunk's input is the placement noise itself; at later levels it
     is re-noised with other noise (the sampler's fresh noise, which says nothing about where
     the object is) from a clean chunk faded toward its mean by a factor in [fade_min, 1]."""
-    import model.train.start_train as st
+    import training.start_train as st
     from model.text import build_umt5, load_tokenizer
-    from model.train.dit_train import DiTTrainConfig
-    from model.train.render import all_scenes
-    from model.train.run import init_dit
-    from model.train.tokenizer import save_tokenizer
+    from training.dit_train import DiTTrainConfig
+    from training.render import all_scenes
+    from training.run import init_dit
+    from training.tokenizer import save_tokenizer
 
     seen = []
 
@@ -264,12 +264,12 @@ def test_whole_shot_phase_later_chunks_follow_the_placed_shot_with_fresh_noise(
     chunk's noise start (so later chunks continue from where it was placed), every chunk gets
     its own level, and only the first chunk at sigma = 1 sees the placement noise: later
     chunks at sigma = 1 see fresh noise, so they must follow their history, not their noise."""
-    import model.train.start_train as st
+    import training.start_train as st
     from model.text import build_umt5, load_tokenizer
-    from model.train.dit_train import DiTTrainConfig
-    from model.train.render import all_scenes
-    from model.train.run import init_dit
-    from model.train.tokenizer import save_tokenizer
+    from training.dit_train import DiTTrainConfig
+    from training.render import all_scenes
+    from training.run import init_dit
+    from training.tokenizer import save_tokenizer
 
     seen = []
 
@@ -317,10 +317,10 @@ def test_motion_term_weighs_the_frame_to_frame_change_within_each_chunk(tmp_path
     nothing for a prediction off by a constant per chunk, the hand-computed change error
     for a still prediction of a moving shot."""
     from model.text import build_umt5, load_tokenizer
-    from model.train.dit_train import DiTTrainConfig, DiTTrainer
-    from model.train.render import all_scenes
-    from model.train.run import init_dit
-    from model.train.tokenizer import save_tokenizer
+    from training.dit_train import DiTTrainConfig, DiTTrainer
+    from training.render import all_scenes
+    from training.run import init_dit
+    from training.tokenizer import save_tokenizer
 
     torch.manual_seed(0)
     tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
@@ -370,12 +370,12 @@ def test_onset_shots_start_moving_at_a_later_chunk_and_train_only_from_it(tmp_pa
     """onset_prob 1: every moving target shot stands still through chunk c - 1 and moves
     from chunk c on; chunks before c carry no loss (their prediction does not change it),
     still shots train every chunk."""
-    import model.train.start_train as st
+    import training.start_train as st
     from model.text import build_umt5, load_tokenizer
-    from model.train.dit_train import DiTTrainConfig
-    from model.train.render import all_scenes
-    from model.train.run import init_dit
-    from model.train.tokenizer import save_tokenizer
+    from training.dit_train import DiTTrainConfig
+    from training.render import all_scenes
+    from training.run import init_dit
+    from training.tokenizer import save_tokenizer
 
     dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
     torch.nn.init.normal_(dit.head.head.weight, std=0.02)
@@ -419,12 +419,12 @@ def test_onset_shots_start_moving_at_a_later_chunk_and_train_only_from_it(tmp_pa
 def test_frozen_later_levels_see_a_still_object_and_learn_the_moving_one(tmp_path):
     """freeze_prob 1: a chunk at a later level is noised from its first frame held through
     the chunk, while the loss still compares with the moving target."""
-    import model.train.start_train as st
+    import training.start_train as st
     from model.text import build_umt5, load_tokenizer
-    from model.train.dit_train import DiTTrainConfig
-    from model.train.render import all_scenes, stable_seed
-    from model.train.run import init_dit
-    from model.train.tokenizer import save_tokenizer
+    from training.dit_train import DiTTrainConfig
+    from training.render import all_scenes, stable_seed
+    from training.run import init_dit
+    from training.tokenizer import save_tokenizer
 
     seen = []
     dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
@@ -455,8 +455,8 @@ def test_frozen_later_levels_see_a_still_object_and_learn_the_moving_one(tmp_pat
 def test_object_mask_covers_the_objects_latent_pixels_and_one_around():
     """object_mask: the object's coverage of each latent pixel's 8x8 patch, dilated by one
     latent pixel; zero on the rest of the background."""
-    from model.train.dit_train import object_mask
-    from model.train.render import background_value
+    from training.dit_train import object_mask
+    from training.render import background_value
 
     stride = CFG.vae.spatial_stride
     key = KEY._replace(framing="close-up", motion="still", start=(44.0, 28.0))
@@ -477,12 +477,12 @@ def test_object_weight_counts_errors_on_the_object_more_and_train_chunks_trims_s
     """With object_weight w, a latent pixel's squared x0 error counts 1 + w * mask, normalised
     by the weights (so an error everywhere costs the same as without); train_chunks keeps
     the first chunks of each whole target shot."""
-    import model.train.start_train as st
+    import training.start_train as st
     from model.text import build_umt5, load_tokenizer
-    from model.train.dit_train import DiTTrainConfig
-    from model.train.render import all_scenes
-    from model.train.run import init_dit
-    from model.train.tokenizer import save_tokenizer
+    from training.dit_train import DiTTrainConfig
+    from training.render import all_scenes
+    from training.run import init_dit
+    from training.tokenizer import save_tokenizer
 
     tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
     tc = DiTTrainConfig(batch=2, whole_shot=True, train_chunks=2, object_weight=6.0)

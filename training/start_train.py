@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
-from model.teacher_forcing import shot_mask
-from model.train.dit_train import Batch, DiTTrainer, Example, build_batch, encode_text
-from model.train.render import stable_seed
+from training.dit_train import Batch, DiTTrainer, Example, build_batch, encode_text
+from training.render import stable_seed
+from training.teacher_forcing import shot_mask
 
 
 def noise_start(eps0: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

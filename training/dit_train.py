@@ -33,9 +33,9 @@ from transformers import UMT5EncoderModel
 from model.config import ModelConfig
 from model.context import caption_rows, select_context
 from model.dit import CausalDiT
-from model.teacher_forcing import shot_mask, teacher_forced_flow
 from model.text import CaptionSpec, pad_ids, tokenize_caption
-from model.train.render import (
+from model.vae import WanVAE
+from training.render import (
     ClipKey,
     Geometry,
     Story,
@@ -45,9 +45,9 @@ from model.train.render import (
     sample_story,
     stable_seed,
 )
-from model.train.vae_train import clip_frame_offsets
-from model.train.vocab import Scene
-from model.vae import WanVAE
+from training.teacher_forcing import shot_mask, teacher_forced_flow
+from training.vae_train import clip_frame_offsets
+from training.vocab import Scene
 
 
 @dataclass(frozen=True)

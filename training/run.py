@@ -31,11 +31,12 @@ from tqdm import tqdm
 from model.config import ModelConfig, get_preset
 from model.dit import CausalDiT, build_dit
 from model.text import build_umt5, load_tokenizer
-from model.train.dit_train import DiTTrainConfig, DiTTrainer
-from model.train.render import ClipKey, Geometry, all_scenes, held_out_scenes, render_frames
-from model.train.start_train import StartTrainer
-from model.train.tokenizer import save_tokenizer
-from model.train.vae_train import (
+from model.vae import WanVAE, build_autoencoder
+from training.dit_train import DiTTrainConfig, DiTTrainer
+from training.render import ClipKey, Geometry, all_scenes, held_out_scenes, render_frames
+from training.start_train import StartTrainer
+from training.tokenizer import save_tokenizer
+from training.vae_train import (
     VAETrainConfig,
     clip_frame_offsets,
     fold_normalisation,
@@ -44,8 +45,7 @@ from model.train.vae_train import (
     make_optimizer,
     train_vae_step,
 )
-from model.train.vocab import vocabulary
-from model.vae import WanVAE, build_autoencoder
+from training.vocab import vocabulary
 
 
 def _whole_shots(steps: int, **changes) -> DiTTrainConfig:
@@ -382,7 +382,7 @@ def run_train_demo(args) -> int:
 
 def run_eval_demo(args) -> int:
     """`shotstream eval-demo`: one JSON line (with --json nothing else on stdout)."""
-    from model.train.evaluate import evaluate
+    from training.evaluate import evaluate
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

@@ -37,7 +37,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 
 from model.config import VAEConfig
-from model.train.render import (
+from training.render import (
     ClipKey,
     Geometry,
     all_scenes,

@@ -21,7 +21,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 
-from model.train.vocab import COLOURS, DIRECTIONS, FRAMINGS, SHAPES
+from training.vocab import COLOURS, DIRECTIONS, FRAMINGS, SHAPES
 
 SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in umT5
 WORDS = (

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
-from model.train.vocab import COLOURS, FRAMINGS, MOTIONS, PALETTE, SHAPES, Scene, ShotSpec
+from training.vocab import COLOURS, FRAMINGS, MOTIONS, PALETTE, SHAPES, Scene, ShotSpec
 
 # Object size: side of its bounding box, as a fraction of the frame height.
 SIZE = {"wide": 0.3, "close-up": 0.5}

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.train.render import SIZE, ClipKey, coverage
-from model.train.vocab import PALETTE, SHAPES
+from training.render import SIZE, ClipKey, coverage
+from training.vocab import PALETTE, SHAPES
 
 BORDER = 2  # pixels of border that vote for the background colour
 MIN_CONTRAST = 30.0  # an object differs from the background by at least this (0..255 RGB)
