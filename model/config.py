@@ -306,6 +306,13 @@ def get_preset(name: str) -> ModelConfig:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
 
 
+def default_preset(weights: str | None) -> str:
+    """The preset when none is named: a weights folder is the real model's (loading it under
+    another preset could only fail the strict key check); without one, `demo`, the small
+    model trained on procedural shapes whose weights ship in the package."""
+    return "wan2.1-1.3b" if weights else "demo"
+
+
 def config_from_golden(meta: dict[str, Any]) -> ModelConfig:
     """Build a ModelConfig from a golden JSON sidecar (its `config` and `scheduler` blocks)."""
     c, sch = meta["config"], meta["scheduler"]

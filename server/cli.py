@@ -44,21 +44,21 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Offline generation of a multi-shot script into an MP4 file."""
-    from server.offline import run_generate
+    from model.offline import run_generate
 
     return run_generate(args)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
     """Fetch the real weights from the Hugging Face hub."""
-    from server.weights import run_download
+    from model.hub import run_download
 
     return run_download(args)
 
 
 def cmd_check_weights(args: argparse.Namespace) -> int:
     """Check a weights folder file by file, then optionally load it strictly."""
-    from server.weights import run_check_weights
+    from model.hub import run_check_weights
 
     return run_check_weights(args)
 

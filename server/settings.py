@@ -11,12 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def default_preset(weights: str | None) -> str:
-    """The preset when none is named: a weights folder is the real model's (loading it under
-    another preset could only fail the strict key check); without one, `demo`, the small
-    model trained on procedural shapes whose weights ship in the package."""
-    return "wan2.1-1.3b" if weights else "demo"
+from model.config import default_preset
 
 
 class Settings(BaseSettings):

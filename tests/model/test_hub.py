@@ -13,9 +13,9 @@ from huggingface_hub.file_download import DryRunFileInfo
 from huggingface_hub.utils import filter_repo_objects
 
 from model.config import get_preset
+from model.hub import RECORD
 from model.layout import find_weights
 from server.cli import main
-from server.weights import RECORD
 from tests.model.tiny_weights import GENERATOR, WAN_FOLDER, write_weights
 
 TINY = get_preset("tiny")
@@ -173,7 +173,7 @@ def test_a_damaged_file_is_fetched_again(tmp_path, hub, capsys):
 
 def test_not_enough_disk_is_refused_before_fetching(tmp_path, hub, capsys, monkeypatch):
     full = SimpleNamespace(total=10**9, used=10**9 - 10, free=10)
-    monkeypatch.setattr("server.weights.shutil.disk_usage", lambda path: full)
+    monkeypatch.setattr("model.hub.shutil.disk_usage", lambda path: full)
     assert _download(tmp_path / "w", "original") == 1
     err = capsys.readouterr().err
     assert "KlingTeam/ShotStream: needs" in err and "has 10 B free" in err

@@ -13,9 +13,9 @@ import pytest
 
 from model.config import get_preset
 from model.generator import ShotStreamGenerator, load_model
+from model.offline import MP4Writer, Script, ScriptError, generate_video, load_script
 from server.cli import main
 from server.media import iter_boxes
-from server.offline import MP4Writer, Script, ScriptError, generate_video, load_script
 from tests.model.tiny_weights import WAN_FOLDER, write_weights
 
 needs_ffprobe = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe not installed")

@@ -31,7 +31,6 @@ from tqdm import tqdm
 from cache.kv import KVLayout
 from cache.pool import StatePool
 from model.generator import LoadedModel, ShotStreamGenerator
-from server.settings import default_preset
 
 SHOT_KEY = re.compile(r"shot(\d+)")
 VERBS = ("text", "context", "prefill", "denoise", "decode", "refresh")
@@ -288,7 +287,7 @@ def run_generate(args: Any) -> int:
     import torch
 
     from model.checkpoints import check_weights
-    from model.config import get_preset
+    from model.config import default_preset, get_preset
     from model.generator import load_model
     from model.layout import find_weights
     from model.text import CaptionSpec, PromptTooLong
