@@ -97,10 +97,12 @@ def observed_spread(tolerances: dict) -> dict[str, float]:
 
 
 class Golden:
-    """A golden file: lazy tensor access plus its JSON sidecar."""
+    """A golden file: lazy tensor access plus its JSON sidecar; tensors are handed out on
+    `device` (a CUDA replay checks the same recording on the GPU, in float32)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
         self.path = Path(path)
+        self.device = torch.device(device)
         sidecar = self.path.with_suffix(".json")
         if not self.path.is_file():
             raise FileNotFoundError(f"golden tensors not found: {self.path}")
@@ -131,7 +133,7 @@ class Golden:
         return name in self._names
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._file.get_tensor(name)
+        return self._file.get_tensor(name).to(self.device)
 
     def weights(self, part: str) -> dict[str, torch.Tensor]:
         """Tensors of `weights.<part>.` with that prefix removed (the checkpoint's own keys)."""
@@ -143,13 +145,13 @@ class Golden:
 
     def build_dit(self) -> CausalDiT:
         sd = strip_prefix(self.weights("generator"), "model.", where=str(self.path))
-        return load_dit_state(self.cfg, sd, what=f"{self.path.name} generator")
+        return load_dit_state(self.cfg, sd, self.device, what=f"{self.path.name} generator")
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: ours {tuple(a.shape)} vs golden {tuple(b.shape)}")
-    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    return float((a.double() - b.to(a.device).double()).abs().max()) if a.numel() else 0.0
 
 
 def caption_index_for(flags: torch.Tensor, n_captions: int) -> torch.Tensor:
@@ -187,7 +189,7 @@ def replay_dit_calls(g: Golden, dit: CausalDiT, schedule: FlowSchedule) -> Itera
         if not calls:
             continue
         n_cap = g[calls[0]["inputs"]["prompt_embeds"]].shape[0]
-        kv = new_cache(cfg, captions=n_cap)
+        kv = new_cache(cfg, device=g.device, captions=n_cap)
         for call in calls:
             ins = call["inputs"]
             x = g[ins["x"]]
@@ -348,9 +350,9 @@ def dit_replays() -> list[tuple[str, Replay]]:
 REPLAYS: list[Callable[[], list[tuple[str, Replay]]]] = [dit_replays]
 
 
-def run_selftest(path: str | Path) -> list[GroupResult]:
+def run_selftest(path: str | Path, device: str | torch.device = "cpu") -> list[GroupResult]:
     """Run every registered replay on one golden file; results grouped by tensor group."""
-    g = Golden(path)
+    g = Golden(path, device)
     groups: dict[str, GroupResult] = {}
     with torch.inference_mode():
         for make in REPLAYS:
@@ -421,15 +423,21 @@ def codec_replays() -> list[tuple[str, Replay]]:
 
     def t5(g: Golden) -> Iterator[Check]:
         what = f"{g.path.name} t5"
-        encoder = TextEncoder.from_original_state(g.cfg, g.weights("t5"), what=what)
+        encoder = TextEncoder.from_original_state(
+            g.cfg, g.weights("t5"), device=g.device, what=what
+        )
         yield from replay_t5_calls(g, encoder)
 
     def vae_encode(g: Golden) -> Iterator[Check]:
-        vae = WanVAE.from_original_state(g.cfg, g.weights("vae"), what=f"{g.path.name} vae")
+        vae = WanVAE.from_original_state(
+            g.cfg, g.weights("vae"), g.device, what=f"{g.path.name} vae"
+        )
         yield from replay_vae_encode_calls(g, vae)
 
     def vae_decode(g: Golden) -> Iterator[Check]:
-        vae = WanVAE.from_original_state(g.cfg, g.weights("vae"), what=f"{g.path.name} vae")
+        vae = WanVAE.from_original_state(
+            g.cfg, g.weights("vae"), g.device, what=f"{g.path.name} vae"
+        )
         yield from replay_vae_decode_calls(g, vae)
 
     return [("t5 per call", t5), ("vae encode per call", vae_encode), ("vae decode", vae_decode)]
@@ -484,12 +492,13 @@ def replay_loop(g: Golden) -> Iterator[Check]:
     from model.vae import WanVAE
 
     cfg, tol = g.cfg, g.chain_tol
-    text = TextEncoder.from_original_state(cfg, g.weights("t5"), what=f"{g.path.name} t5")
-    vae = WanVAE.from_original_state(cfg, g.weights("vae"), what=f"{g.path.name} vae")
-    model = LoadedModel(
-        cfg, g.build_dit(), vae, text, torch.device("cpu"), torch.float32, str(g.path), False
+    dev = g.device
+    text = TextEncoder.from_original_state(
+        cfg, g.weights("t5"), device=dev, what=f"{g.path.name} t5"
     )
-    pool = StatePool(KVLayout.for_config(cfg), vae.new_decoder_state, torch.float32, "cpu")
+    vae = WanVAE.from_original_state(cfg, g.weights("vae"), dev, what=f"{g.path.name} vae")
+    model = LoadedModel(cfg, g.build_dit(), vae, text, dev, torch.float32, str(g.path), False)
+    pool = StatePool(KVLayout.for_config(cfg), vae.new_decoder_state, torch.float32, dev)
     lease = pool.acquire("golden")
     script = g.meta["config"]["script"]
     trace: dict = {}
