@@ -1,7 +1,10 @@
-"""The `shotstream` command: selftest, generate, download, serve, train-demo, eval-demo.
+"""The `shotstream` command: serve, selftest, generate, download, check-weights, train-demo
+and eval-demo.
 
 Each subcommand's arguments are declared here; the work lives in the module it names,
-imported lazily so `shotstream --help` stays fast.
+imported lazily, inside a function: `server.serve`, `model.golden` (selftest),
+`model.offline` (generate), `model.hub` (download, check-weights) and `training.run`
+(train-demo, eval-demo: the serving code's only imports of `training`).
 """
 
 from __future__ import annotations
