@@ -1,4 +1,4 @@
-"""Per-session state of the streaming VAE decoder (vae-and-text.md §1.3, §2).
+"""Per-session state of the streaming VAE decoder (docs/design/vae-and-text.md §5).
 
 The Wan VAE decoder is causal in time: every causal conv keeps the last two time steps
 of its input from earlier calls. That history lives here, one slot per causal conv of

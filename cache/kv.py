@@ -1,4 +1,5 @@
-"""The dual KV cache of the causal student (model-spec §5), preallocated and written in place.
+"""The dual KV cache of the causal student (docs/design/generator.md §5), preallocated and
+written in place.
 
 One buffer per K and V holds every layer: `[layers, B, context + shot tokens, heads, head_dim]`.
 The global (context) cache sits at `[0, context_tokens)` and the local (current shot)

@@ -1,4 +1,4 @@
-"""Async Python client of the ShotStream server (protocol v1, `design/protocol.md`).
+"""Async Python client of the ShotStream server (protocol v1, `docs/design/protocol.md`).
 
 `ShotStreamClient` speaks REST and hands out `Session` handles; a session's `stream()` is an
 async iterator of typed events (each `chunk` paired with its fMP4 segment) that reconnects

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-# Per-channel latent statistics of the Wan2.1 VAE (vae-and-text.md §1.4).
+# Per-channel latent statistics of the Wan2.1 VAE (docs/design/vae-and-text.md §3).
 WAN_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -27,7 +27,7 @@ WAN_LATENT_STD = (
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """Sizes of the causal Wan DiT (model-spec §2–§3)."""
+    """Sizes of the causal Wan DiT (docs/design/generator.md §1, §3)."""
 
     num_layers: int
     dim: int
@@ -47,7 +47,7 @@ class DiTConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Sizes of the umT5 encoder and its tokenizer (vae-and-text.md §4)."""
+    """Sizes of the umT5 encoder and its tokenizer (docs/design/vae-and-text.md §8–§9)."""
 
     vocab_size: int
     d_model: int
@@ -80,7 +80,7 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Few-step flow-matching schedule (model-spec §7)."""
+    """Few-step flow-matching schedule (docs/design/generator.md §7)."""
 
     num_train_timesteps: int = 1000
     shift: float = 8.0
@@ -188,7 +188,7 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
-    # -- cost model (model-spec §10), used by benchmarks and admission ----------
+    # -- cost model (docs/design/generator.md §11), used by benchmarks and admission --
     def dit_flops(self, queries: int, keys: int) -> float:
         """FLOPs (2 x MACs) of one DiT forward with `queries` tokens over `keys` self-attn keys."""
         d, f, n_layers = self.dit.dim, self.dit.ffn_dim, self.dit.num_layers

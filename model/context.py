@@ -1,4 +1,4 @@
-"""Context-frame selection at shot boundaries (model-spec §8).
+"""Context-frame selection at shot boundaries (docs/design/generator.md §8).
 
 Before shot s >= 1, `context_frames` frames are spread over the previous shots: each gets
 `n // s`, the last `n % s` shots one more, the oldest 0 once there are more shots than

@@ -1,4 +1,4 @@
-"""The causal Wan DiT of the ShotStream student (model-spec §3).
+"""The causal Wan DiT of the ShotStream student (docs/design/generator.md §3).
 
 Module names match the checkpoint keys after stripping `model.`, so the state dict
 loads as is. One forward runs one pass over a chunk (or the context prefill): it writes
@@ -58,7 +58,8 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Text cross-attention; each frame's queries attend to one caption row (§6), no mask."""
+    """Text cross-attention; each frame's queries attend to one caption row, no mask
+    (docs/design/generator.md §6)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()

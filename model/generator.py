@@ -1,5 +1,5 @@
 """The multi-shot generator: shared networks (`LoadedModel`) and one session's stream
-(`ShotStreamGenerator`), chunk by chunk, as architecture.md names the verbs:
+(`ShotStreamGenerator`), chunk by chunk, with the verbs of docs/design/generator.md §9:
 
     start_shot:  select_context -> encode context frames -> encode_prompts -> prefill_context
     next_chunk:  denoise_chunk -> decode_chunk -> refresh_cache  (committed only if all succeed)
@@ -255,7 +255,7 @@ class ShotStreamGenerator:
             latents = clock.measure("context", self._context_latents, picks)[None]
             flags = torch.tensor([[p.shot for p in picks]], device=m.device)
             captions = torch.tensor([ctx_rows], device=m.device)
-        else:  # first shot: six exact-zero latents, flag 0, caption 0 (model-spec §8)
+        else:  # first shot: six exact-zero latents, flag 0, caption 0 (docs/design/generator.md §8)
             latents = torch.zeros(
                 1, cfg.context_frames, *cfg.latent_shape, device=m.device, dtype=m.dtype
             )

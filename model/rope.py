@@ -1,4 +1,5 @@
-"""3-axis RoPE with ShotStream's shot-discontinuity indicator (model-spec §4).
+"""3-axis RoPE with ShotStream's shot-discontinuity indicator
+(docs/design/generator.md §4).
 
 Each head's channels form d/2 complex pairs, split into temporal / height / width
 groups. The temporal angle is `p * w_j + flag * phase`: positions run contiguously

@@ -1,4 +1,5 @@
-"""Few-step flow-matching schedule of the distilled student (model-spec §7).
+"""Few-step flow-matching schedule of the distilled student
+(docs/design/generator.md §7).
 
 Noising is x_t = (1 - s) x0 + s eps, the network predicts v = eps - x0, and every step
 predicts x0 then re-noises it to the next level with fresh noise (DMD-style sampling).

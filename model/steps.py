@@ -1,4 +1,5 @@
-"""The hot path's verbs for one shot, as plain functions over explicit state (model-spec §5).
+"""The hot path's verbs for one shot, as plain functions over explicit state
+(docs/design/generator.md §9).
 
     prefill_context  one t=0 pass over the context latents fills the global cache and text K/V
     chunk_pass       the per-chunk inputs shared by its denoise and refresh passes

@@ -1,6 +1,6 @@
 """The umT5 text encoder on transformers' `UMT5EncoderModel`, with caption building,
 tokenization with an explicit overflow policy, and a per-caption embedding cache
-(vae-and-text.md §4, model-spec §6).
+(docs/design/vae-and-text.md §8–§11, docs/design/generator.md §6).
 
 The conditioning of one caption is always `(text_len, d_model)`: the encoder output for
 its real tokens (EOS included) and exact zeros after them. The DiT attends to every row,
@@ -204,7 +204,8 @@ def umt5_config(cfg: TextConfig, attn_implementation: str = "eager") -> UMT5Conf
 
 
 def original_t5_key_map(num_layers: int) -> dict[str, tuple[str, ...]]:
-    """Original `models_t5_umt5-xxl-enc-bf16.pth` key -> UMT5EncoderModel key(s) (§4.4)."""
+    """Original `models_t5_umt5-xxl-enc-bf16.pth` key -> UMT5EncoderModel key(s)
+    (docs/design/vae-and-text.md §8)."""
     table: dict[str, tuple[str, ...]] = {
         "token_embedding.weight": ("shared.weight", "encoder.embed_tokens.weight"),  # tied
         "norm.weight": ("encoder.final_layer_norm.weight",),

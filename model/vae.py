@@ -1,5 +1,5 @@
 """The Wan2.1 VAE on diffusers' `AutoencoderKLWan`, with latent normalisation and a
-per-session streaming decoder (vae-and-text.md §1–§3, §5).
+per-session streaming decoder (docs/design/vae-and-text.md §1–§7).
 
 Layouts: the DiT and everything outside this file keep latents as `(B, F, C, h, w)`;
 the VAE works in `(B, C, T, H, W)`. Pixels leave here as `(B, T, 3, H, W)` float32 in
@@ -266,7 +266,7 @@ class WanVAE:
             raise WeightsError(f"{folder}: " + "; ".join(problems))
         return cls(model.to(device=device), cfg)
 
-    # -- latent normalisation (§1.4) ----------------------------------------------
+    # -- latent normalisation (docs/design/vae-and-text.md §3) ---------------------------
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
         """Posterior mean (B, C, T, h, w) -> normalised latent z."""
         return (mu - self._mean.to(mu.dtype)) / self._std.to(mu.dtype)
@@ -275,7 +275,7 @@ class WanVAE:
         """Normalised latent z (B, C, T, h, w) -> the decoder's latent space."""
         return z * self._std.to(z.dtype) + self._mean.to(z.dtype)
 
-    # -- encode (§3) --------------------------------------------------------------
+    # -- encode (docs/design/vae-and-text.md §4) -----------------------------------------
     def _check_pixels(self, h: int, w: int) -> None:
         s = self.cfg.spatial_stride
         if h % s or w % s:
@@ -308,7 +308,7 @@ class WanVAE:
         """Pixels (N, 3, H, W) in [-1, 1], each its own 1-frame clip -> latents (N, C, h, w)."""
         return self.encode_clip(pixels[:, :, None])[:, 0]
 
-    # -- decode (§2) --------------------------------------------------------------
+    # -- decode (docs/design/vae-and-text.md §5) -----------------------------------------
     def new_decoder_state(self, batch: int = 1) -> DecoderState:
         """Empty streaming state for one session (`batch` rows decoded together)."""
         return DecoderState(self.num_decoder_slots, batch)

@@ -1,4 +1,5 @@
-"""Strict loading of generator weights from the published checkpoint layouts (model-spec §2).
+"""Strict loading of generator weights from the published checkpoint layouts
+(docs/design/generator.md §2).
 
 Accepted files:
 - the ShotStream checkpoint: `torch.save({"generator": state_dict})` with every key

@@ -24,7 +24,8 @@ from tests.support.server import REPO, ServerProcess
 
 # Debian's chromium (.ci/system-deps); Playwright never downloads a browser here.
 CHROMIUM = Path(os.environ.get("SHOTSTREAM_CHROMIUM", "/usr/bin/chromium"))
-# The flags of design/media.md. Playwright adds --headless and a fresh --user-data-dir itself.
+# The flags of docs/design/media.md §8. Playwright adds --headless and a fresh --user-data-dir
+# itself.
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",

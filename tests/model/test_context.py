@@ -6,7 +6,7 @@ import pytest
 
 from model.context import candidate_offsets, context_counts, select_context, spread
 
-# model-spec §8: shot s (0-based), counts, pixel indices, flags — for 81-frame shots
+# docs/design/generator.md §8: shot s (0-based), counts, pixel indices, flags — for 81-frame shots
 TABLE = [
     (1, [6], [0, 16, 32, 48, 64, 80], [0] * 6),
     (2, [3, 3], [0, 40, 80, 81, 121, 161], [0, 0, 0, 1, 1, 1]),

@@ -15,7 +15,7 @@ def test_split(d, split):
 
 
 def test_worked_example_real_size():
-    """Shot 3, chunk 2, middle frame (p=13), row 10, column 20 (model-spec §4)."""
+    """Shot 3, chunk 2, middle frame (p=13), row 10, column 20 (docs/design/generator.md §4)."""
     cfg = PRESETS["wan2.1-1.3b"]
     tables = RopeTables(
         cfg.dit.head_dim, cfg.rope_theta, cfg.rope_max_positions, cfg.rope_shot_phase
@@ -42,7 +42,7 @@ def test_phase_is_float32_product():
 
 
 def test_scores_depend_on_flag_differences_only():
-    """Adding a constant to every flag leaves q.k unchanged (model-spec §4)."""
+    """Adding a constant to every flag leaves q.k unchanged (docs/design/generator.md §4)."""
     torch.manual_seed(0)
     tables = RopeTables(32, 10000.0, 64, 1 / 6)
     q, k = torch.randn(1, 24, 2, 32), torch.randn(1, 24, 2, 32)

@@ -1,4 +1,4 @@
-"""The warped 4-step schedule, x0 conversion and re-noise (model-spec §7)."""
+"""The warped 4-step schedule, x0 conversion and re-noise (docs/design/generator.md §7)."""
 
 from __future__ import annotations
 

@@ -219,7 +219,7 @@ def test_full_size_chunk_is_constrained_baseline_level_3(tmp_path: Path) -> None
     path.write_bytes(enc.init_segment() + seg.data)
     probe = ffprobe(path)
     stream = probe["streams"][0]
-    assert enc.mime == 'video/mp4; codecs="avc1.42C01E"'  # media.md's measured codec string
+    assert enc.mime == 'video/mp4; codecs="avc1.42C01E"'  # docs/design/media.md §6
     assert (stream["width"], stream["height"], stream["level"]) == (width, height, 30)
     assert int(stream["nb_read_frames"]) == 9
     assert probe["frames"][0]["key_frame"] == 1

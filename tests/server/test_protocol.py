@@ -1,4 +1,5 @@
-"""Wire schema v1: field names fixed by protocol.md, round trips, and bad input as clear errors."""
+"""Wire schema v1: field names fixed by docs/design/protocol.md §1, round trips, and bad input as
+clear errors."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def keys(names: str) -> set[str]:
     return set(names.split())
 
 
-# One instance of every WebSocket message, with the wire keys protocol.md fixes for it.
+# One instance of every WebSocket message, with its wire keys (docs/design/protocol.md §5–§6).
 SERVER_MESSAGES: list[tuple[BaseModel, set[str]]] = [
     (
         p.HelloMessage(
@@ -348,7 +349,7 @@ def test_validate_prompt_uses_the_same_limit() -> None:
 
 def test_close_codes_are_application_codes() -> None:
     assert all(4000 <= c <= 4999 for c in CloseCode)
-    assert CloseCode.ALREADY_CONNECTED == 4009  # fixed by protocol.md
+    assert CloseCode.ALREADY_CONNECTED == 4009  # docs/design/protocol.md §12
     assert len({int(c) for c in CloseCode}) == len(CloseCode)
 
 
