@@ -127,6 +127,10 @@ class DiTBlock(nn.Module):
         k = apply_rope(k, pass_.cos, pass_.sin)
         if pass_.rows is None:
             y = attention(q, k, v, pass_.backend, pass_.mask)
+        elif pass_.group_rows and len(pass_.rows) > 1:
+            y = _grouped_row_attention(q, k, v, pass_, layer, need_output)
+            if y is None:
+                return x  # a K/V-only pass, as below
         else:
             # Each batch row (a session) writes its own cache slot, then attends over its own
             # prefix: linear layers run batched, attention per row, no cache is copied.
@@ -147,6 +151,34 @@ class DiTBlock(nn.Module):
 
         f = self.ffn((self.norm2(x).view(per_frame) * (1 + scale2) + shift2).view(b, length, dim))
         return x + (f.view(per_frame) * gate2).view(b, length, dim)
+
+
+def _grouped_row_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pass_: Pass, layer: int, need_output: bool
+) -> torch.Tensor | None:
+    """The rows' attention with one call per distinct prefix length instead of one per row:
+    rows whose chunks end at the same key (sessions in step) attend together over their
+    prefixes stacked into one batch (a copy of those keys, then one kernel launch)."""
+    rows = pass_.rows
+    assert rows is not None
+    for i, (kv, start, _end) in enumerate(rows):
+        kv.write(layer, start, k[i : i + 1], v[i : i + 1])
+    if not need_output:
+        return None
+    groups: dict[int, list[int]] = {}
+    for i, (_kv, _start, end) in enumerate(rows):
+        groups.setdefault(end, []).append(i)
+    parts: list[torch.Tensor] = [q[:0]] * len(rows)
+    for end, idx in groups.items():
+        prefixes = [rows[i][0].prefix(layer, end) for i in idx]
+        keys = torch.cat([p[0] for p in prefixes]) if len(idx) > 1 else prefixes[0][0]
+        values = torch.cat([p[1] for p in prefixes]) if len(idx) > 1 else prefixes[0][1]
+        run = idx == list(range(idx[0], idx[-1] + 1))
+        queries = q[idx[0] : idx[-1] + 1] if run else q[idx]
+        out = attention(queries, keys, values, pass_.backend)
+        for j, i in enumerate(idx):
+            parts[i] = out[j : j + 1]
+    return torch.cat(parts)
 
 
 class Head(nn.Module):
@@ -176,7 +208,9 @@ class Pass:
     tokens with `mask`.
     """
 
-    __slots__ = ("cos", "sin", "caption_index", "text_k", "text_v", "rows", "mask", "backend")
+    __slots__ = (
+        "cos", "sin", "caption_index", "text_k", "text_v", "rows", "mask", "backend", "group_rows",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -191,6 +225,7 @@ class Pass:
         mask: torch.Tensor | None = None,
         backend: str = "sdpa",
         rows: list[tuple[KVCache, int, int]] | None = None,
+        group_rows: bool = False,
     ):
         self.cos, self.sin = cos, sin
         self.caption_index = caption_index
@@ -198,6 +233,7 @@ class Pass:
         self.rows = rows if rows is not None else ([(kv, start, end)] if kv is not None else None)
         self.mask = mask
         self.backend = backend
+        self.group_rows = group_rows  # rows of equal prefix length attend in one call
 
 
 class CausalDiT(nn.Module):
@@ -221,6 +257,9 @@ class CausalDiT(nn.Module):
         self.head = Head(cfg)
         self.reset_rope("cpu")
         self.attn_backend = "sdpa"
+        # Batched sessions: one attention call per prefix length instead of one per session
+        # (an option, off until the GPU figures of bench/device show it wins).
+        self.group_rows = False
 
     @property
     def dtype(self) -> torch.dtype:

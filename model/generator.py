@@ -24,6 +24,7 @@ from model.attention import resolve_backend
 from model.config import ModelConfig
 from model.context import candidate_offsets, caption_rows, context_counts, select_context
 from model.dit import CausalDiT, build_dit
+from model.graphs import ChunkGraphs
 from model.sampler import FlowSchedule
 from model.steps import ChunkRow, batched_chunk_pass, denoise_chunk, prefill_context, refresh_cache
 from model.text import CaptionSpec, TextEncoder, TextEncoding, load_tokenizer
@@ -63,6 +64,8 @@ class LoadedModel:
     real_weights: bool
     vocabulary: dict | None = None  # trained demo models: the prompt vocabulary they learned
     schedule: FlowSchedule = field(init=False)
+    # Option: chunks run as captured CUDA graphs (model/graphs.py); None = plain passes.
+    chunk_graphs: ChunkGraphs | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.schedule = FlowSchedule(self.cfg.sampler)
@@ -70,6 +73,12 @@ class LoadedModel:
     @property
     def attention_backend(self) -> str:
         return self.dit.attn_backend
+
+    def use_chunk_graphs(self, enabled: bool = True, max_graphs: int = 64) -> None:
+        """Run every chunk's denoise and refresh passes as one replayed graph (or not)."""
+        self.chunk_graphs = (
+            ChunkGraphs(self.dit, self.schedule, self.device, max_graphs) if enabled else None
+        )
 
 
 def load_model(
@@ -341,8 +350,12 @@ def next_chunks(gens: Sequence[ShotStreamGenerator]) -> list[ChunkOutput]:
         for k in range(1, m.schedule.num_steps)
     ]
     rows = [ChunkRow(g.lease.kv, g.chunk, g._gen_flag, g._caption_row) for g in gens]
-    pass_ = batched_chunk_pass(m.dit, rows)
-    x0 = clock.measure("denoise", denoise_chunk, m.dit, m.schedule, pass_, noise, renoise)
+    graphs = m.chunk_graphs
+    if graphs is None:
+        pass_ = batched_chunk_pass(m.dit, rows)
+        x0 = clock.measure("denoise", denoise_chunk, m.dit, m.schedule, pass_, noise, renoise)
+    else:  # denoise and refresh in one replay, timed as "denoise"
+        x0 = clock.measure("denoise", graphs.run, rows, noise, renoise)
     decoders = [g.lease.decoder for g in gens]
     saved = [(d.slots, d.first, d.latent_frames) for d in decoders]
     try:
@@ -350,7 +363,8 @@ def next_chunks(gens: Sequence[ShotStreamGenerator]) -> list[ChunkOutput]:
             "decode",
             lambda: [m.vae.decode_chunk(d, x0[i : i + 1])[0] for i, d in enumerate(decoders)],
         )
-        clock.measure("refresh", refresh_cache, m.dit, pass_, x0)
+        if graphs is None:
+            clock.measure("refresh", refresh_cache, m.dit, pass_, x0)
         frames = [to_uint8(p).cpu() for p in pixels]  # the step's one host sync
     except BaseException:
         for d, (slots, first, latent_frames) in zip(decoders, saved, strict=True):

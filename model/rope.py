@@ -36,10 +36,15 @@ class RopeTables(torch.nn.Module):
         self.register_buffer("t_angles", _axis_freqs(c_t, max_positions, theta), persistent=False)
         self.register_buffer("h_angles", _axis_freqs(c_h, max_positions, theta), persistent=False)
         self.register_buffer("w_angles", _axis_freqs(c_w, max_positions, theta), persistent=False)
+        # float32 on the tables' device: a host constant would be a host-to-device copy
+        # inside every pass, which a CUDA graph capture refuses (model/graphs.py)
+        self.register_buffer(
+            "phase", torch.tensor([shot_phase], dtype=torch.float32), persistent=False
+        )
 
     def _apply(self, fn, recurse=True):
         # Device moves only: the angle tables stay float64 whatever dtype the model takes.
-        for name in ("t_angles", "h_angles", "w_angles"):
+        for name in ("t_angles", "h_angles", "w_angles", "phase"):
             table = getattr(self, name)
             self._buffers[name] = table.to(device=fn(table[:0]).device)
         return self
@@ -62,9 +67,7 @@ class RopeTables(torch.nn.Module):
         """
         batch, n_frames = flags.shape
         # The phase is float32(flag) * float32(phase), then added to the float64 angle.
-        phase = flags.to(torch.float32) * torch.tensor(
-            self.shot_phase, dtype=torch.float32, device=flags.device
-        )
+        phase = flags.to(torch.float32) * self.phase
         t = self.t_angles[positions] + phase.to(torch.float64)[..., None]  # (B, F, c_t)
         h = self.h_angles[:grid_h]  # (gh, c_h)
         w = self.w_angles[:grid_w]  # (gw, c_w)
