@@ -21,6 +21,7 @@ import time
 import torch
 
 from bench.common import emit, environment, sync
+from bench.random_weights import random_preset
 from cache.kv import KVLayout
 from cache.pool import StatePool
 from model.config import get_preset
@@ -84,7 +85,7 @@ def _profile_chunk(
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--weights", default=None, help="weights folder (default: random weights)")
@@ -100,28 +101,50 @@ def main() -> None:
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also trace one more steady chunk with torch.profiler: DIR/chunk_trace.json "
                          "(chrome://tracing, Perfetto) and the top ops in the JSON line")  # fmt: skip
+    ap.add_argument(
+        "--chunk-graphs",
+        action="store_true",
+        help="replay each chunk's DiT passes as a CUDA graph (model/graphs.py)",
+    )
+    ap.add_argument("--group-rows", action="store_true",
+                    help="batched sessions: one attention call per group in step")  # fmt: skip
+    return ap
+
+
+def main() -> None:
+    ap = build_parser()
     args = ap.parse_args()
     if args.shots < 1 or args.warmup < 0:
         ap.error("--shots must be at least 1 and --warmup at least 0")
+    emit(run(args), args.save)
 
+
+def run(args: argparse.Namespace, on_chunk=None) -> dict:
+    """The measurement: returns the JSON row. `on_chunk(chunk, generator)` sees every chunk
+    as it is made, with its tensors in `generator.trace` (bench/device checks the first)."""
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
     if args.chunks:
         cfg = cfg.replace(chunks_per_shot=args.chunks)
-    if not args.weights:
-        cfg = cfg.replace(random_weights_ok=True)  # speed does not depend on the weights
+    if not args.weights:  # speed does not depend on the weights, nor on the tokenizer
+        cfg = random_preset(cfg.name).replace(chunks_per_shot=cfg.chunks_per_shot)
     device = resolve_device(args.device)
 
     t0 = time.perf_counter()
     # Random weights are initialised on the device: the host would take minutes for umT5-xxl.
     with torch.device(device) if not args.weights else contextlib.nullcontext():
         model = load_model(cfg, args.weights, str(device), args.dtype, args.attention)
+    model.use_chunk_graphs(args.chunk_graphs)
+    model.dit.group_rows = args.group_rows
     load_s = time.perf_counter() - t0
     pool = StatePool(KVLayout.for_config(cfg), model.vae.new_decoder_state, model.dtype, device)
     lease = pool.acquire("bench")
-    gen = ShotStreamGenerator(model, lease, GLOBAL_CAPTION, seed=0)
+    # with a callback, the generator keeps each chunk's x0 and pixels for it (views, no copy)
+    gen = ShotStreamGenerator(
+        model, lease, GLOBAL_CAPTION, seed=0, trace={} if on_chunk is not None else None
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -150,6 +173,8 @@ def main() -> None:
                 t = time.perf_counter()
                 chunk = gen.next_chunk()  # ends in the chunk's host copy: a sync
                 wall = (time.perf_counter() - t) * 1e3
+                if on_chunk is not None:
+                    on_chunk(chunk, gen)
                 if lease.nbytes > peak_bytes:
                     peak_bytes, peak_breakdown = lease.nbytes, pool.breakdown()
                 if not counted:
@@ -182,6 +207,8 @@ def main() -> None:
         "dtype": str(model.dtype).removeprefix("torch."),
         "attention": model.attention_backend,
         "weights": "random" if not model.real_weights else "real",
+        "chunk_graphs": args.chunk_graphs,
+        "group_rows": args.group_rows,
         **environment(device),
         "threads": torch.get_num_threads(),
         "load_s": round(load_s, 2),
@@ -213,7 +240,7 @@ def main() -> None:
         row["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     if profile is not None:
         row["profile"] = profile
-    emit(row, args.save)
+    return row
 
 
 if __name__ == "__main__":

@@ -64,12 +64,16 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def launched(
-    settings: dict[str, str], log_dir: Path, ready_timeout: float = 600.0
+    settings: dict[str, str],
+    log_dir: Path,
+    ready_timeout: float = 600.0,
+    module: str = "server.cli",
 ) -> Iterator[str]:
     """A `shotstream serve` process on a free loopback port with `settings`; yields its URL
-    once /readyz answers, and stops it with SIGTERM (drain) afterwards."""
+    once /readyz answers, and stops it with SIGTERM (drain) afterwards. `module` runs the
+    CLI (bench.random_weights: any preset with random weights)."""
     port = _free_port()
-    args = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    args = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(port)]
     for key, value in settings.items():
         args += ["--" + key.replace("_", "-"), str(value)]
     log = open(log_dir / f"server-{port}.log", "w")  # noqa: SIM115 (closed below)
@@ -191,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server", help="benchmark this running server instead of starting one")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--weights", help="real weights folder (speed does not depend on them)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="any preset with random weights and a file-less tokenizer "
+                        "(bench/random_weights.py), e.g. wan2.1-1.3b on a GPU without weights")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: the server's default)")
     p.add_argument("--sessions", default="1,2", help="comma-separated session counts")
@@ -227,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                            if args.admit_all else {}),
                         **variant,
                     }  # fmt: skip
-                    base_ctx = launched(settings, Path(tmp))
+                    module = "bench.random_weights" if args.random_weights else "server.cli"
+                    base_ctx = launched(settings, Path(tmp), module=module)
                 with base_ctx as base:
                     info = model_info(base)
                     row = asyncio.run(one_case(base, n, info, args))
