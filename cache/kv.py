@@ -97,12 +97,3 @@ class KVCache:
     def prefix(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of K/V tokens [0, end) of one layer: what a pass ending at `end` attends to."""
         return self.k[layer, :, :end], self.v[layer, :, :end]
-
-    def write_text(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one layer's cross-attention K/V for captions [0, S): (B, S, text_len, H, d)."""
-        n = k.shape[1]
-        self.text_k[layer, :, :n] = k
-        self.text_v[layer, :, :n] = v
-
-    def text(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.text_k[layer], self.text_v[layer]

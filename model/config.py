@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from cache.kv import KVLayout
+
 # Per-channel latent statistics of the Wan2.1 VAE (docs/design/vae-and-text.md §3).
 WAN_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -182,6 +184,11 @@ class ModelConfig:
         return n - (self.vae.temporal_stride - 1) if chunk_index == 0 else n
 
     @property
+    def chunk_seconds(self) -> float:
+        """Playout time of a steady chunk (a shot's first is shorter by 3 frames)."""
+        return self.chunk_pixel_frames(1) / self.fps
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.dit.in_dim, self.latent_h, self.latent_w)
 
@@ -203,11 +210,8 @@ class ModelConfig:
         return (self.sampler.num_steps + 1) * self.dit_flops(self.chunk_tokens, keys)
 
     def kv_bytes_per_session(self, dtype: torch.dtype) -> int:
-        """Bytes of the dual cache and text K/V slots of one session (cache/kv.py layout)."""
-        el = torch.empty((), dtype=dtype).element_size()
-        per_token = 2 * self.dit.num_layers * self.dit.dim * el
-        text = self.max_captions * self.text.text_len * per_token
-        return (self.context_tokens + self.shot_tokens) * per_token + text
+        """Bytes of the dual cache and text K/V slots of one session (the cache's layout)."""
+        return KVLayout.for_config(self).nbytes(1, dtype)
 
     @property
     def max_captions(self) -> int:

@@ -145,8 +145,9 @@ class MP4Writer:
         ctx = stream.codec_context
         ctx.colorspace = ctx.color_primaries = ctx.color_trc = 1  # AVCOL_*_BT709
         ctx.color_range = ColorRange.MPEG
-        # veryfast keeps encoding a few % of real time at 480x832 on one core (media.md);
-        # crf 18 is visually lossless for this content.
+        # veryfast encodes about 150 frames/s at 480x832 on one core, about a tenth of a
+        # core per real-time stream (docs/design/media.md §9); crf 18 is visually lossless
+        # for this content.
         ctx.options = {"preset": preset, "crf": str(crf)}
         self._stream = stream
         self._reformatter = VideoReformatter()

@@ -1,9 +1,9 @@
-"""The engine: decides which session's chunk runs next and keeps the capacity estimate.
+"""The engine: the loop that runs the scheduler's plans, and the capacity estimate.
 
-It runs as one task on the event loop. Each turn it picks, among sessions that are not
-too far ahead of their playout clock and whose outbox has room, the one whose player runs
-dry first (earliest deadline first), plans its chunk (seq, shot start) and awaits the
-runner's worker thread. The loop itself never blocks on torch.
+It runs as one task on the event loop. Each turn it asks the scheduler for a plan, awaits
+the runner's worker thread executing it, applies the outcome through the scheduler, and
+hands each generated chunk to the session manager for packaging. The loop itself never
+blocks on torch. See docs/design/scheduling.md.
 
 Capacity: sessions the device can keep real time = margin x chunk playout time / measured
 worker time per chunk, capped by memory (per-session bytes vs free device memory) and by
@@ -15,25 +15,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import deque
 
 from server.metrics import gauge
 from server.runner import StepResult
-from server.sessions import Session, SessionManager
+from server.scheduler import Plan, Scheduler
+from server.sessions import SessionManager
 
 log = logging.getLogger("shotstream.engine")
 
 
 class Engine:
-    """The scheduling loop over the manager's sessions."""
+    """The loop over the scheduler's plans, and what it measures."""
 
     def __init__(self, manager: SessionManager) -> None:
         self.manager = manager
         self.runner = manager.runner
         self.settings = manager.settings
         self.cfg = manager.cfg
+        self.scheduler = Scheduler(self.settings, self.cfg, lambda: manager.active)
         manager.engine = self
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -42,6 +43,7 @@ class Engine:
         self._produced: deque[tuple[float, float]] = deque()  # (time, video seconds)
         self.failed: BaseException | None = None
         self.crash_requested = False  # test-only fault injection
+        self._cleanup: asyncio.Task | None = None
         manager.metrics.add_sampler(self._gauges)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -73,83 +75,45 @@ class Engine:
         m.metrics.errors.labels("engine").inc()
         for s in list(m.active):
             m.end(s, "failed", error=("internal", f"the generation engine failed: {self.failed!r}"))
+        # No loop runs their release any more: free every ended session's state now.
+        for s in m.ended.values():
+            s.inflight = False
+            m.release(s)
+        plan, _ = self.scheduler.schedule(time.monotonic())  # only finishes: none is alive
+        task = asyncio.get_running_loop().create_task(self.runner.execute(plan))
+        self._cleanup = task  # keep a reference until it is done
 
-    # -- scheduling ---------------------------------------------------------------------
-    def pick(self, now: float) -> tuple[Session | None, float | None]:
-        """The runnable session with the earliest deadline, or when to look again."""
-        best, best_deadline, soonest = None, math.inf, None
-        for s in self.manager.active:
-            at = s.ready_at(now)
-            if at is None:
-                continue
-            if at > now:
-                soonest = at if soonest is None else min(soonest, at)
-                continue
-            d = s.deadline()
-            if d < best_deadline:
-                best, best_deadline = s, d
-        return best, soonest
-
+    # -- the loop -------------------------------------------------------------------------
     async def _run(self) -> None:
         while not self._stopping:
             if self.crash_requested:
                 raise RuntimeError("injected engine crash")
             now = time.monotonic()
-            s, soonest = self.pick(now)
-            if s is None:
+            plan, look_again = self.scheduler.schedule(now)
+            self.manager.on_planned(plan)
+            if plan.empty:
                 self._wake.clear()
-                timeout = None if soonest is None else max(0.0, soonest - now)
+                timeout = None if look_again is None else max(0.0, look_again - now)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 continue
-            await self._step(s)
+            await self._execute(plan)
 
-    async def _step(self, s: Session) -> None:
-        plan = self.manager.plan_next(s)
-        if plan is None:
-            return
-        seq, shot, starts = plan
-        group = [(s, plan)]
-        if not starts and s.opened:
-            group += self._companions(s)
-        if len(group) == 1:
-            await self._step_one(s, plan)
-            return
-        try:
-            results = await self.runner.step_batch([x.id for x, _ in group])
-        except Exception:
-            # A batch failed: retry each alone, so only the session at fault fails.
-            for x, p in group:
-                await self._step_one(x, p)
-            return
-        for (x, (seq, shot, starts)), result in zip(group, results, strict=True):
-            self.manager.on_step_done(x, seq, shot, starts, result)
-
-    def _companions(self, first: Session) -> list[tuple[Session, tuple]]:
-        """Other runnable sessions continuing their shots, earliest deadline first, planned."""
-        now = time.monotonic()
-        m = self.manager
-        others = [
-            x for x in m.active
-            if x is not first and m.continues_shot(x) and (at := x.ready_at(now)) is not None and at <= now
-        ]  # fmt: skip
-        others.sort(key=Session.deadline)
-        group = []
-        for x in others[: max(0, self.settings.max_batch - 1)]:
-            plan = m.plan_next(x)
-            if plan is not None:
-                group.append((x, plan))
-        return group
-
-    async def _step_one(self, s: Session, plan: tuple) -> None:
-        seq, shot, starts = plan
-        init = None if s.opened else (s.global_prompt, s.seed)
-        try:
-            result = await self.runner.step(s.id, shot.text if starts else None, init)
-        except Exception as exc:  # this session fails; the server and the others go on
+    async def _execute(self, plan: Plan) -> None:
+        outcome = await self.runner.execute(plan)
+        update = self.scheduler.update(plan, outcome)
+        m = self.manager.metrics
+        for work, result in update.done:
+            m.chunks.inc()
+            m.frames.inc(result.frames.shape[0])
+            for verb, ms in (*result.timings.items(), *result.shot_timings.items()):
+                m.verb_duration.labels(verb.removesuffix("_ms")).observe(ms / 1e3)
+            self.record(result)
+            self.manager.on_chunk(work, result)
+        for s in update.orphaned:
+            self.manager.release(s)
+        for s, exc in update.failed:
             self.manager.on_step_failed(s, exc)
-            return
-        self.manager.on_step_done(s, seq, shot, starts, result)
 
     # -- measurements ---------------------------------------------------------------------
     def record(self, result: StepResult) -> None:
@@ -167,7 +131,7 @@ class Engine:
 
     @property
     def chunk_seconds(self) -> float:
-        return self.cfg.chunk_frames * self.cfg.vae.temporal_stride / self.cfg.fps
+        return self.cfg.chunk_seconds
 
     def realtime_factor(self) -> float:
         """Video seconds produced per wall second over the last 30 s."""

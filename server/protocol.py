@@ -1,7 +1,7 @@
 """Wire protocol v1: every REST body and WebSocket message, as pydantic models.
 
-This module is the contract in `design/protocol.md`; clients import it, so it must stay
-importable without torch or any model code. Field names are fixed by the protocol: add
+This module is the contract of docs/design/protocol.md §1; clients import it, so it must
+stay importable without torch or any model code. Field names are fixed by the protocol: add
 fields, never rename them. Readers ignore unknown fields so either side can add some.
 
 Times: `expires_at` and `created_at` are ISO 8601 UTC datetimes; `pts`, `duration` and
@@ -41,7 +41,7 @@ SessionState: TypeAlias = Literal["waiting", "streaming", "paused", "ended", "fa
 
 @dataclass(frozen=True)
 class Limits:
-    """Input limits the server enforces; built from settings, defaults per protocol.md."""
+    """Input limits the server enforces; built from settings, defaults per docs/design/protocol.md §13."""
 
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
     max_shots: int = DEFAULT_MAX_SHOTS
@@ -85,7 +85,7 @@ class CloseCode(IntEnum):
 
     UNAUTHORIZED = 4001  # missing or wrong token
     UNKNOWN_SESSION = 4004  # no such session, or it has ended
-    ALREADY_CONNECTED = 4009  # a second stream connection (fixed by protocol.md)
+    ALREADY_CONNECTED = 4009  # a second stream connection (docs/design/protocol.md §12)
     BAD_MESSAGE = 4400  # repeated malformed or abusive input
     IDLE = 4408  # idle or too slow a reader
     SESSION_FAILED = 4500  # the session failed or an internal error

@@ -1,17 +1,21 @@
 """The runner: the one piece of the server that touches the model and its tensors.
 
-Everything here runs on a single worker thread that owns the device (architecture.md: one
-GPU worker). The event loop submits work with `await runner.step(...)` and never blocks on
-torch; results come back as plain numbers and uint8 numpy frames.
+Everything here runs on a single worker thread that owns the device. The event loop hands
+it the scheduler's plan through one entry point, `await runner.execute(plan)`, and never
+blocks on torch; results come back as plain numbers and uint8 numpy frames. Device facts
+the loop reads (free memory, allocator stats) are refreshed by the worker after each plan,
+so no request handler or scrape queries the device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +25,11 @@ from cache.pool import Lease, StatePool
 from model.config import ModelConfig
 from model.generator import LoadedModel, ShotStreamGenerator, load_model, next_chunks
 from model.text import CaptionSpec, PromptTooLong
+
+if TYPE_CHECKING:  # the scheduler imports this module
+    from server.scheduler import Plan
+
+log = logging.getLogger("shotstream.runner")
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,14 @@ class StepResult:
     worker_s: float  # wall time the worker spent on this step
     new_shot: TokenReport | None = None
     shot_timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What the runner returns for a plan: one result per row, or the step's exception."""
+
+    results: list[StepResult] | None = None
+    error: BaseException | None = None
 
 
 class OutOfMemory(RuntimeError):
@@ -68,6 +85,10 @@ class ModelRunner:
         self._sessions: dict[str, tuple[Lease, ShotStreamGenerator]] = {}
         self.faults: dict[str, str] = {}  # test-only: session id -> "exception" | "oom"
         self.decoder_bytes_per_session = 0  # measured at warm-up (steady state)
+        # Device facts for the event loop, refreshed by the worker (see _refresh_device_facts).
+        self.free_bytes = 0
+        self.device_memory: dict[str, int] = {}
+        self._executor.submit(self._refresh_device_facts).result()
 
     @classmethod
     def load(cls, cfg: ModelConfig, weights: str | None, device: str, dtype: str, attention: str,
@@ -96,7 +117,7 @@ class ModelRunner:
         return torch.__version__
 
     def kv_bytes_per_session(self) -> int:
-        return self.pool.layout.nbytes(1, self.model.dtype)
+        return self.cfg.kv_bytes_per_session(self.model.dtype)
 
     def frame_bytes_per_session(self) -> int:
         """Decoded frames a session keeps for context selection (a full shot, worst case)."""
@@ -112,26 +133,25 @@ class ModelRunner:
         )
 
     def free_device_bytes(self) -> int:
-        """Memory available for new sessions: device free + pool free list (CUDA), or RAM."""
-        if self.model.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.model.device)
-            return int(free) + self.pool.bytes_reserved
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 1 << 40
+        """Memory available for new sessions (device free + pool free list on CUDA, else
+        RAM), as the worker last read it."""
+        return self.free_bytes
 
     def memory_stats(self) -> dict[str, int]:
-        if self.model.device.type != "cuda":
-            return {}
-        return {
-            "allocated": torch.cuda.memory_allocated(self.model.device),
-            "reserved": torch.cuda.memory_reserved(self.model.device),
-        }
+        """CUDA allocator figures as the worker last read them ({} on CPU)."""
+        return self.device_memory
+
+    def _refresh_device_facts(self) -> None:
+        """Worker thread: read free memory and allocator stats once, for the loop to use."""
+        if self.model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.model.device)
+            self.free_bytes = int(free) + self.pool.bytes_reserved
+            self.device_memory = {
+                "allocated": torch.cuda.memory_allocated(self.model.device),
+                "reserved": torch.cuda.memory_reserved(self.model.device),
+            }
+            return
+        self.free_bytes = _available_ram()
 
     def check_caption(self, global_caption: str, shot_index: int, shot_text: str) -> TokenReport:
         """Tokenize a caption (no model call): what would be cut; PromptTooLong under `reject`."""
@@ -155,20 +175,27 @@ class ModelRunner:
         finally:
             self._close(sid)
 
-    async def step(
-        self, sid: str, shot_text: str | None, init: tuple[str, int] | None = None
-    ) -> StepResult:
-        """Generate the next chunk of session `sid`; `shot_text` starts a new shot first.
-        `init` = (global caption, seed) opens the session's state on its first step."""
-        return await self._run(self._guarded_step, sid, shot_text, init)
+    async def execute(self, plan: Plan) -> Outcome:
+        """Carry out a scheduler plan on the worker: free the state of `plan.finish`, then
+        run `plan.rows` as one step (one session, or several continuing their shots as one
+        batch). A failing step comes back as `Outcome.error`, never raised."""
+        return await self._run(self._execute, plan)
 
-    async def step_batch(self, sids: list[str]) -> list[StepResult]:
-        """The next chunk of several sessions in one batched step (none starts a shot)."""
-        return await self._run(self._step_batch, sids)
-
-    async def close(self, sid: str) -> None:
-        """Return the session's state to the pool (serialised with its steps)."""
-        await self._run(self._close, sid)
+    def _execute(self, plan: Plan) -> Outcome:
+        try:
+            for sid in plan.finish:
+                self._close(sid)
+            if not plan.rows:
+                return Outcome(results=[])
+            try:
+                if len(plan.rows) == 1:
+                    w = plan.rows[0]
+                    return Outcome(results=[self._guarded_step(w.session.id, w.shot_text, w.init)])
+                return Outcome(results=self._step_batch([w.session.id for w in plan.rows]))
+            except Exception as exc:  # the scheduler decides: retry alone, or fail the session
+                return Outcome(error=exc)
+        finally:
+            self._refresh_device_facts()
 
     def _guarded_step(
         self, sid: str, shot_text: str | None, init: tuple[str, int] | None
@@ -178,8 +205,13 @@ class ModelRunner:
                 self._open(sid, *init)
             return self._step(sid, shot_text)
         except torch.OutOfMemoryError as exc:
-            # Free this session's state now, so the others keep their headroom.
+            # Free this session's state now and give the memory back, so the others keep
+            # their headroom (the only place the worker collects and empties the cache).
             self._close(sid)
+            self.pool.trim()
+            if self.model.device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
             raise OutOfMemory(str(exc).splitlines()[0]) from None
 
     def _open(self, sid: str, global_caption: str, seed: int) -> None:
@@ -239,13 +271,12 @@ class ModelRunner:
             raise RuntimeError("injected fault")
 
     def _close(self, sid: str) -> None:
+        """Return the session's state to the pool (kept there for the next session: no
+        collection or cache emptying here, which would stall every other stream)."""
         entry = self._sessions.pop(sid, None)
         if entry is None:
             return
         self.pool.release(entry[0])
-        if self.model.device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
 
     @property
     def open_sessions(self) -> int:
@@ -259,4 +290,16 @@ class ModelRunner:
             self._close(sid)
 
 
-__all__ = ["ModelRunner", "OutOfMemory", "PromptTooLong", "StepResult", "TokenReport"]
+def _available_ram() -> int:
+    """MemAvailable of /proc/meminfo in bytes (a very large number where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 40
+
+
+__all__ = ["ModelRunner", "OutOfMemory", "Outcome", "PromptTooLong", "StepResult", "TokenReport"]

@@ -21,6 +21,8 @@ import typing
 import uvicorn
 
 from model.config import get_preset
+from server.app import create_app
+from server.logs import setup_logging
 from server.settings import Settings
 
 log = logging.getLogger("shotstream.serve")
@@ -89,9 +91,6 @@ def uvicorn_log_level(level: str) -> str:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from server.app import create_app
-    from server.logs import setup_logging
-
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**given)
     setup_logging(settings.log_level)

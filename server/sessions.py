@@ -1,12 +1,13 @@
-"""Sessions: lifecycle, tokens, prompts, pacing and the outbox of each stream.
+"""Sessions: lifecycle, tokens, admission, prompts and stream connections.
 
-Everything here runs on the event loop thread, so a session's state needs no locks; the
-engine (also on the loop) decides what runs and the runner's worker thread computes it.
+Everything here runs on the event loop thread, so a session's state needs no locks. The
+scheduler (server/scheduler.py) decides what runs, the runner's worker thread computes it,
+and delivery (server/delivery.py) packages and accounts for what is sent.
 
 A session's life: created (state `waiting`) -> a stream connects (`streaming`) ->
 `paused`/`streaming` -> `ended` or `failed`. Every end goes through `SessionManager.end`,
-which releases the session's device state (at once, or when its in-flight step returns)
-and its encoder.
+which releases the session's device state (at the next step, or when its in-flight step
+returns) and its encoder.
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server import protocol as P
+from server.delivery import Connection, MediaItem, Outbox, Packager, PlayoutClock, new_encoder
 from server.media import H264Encoder
 from server.metrics import Metrics
-from server.runner import ModelRunner, StepResult, TokenReport
+from server.runner import ModelRunner, OutOfMemory, StepResult, TokenReport
 from server.settings import Settings
+
+if TYPE_CHECKING:  # the engine and scheduler import this module
+    from server.engine import Engine
+    from server.scheduler import ChunkWork, Plan
 
 log = logging.getLogger("shotstream.sessions")
 
@@ -54,35 +59,6 @@ class Prompt:
     acked_seq: int = -1  # the starts_at_seq the client was last told
 
 
-@dataclass
-class MediaItem:
-    """A message of the ordered lane (`shot`, `chunk`), with its binary segment if any."""
-
-    message: dict[str, Any]
-    data: bytes | None = None
-    seq: int = -1
-    frames: int = 0
-    duration: float = 0.0
-    ready: float = 0.0  # monotonic time it entered the outbox
-    prompt: Prompt | None = None  # the prompt this chunk first shows
-    replay: bool = False  # sent before, on a connection that dropped; sent again on resume
-
-
-@dataclass
-class Connection:
-    """One stream connection of a session."""
-
-    send_text: Callable[[str], Any]
-    send_bytes: Callable[[bytes], Any]
-    close: Callable[[int, str], Any]
-    connected_at: float
-    first_sent: bool = False
-    last_sent: float | None = None
-    closing: bool = False
-    errors: int = 0
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-
 class TokenBucket:
     """Rate limit: `rate` events per second, bursts up to `burst`."""
 
@@ -101,15 +77,13 @@ class TokenBucket:
 
 
 class Session:
-    """One viewer's stream: its prompts, its position in the video, and its outbox."""
+    """One session: its prompts and shots (planned by the scheduler), its stream and outbox."""
 
     def __init__(self, sid: str, token: str, client: str, prompt: str, seed: int, mode: str,
-                 settings: Settings, encoder: H264Encoder, cfg) -> None:  # fmt: skip
+                 settings: Settings, encoder: H264Encoder) -> None:  # fmt: skip
         self.id, self.token, self.client = sid, token, client
         self.global_prompt, self.seed, self.mode = prompt, seed, mode
-        self.settings = settings
         self.encoder = encoder
-        self.cfg = cfg
         now = time.monotonic()
         self.created_mono = now
         self.created_at = datetime.now(UTC)
@@ -117,7 +91,8 @@ class Session:
         self.state = "waiting"
         self.error: str | None = None
         self.end_reason: str | None = None
-        # shots and prompts (planned side)
+        self.released = False  # device state and encoder given back
+        # -- shots and prompts, planned by the scheduler
         self.next_shot_id = 0
         self.current: Prompt | None = None  # the shot being generated
         self.shot_index = -1
@@ -126,79 +101,41 @@ class Session:
         self.queue: deque[Prompt] = deque()
         self.next_seq = 0  # seq of the next chunk to plan
         self.opened = False  # the runner holds its state
-        self.inflight = False
+        self.inflight = False  # a step of it is planned and not yet applied
+        self.chunks_generated = 0
         self.video_generated = 0.0  # seconds of video planned: generated or in flight
-        self.video_sent = 0.0  # seconds of video delivered, over all connections
-        # delivery side
-        self.media: deque[MediaItem] = deque()
-        # The last items sent, so a resumed connection can be given what the dropped one
-        # may not have received (the client names its last seq).
-        self.sent: deque[MediaItem] = deque(maxlen=2 * max(2, settings.outbox_chunks))
-        self.last_delivered_seq = -1
-        self.control: deque[dict[str, Any]] = deque()
+        # -- delivery
+        self.outbox = Outbox(keep=2 * max(2, settings.outbox_chunks))
+        self.clock = PlayoutClock()  # this connection's player
         self.encode_lock = asyncio.Lock()
         self.conn: Connection | None = None
+        self.ever_connected = False  # a stream has attached at least once
         self.disconnected_at: float | None = now
-        self.chunks_generated = 0
-        self.chunks_delivered = 0
-        self.frames_sent = 0
-        self.bytes_sent = 0
-        self.shown_shot = -1
-        self.play_start: float | None = None  # when this connection's player started
-        self.video_delivered = 0.0  # seconds delivered on this connection
-        self.paused_at: float | None = None
         self.prompt_bucket = TokenBucket(settings.prompt_rate, 8)
         self.timer: asyncio.TimerHandle | None = None
 
-    # -- pacing (read by the engine) -------------------------------------------------
     @property
     def alive(self) -> bool:
         return self.state in ("waiting", "streaming", "paused")
 
-    @property
-    def chunk_seconds(self) -> float:
-        return self.cfg.chunk_frames * self.cfg.vae.temporal_stride / self.cfg.fps
-
-    def undelivered(self) -> int:
-        return self.chunks_generated + int(self.inflight) - self.chunks_delivered
-
-    def buffer_end(self) -> float:
-        """When this connection's player runs dry if all generated video arrived now."""
-        assert self.play_start is not None
-        return self.play_start + self.video_delivered + (self.video_generated - self.video_sent)
-
-    def ready_at(self, now: float) -> float | None:
-        """When this session may run its next chunk (<= now: runnable), None if blocked."""
-        if not self.alive or self.inflight or self.state == "paused":
-            return None
-        if self.undelivered() >= self.settings.outbox_chunks:
-            return None  # slow or absent reader: wait for the outbox to drain
-        if self.play_start is None:
-            # Nobody is watching yet: prepare up to the lead, then wait for a player.
-            return now if self.undelivered() < max(1, round(self.settings.lead_chunks)) else None
-        ahead = self.buffer_end() - now
-        lead = self.settings.lead_chunks * self.chunk_seconds
-        return now if ahead < lead else now + (ahead - lead)
-
-    def deadline(self) -> float:
-        """When the player needs the next chunk: earliest deadline first."""
-        if self.play_start is None:
-            return self.created_mono if self.conn is None else self.conn.connected_at
-        return self.buffer_end()
+    def waiting_prompts(self) -> list[Prompt]:
+        """Acknowledged prompts whose shot has not started: the pending cut, then the queue."""
+        return [*([self.pending_cut] if self.pending_cut else []), *self.queue]
 
 
 class SessionManager:
-    """Creates, finds, feeds and ends sessions; owns admission and the per-session outboxes."""
+    """Creates, finds, feeds and ends sessions; owns admission and their connections."""
 
-    def __init__(self, settings: Settings, runner: ModelRunner, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, runner: ModelRunner, metrics: Metrics,
+                 encode_pool=None) -> None:  # fmt: skip
         self.settings, self.runner, self.metrics = settings, runner, metrics
         self.cfg = runner.cfg
         self.sessions: dict[str, Session] = {}
         self.ended: dict[str, Session] = {}  # tombstones for GET after the end
-        self.engine = None  # set by the engine
+        self.engine: Engine | None = None
         self.ready = False
         self.draining = False
-        self.encode_pool = None  # executor for H.264 encoding, set by the app
+        self.packager = Packager(encode_pool, metrics)
         self.limits = P.Limits(
             max_prompt_chars=settings.max_prompt_chars,
             max_shots=settings.max_shots_per_request,
@@ -270,15 +207,14 @@ class SessionManager:
         reports = [self._check_caption(req.prompt, i, text) for i, text in enumerate(shots)]
         sid = f"{self.settings.replica_id}.{secrets.token_hex(12)}"
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        encoder = H264Encoder(self.cfg.width, self.cfg.height, self.cfg.fps)
         s = Session(sid, secrets.token_urlsafe(32), client, req.prompt, seed, req.mode,
-                    self.settings, encoder, self.cfg)  # fmt: skip
+                    self.settings, new_encoder(self.cfg))  # fmt: skip
         now = time.monotonic()
         for text, report in zip(shots, reports, strict=True):
             p = Prompt(s.next_shot_id, text, "queue", now, report)
             s.next_shot_id += 1
             s.queue.append(p)
-        self._plan_queue(s)
+        self._replan(s)
         self.sessions[sid] = s
         self._arm_timer(s)
         self.metrics.sessions_created.inc()
@@ -311,7 +247,7 @@ class SessionManager:
         if mode == "queue" and len(s.queue) >= self.settings.max_queued_prompts:
             raise Refused(429, P.ErrorCode.RATE_LIMITED,
                           f"{len(s.queue)} prompts queued; the limit is {self.settings.max_queued_prompts}",
-                          retry_after=s.chunk_seconds)  # fmt: skip
+                          retry_after=self.cfg.chunk_seconds)  # fmt: skip
         expected_shot = s.shot_index + 1 + (len(s.queue) if mode == "queue" else 0)
         report = self._check_caption(s.global_prompt, max(expected_shot, 0), text)
         p = Prompt(s.next_shot_id, text, mode, time.monotonic(), report)
@@ -323,74 +259,47 @@ class SessionManager:
             s.pending_cut = p
         else:
             s.queue.append(p)
-        self._plan_queue(s, acked=p)
+        self._replan(s, acked=p)
         log.info("prompt accepted", extra={"session_id": s.id, "shot_id": p.shot_id, "mode": mode,
                                            "starts_at_seq": p.starts_at_seq,
                                            **({"prompt": text} if self.settings.log_prompts else {})})  # fmt: skip
         self._wake_engine()
         return p
 
-    def _plan_queue(self, s: Session, acked: Prompt | None = None) -> None:
-        """Give every waiting prompt its starts_at_seq; tell the client of any that moved."""
-        per_shot = self.cfg.chunks_per_shot
-        at = s.next_seq if s.current is None else s.next_seq + max(0, per_shot - s.chunks_in_shot)
-        order: list[Prompt] = []
-        if s.pending_cut is not None:
-            s.pending_cut.starts_at_seq = s.next_seq
-            at = s.next_seq + per_shot
-            order = [s.pending_cut]
-        for p in s.queue:
-            p.starts_at_seq, at = at, at + per_shot
-        for p in [*order, *s.queue]:
-            if p is not acked and p.acked_seq not in (-1, p.starts_at_seq):
-                self.send_control(s, P.PromptAckMessage(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
-                                                        truncated_tokens=p.report.truncated_tokens))  # fmt: skip
-            p.acked_seq = p.starts_at_seq
+    def _replan(self, s: Session, acked: Prompt | None = None) -> None:
+        """Give waiting prompts their starts_at_seq; tell the client of any that moved."""
+        if self.engine is not None:
+            for p in self.engine.scheduler.replan(s, acked):
+                self._ack(s, p)
+
+    def _ack(self, s: Session, p: Prompt, ref: str | None = None) -> None:
+        self.send_control(s, P.PromptAckMessage(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
+                                                truncated_tokens=p.report.truncated_tokens, ref=ref))  # fmt: skip
 
     def _drop(self, s: Session, p: Prompt, reason: str) -> None:
         self.metrics.prompts_dropped.labels(reason.split(" ")[0]).inc()
         self.send_control(s, P.PromptDroppedMessage(shot_id=p.shot_id, reason=reason))
 
-    # -- planning (engine, loop thread) ---------------------------------------------------
-    def plan_next(self, s: Session) -> tuple[int, Prompt, bool] | None:
-        """Decide the session's next chunk: its seq, the prompt of its shot, and whether
-        it starts that shot."""
-        start: Prompt | None = None
-        if s.pending_cut is not None:
-            start, s.pending_cut = s.pending_cut, None
-        elif s.current is None or s.chunks_in_shot >= self.cfg.chunks_per_shot:
-            if s.queue:
-                start = s.queue.popleft()
-            elif s.current is not None and self.settings.on_shot_end == "continue":
-                start = Prompt(s.next_shot_id, s.current.text, "queue", time.monotonic(),
-                               s.current.report, auto=True)  # fmt: skip
-                s.next_shot_id += 1
-            else:
-                self.pause(s, reason="shot ended")
-                return None
-        seq = s.next_seq
-        s.next_seq += 1
-        if start is not None:
-            start.starts_at_seq = seq
-            s.current, s.shot_index, s.chunks_in_shot = start, s.shot_index + 1, 0
-        s.chunks_in_shot += 1
-        frames = self.cfg.chunk_pixel_frames(s.chunks_in_shot - 1)
-        s.video_generated += frames / self.cfg.fps
-        s.inflight = True
-        self._plan_queue(s)
-        return seq, s.current, start is not None
+    # -- what the engine reports -----------------------------------------------------------
+    def on_planned(self, plan: Plan) -> None:
+        """A plan was made: tell clients of moved prompts; log sessions paused at a shot end."""
+        for s, p in plan.moved:
+            self._ack(s, p)
+        for s in plan.paused:
+            log.info("session paused", extra={"session_id": s.id, "reason": "shot ended"})
+        for s in plan.orphaned:
+            self.release(s)
 
-    def continues_shot(self, s: Session) -> bool:
-        """Whether the session's next chunk stays in its current shot (so it can batch)."""
-        return (
-            s.opened and s.current is not None and s.pending_cut is None
-            and s.chunks_in_shot < self.cfg.chunks_per_shot
-        )  # fmt: skip
+    def on_chunk(self, work: ChunkWork, result: StepResult) -> None:
+        """A chunk came back from the worker: package it into the outbox, in order."""
+        s = work.session
+
+        def failed(reason: str) -> None:
+            self.end(s, "failed", error=(P.ErrorCode.SESSION_FAILED, reason))
+
+        asyncio.get_running_loop().create_task(self.packager.package(s, work, result, failed))
 
     def on_step_failed(self, s: Session, exc: BaseException) -> None:
-        s.inflight = False
-        from server.runner import OutOfMemory
-
         oom = isinstance(exc, OutOfMemory)
         code = P.ErrorCode.OUT_OF_MEMORY if oom else P.ErrorCode.SESSION_FAILED
         self.metrics.errors.labels("oom" if oom else "step").inc()
@@ -399,85 +308,22 @@ class SessionManager:
                else f"generation failed: {type(exc).__name__}: {exc}")  # fmt: skip
         self.end(s, "failed", error=(code, msg))
 
-    def on_step_done(
-        self, s: Session, seq: int, shot: Prompt, starts: bool, result: StepResult
-    ) -> None:
-        """A chunk came back from the worker: count it and package it (in order)."""
-        s.inflight = False
-        s.opened = True
-        m = self.metrics
-        m.chunks.inc()
-        m.frames.inc(result.frames.shape[0])
-        for verb, ms in (*result.timings.items(), *result.shot_timings.items()):
-            m.verb_duration.labels(verb.removesuffix("_ms")).observe(ms / 1e3)
-        if self.engine:
-            self.engine.record(result)
-        if not s.alive:  # ended while its step ran: now its state can go
-            self._release(s)
-            return
-        s.chunks_generated += 1
-        asyncio.get_running_loop().create_task(self._package(s, seq, shot, starts, result))
-
-    async def _package(
-        self, s: Session, seq: int, shot: Prompt, starts: bool, result: StepResult
-    ) -> None:
-        async with s.encode_lock:  # one encoder per session: chunks strictly in order
-            if not s.alive:
-                return
-            t0 = time.perf_counter()
-            try:
-                seg = await asyncio.get_running_loop().run_in_executor(
-                    self.encode_pool, s.encoder.encode_chunk, result.frames
-                )
-            except Exception as exc:  # a broken encoder: the stream cannot continue
-                self.metrics.errors.labels("encode").inc()
-                self.end(
-                    s, "failed", error=(P.ErrorCode.SESSION_FAILED, f"video encoding failed: {exc}")
-                )
-                return
-            encode_s = time.perf_counter() - t0
-            self.metrics.verb_duration.labels("package").observe(encode_s)
-            if not s.alive:
-                return
-            now = time.monotonic()
-            if starts:
-                report = result.new_shot or shot.report
-                shot_msg = P.ShotMessage(shot_id=shot.shot_id, shot=result.shot, prompt=shot.text,
-                                         starts_at_seq=seq, truncated_tokens=report.truncated_tokens)  # fmt: skip
-                s.media.append(MediaItem(shot_msg.model_dump(mode="json"), seq=seq, ready=now))
-            t = result.timings
-            msg = P.ChunkMessage(
-                seq=seq, shot=result.shot, shot_id=shot.shot_id,
-                first_frame=seg.first_frame, frames=seg.frames, pts=seg.pts, duration=seg.duration,
-                bytes=len(seg.data),
-                timings=P.ChunkTimings(
-                    denoise_ms=t.get("denoise_ms", 0.0), refresh_ms=t.get("refresh_ms", 0.0),
-                    decode_ms=t.get("decode_ms", 0.0), encode_ms=encode_s * 1e3,
-                ),
-            )  # fmt: skip
-            s.media.append(MediaItem(msg.model_dump(mode="json"), seg.data, seq, seg.frames,
-                                     seg.duration, now, shot if starts and not shot.auto else None))  # fmt: skip
-            self._wake_sender(s)
-
     # -- delivery ------------------------------------------------------------------------
     def send_control(self, s: Session, msg: P.BaseModel | dict[str, Any]) -> None:
         """Queue a message that overtakes media (acks, errors, pongs)."""
         if isinstance(msg, P.BaseModel):
             msg = msg.model_dump(mode="json")
-        if len(s.control) < 256:  # a flood of pings cannot grow it without bound
-            s.control.append(msg)
-        self._wake_sender(s)
-
-    def _wake_sender(self, s: Session) -> None:
+        s.outbox.push_control(msg)
         if s.conn is not None:
             s.conn.wake.set()
 
     def delivered(self, s: Session, item: MediaItem, send_s: float) -> None:
-        """Account for an item fully sent: counters, playout clock, deadline, latencies."""
+        """An item was sent whole: counters, playout clock, deadline misses, latencies."""
         now = time.monotonic()
         m, conn = self.metrics, s.conn
-        s.sent.append(item)
-        counted = self._settle(s, item)
+        counted = s.outbox.sent_whole(item)
+        if counted and item.prompt is not None:
+            m.prompts_applied.inc()
         if item.data is None:  # a `shot` message
             return
         m.frames_sent.inc(item.frames)
@@ -490,51 +336,24 @@ class SessionManager:
             elif conn.last_sent is not None:
                 m.inter_chunk_gap.observe(now - conn.last_sent)
             conn.last_sent = now
-        if s.play_start is None:  # this connection's player starts with this chunk
-            s.play_start, s.video_delivered = now, 0.0
-        else:
-            due = s.play_start + s.video_delivered
-            if now > due + 0.05:  # the player ran dry and stalled until now
-                m.deadline_misses.inc()
-                s.play_start += now - due
-        s.video_delivered += item.duration
+        if s.clock.on_delivered(now, item.duration) > 0:
+            m.deadline_misses.inc()
         if counted and item.prompt is not None:
             m.prompt_to_visible.observe(now - item.prompt.received)
         self._wake_engine()
 
-    def _settle(self, s: Session, item: MediaItem) -> bool:
-        """Count an item as the client's: a chunk leaves the outbox bound and joins the
-        session's totals, and the prompt whose shot it begins counts as applied (True),
-        unless it is a replay, counted when it was first sent."""
-        if item.data is None:  # a `shot` message
-            s.shown_shot = item.message["shot"]
-            return False
-        if item.replay:
-            return False
-        s.chunks_delivered += 1
-        s.frames_sent += item.frames
-        s.bytes_sent += len(item.data)
-        s.video_sent += item.duration
-        s.last_delivered_seq = item.seq
-        if item.prompt is not None:
-            self.metrics.prompts_applied.inc()
-        return True
-
     # -- control ----------------------------------------------------------------------------
-    def pause(self, s: Session, reason: str = "client") -> None:
+    def pause(self, s: Session) -> None:
         if not s.alive:
             raise Refused(409, P.ErrorCode.INVALID_STATE, f"session is {s.state}")
-        if s.state == "streaming" or s.state == "waiting":
+        if s.state in ("streaming", "waiting"):
             s.state = "paused"
-            s.paused_at = time.monotonic()
+            s.clock.pause(time.monotonic())
 
     def resume(self, s: Session) -> None:
         if s.state != "paused":
             raise Refused(409, P.ErrorCode.INVALID_STATE, f"session is {s.state}, not paused")
-        now = time.monotonic()
-        if s.play_start is not None and s.paused_at is not None:
-            s.play_start += now - s.paused_at
-        s.paused_at = None
+        s.clock.resume(time.monotonic())
         s.state = "streaming" if s.conn is not None else "waiting"
         self._wake_engine()
 
@@ -543,38 +362,29 @@ class SessionManager:
             self.engine.wake()
 
     # -- connections ------------------------------------------------------------------------
-    def attach(self, s: Session, conn: Connection, last_seq: int | None = None) -> int:
-        """Make `conn` the session's stream; returns the seq of the first chunk it carries.
+    def attach(self, s: Session, conn: Connection, last_seq: int | None = None) -> None:
+        """Make `conn` the session's stream; sets `conn.next_seq`, the first chunk it carries.
 
         A resuming client names the last chunk it received (`last_seq`): chunks after it
         that the dropped connection sent are sent again if still kept.
         """
         s.conn = conn
+        s.ever_connected = True
         s.disconnected_at = None
         self._arm_timer(s)  # connected: only the session's lifetime limit stays armed
         if s.state == "waiting":
             s.state = "streaming"
-        # A fresh player: its clock starts at the first chunk sent on this connection.
-        s.play_start = None
-        s.control.clear()  # replies meant for the dead connection
-        if last_seq is not None:
-            # The client holds every seq up to last_seq. The dropped connection may have got
-            # an item out whole before its sender could take it off the outbox: it is the
-            # client's, not sent again.
-            while s.media and s.media[0].seq <= last_seq:
-                # a prompt it shows counts as applied; when it became visible is not known
-                self._settle(s, s.media.popleft())
-            again = [replace(x, replay=True) for x in s.sent if x.seq > last_seq]
-            s.media.extendleft(reversed(again))
-        s.sent.clear()
+        s.clock.reset()  # a fresh player: its clock starts at the first chunk sent to it
+        for item in s.outbox.resume_after(last_seq):
+            if item.data is not None and item.prompt is not None:
+                # its shot's prompt counts as applied; when it became visible is not known
+                self.metrics.prompts_applied.inc()
         # Waiting prompts are acknowledged again: the dropped connection may have lost them.
-        for p in [*([s.pending_cut] if s.pending_cut else []), *s.queue]:
-            self.send_control(s, P.PromptAckMessage(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
-                                                    truncated_tokens=p.report.truncated_tokens))  # fmt: skip
+        for p in s.waiting_prompts():
+            self._ack(s, p)
         log.info("stream connected", extra={"session_id": s.id, "last_seq": last_seq})
         self._wake_engine()
-        first = next((x.seq for x in s.media if x.data is not None), None)
-        return first if first is not None else s.last_delivered_seq + 1
+        conn.next_seq = s.outbox.first_media_seq()
 
     def detach(self, s: Session, conn: Connection) -> None:
         if s.conn is not conn:
@@ -585,7 +395,7 @@ class SessionManager:
         s.disconnected_at = time.monotonic()
         if s.state == "streaming":
             s.state = "waiting"
-        s.play_start = None
+        s.clock.reset()
         self._arm_timer(s)
         log.info("stream disconnected", extra={"session_id": s.id})
 
@@ -623,44 +433,44 @@ class SessionManager:
         if s.timer:
             s.timer.cancel()
             s.timer = None
-        for p in [*([s.pending_cut] if s.pending_cut else []), *s.queue]:
+        for p in s.waiting_prompts():
             self._drop(s, p, f"session {reason}")
         s.pending_cut = None
         s.queue.clear()
-        s.media.clear()
+        s.outbox.clear()
         conn = s.conn
         if conn is not None:
             if error:
-                s.control.append(
+                s.outbox.control.append(
                     P.ErrorMessage(code=error[0], message=error[1], fatal=True).model_dump()
                 )
                 code = close_code or int(P.close_code_for(error[0]))
             else:
-                s.control.append(P.EndedMessage(reason=reason).model_dump())
+                s.outbox.control.append(P.EndedMessage(reason=reason).model_dump())
                 code = close_code or (1001 if reason in ("draining", "shutdown") else 1000)
-            conn.closing = True
-            conn.close_code, conn.close_reason = code, (error[1] if error else reason)[:120]  # type: ignore[attr-defined]
-            conn.wake.set()
+            conn.close_after_flush(code, (error[1] if error else reason)[:120])
         self.sessions.pop(s.id, None)
         self.ended[s.id] = s
         while len(self.ended) > 1000:
             self.ended.pop(next(iter(self.ended)))
         if not s.inflight:
-            self._release(s)
+            self.release(s)
         self._wake_engine()
 
-    def _release(self, s: Session) -> None:
-        """Free the session's device state and encoder (idempotent)."""
-        if getattr(s, "_released", False):
+    def release(self, s: Session) -> None:
+        """Free the session's encoder now and its device state at the next step (idempotent)."""
+        if s.released:
             return
-        s._released = True  # type: ignore[attr-defined]
+        s.released = True
         with contextlib.suppress(Exception):
             s.encoder.close()
-        asyncio.get_running_loop().create_task(self.runner.close(s.id))
+        if self.engine is not None:
+            self.engine.scheduler.finish(s.id)
+            self.engine.wake()
 
     def status(self, s: Session) -> P.SessionStatus:
         return P.SessionStatus(
-            session_id=s.id, state=s.state, shot=max(0, s.shown_shot), chunk_seq=s.next_seq,
-            frames_sent=s.frames_sent, queued_prompts=len(s.queue) + int(s.pending_cut is not None),
+            session_id=s.id, state=s.state, shot=max(0, s.outbox.shown_shot), chunk_seq=s.next_seq,
+            frames_sent=s.outbox.frames_sent, queued_prompts=len(s.waiting_prompts()),
             created_at=s.created_at, error=s.error,
         )  # fmt: skip

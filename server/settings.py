@@ -1,7 +1,8 @@
 """Server settings: command-line flags and `SHOTSTREAM_*` environment variables.
 
-Every limit of protocol.md is here with its default. The README's configuration table is
-generated from this class (`python -m server.settings --markdown`), so the two never drift.
+Every limit of docs/design/protocol.md §13 is here with its default. The README's
+configuration table is generated from this class (`python -m server.settings --markdown`),
+so the two never drift.
 """
 
 from __future__ import annotations
@@ -131,7 +132,10 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="generate one chunk before reporting ready")
     drain_grace_s: float = Field(
-        20.0, description="on SIGTERM, how long sessions may continue before they are ended"
+        5.0,
+        description="on SIGTERM, how long connected sessions may continue before they are ended "
+        "(never-connected ones end at once); keep it under the platform's stop timeout minus "
+        "about 3 s (`docker stop`: 10 s; compose and Kubernetes here set 20 s with 30-35 s)",
     )
 
     fault_injection: bool = Field(

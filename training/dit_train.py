@@ -1,5 +1,5 @@
 """Phase 2 of the demo recipe: the causal student and the umT5 encoder, trained jointly by
-teacher-forced flow matching (training-notes §5.4).
+teacher-forced flow matching (docs/design/generator.md §12).
 
 One example is one shot of a story with its history: the context frames are picked from
 the earlier shots exactly as at inference (`select_context`, cut lengths included), encoded

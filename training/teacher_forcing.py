@@ -1,7 +1,7 @@
 """The cached inference computation as one uncached forward, for training and for proof.
 
 The sequence is [context (t=0) | clean copy of the shot's chunks (t=0) | noisy copy (one t
-per chunk)], with a mask reproducing inference exactly (training-notes §5.4):
+per chunk)], with a mask reproducing inference exactly (docs/design/generator.md §12):
 - context <-> context: full attention;
 - clean chunk i -> context and clean chunks <= i (what its refresh pass sees);
 - noisy chunk i -> context, clean chunks < i and itself (what its denoise passes see).

@@ -41,6 +41,16 @@ def test_sigterm_drains_streams_and_exits_zero(tmp_path):
     assert stopped and stopped[-1]["pool_bytes"] == 0 and stopped[-1]["open_sessions"] == 0
 
 
+def test_a_session_never_connected_does_not_hold_the_drain(tmp_path):
+    """With a grace far longer than any stop timeout, a drain with only never-connected
+    sessions ends them at once and exits 0 (not killed at stop's 60 s)."""
+    srv = ServerProcess(tmp_path, drain_grace_s=600, realtime_margin=50).wait_ready()
+    sid = srv.create(seed=3)["session_id"]
+    assert srv.stop(timeout=60) == 0
+    ended = [e for e in srv.log_events() if e.get("event") == "session ended"]
+    assert [(e["session_id"], e["reason"]) for e in ended] == [(sid, "draining")]
+
+
 def test_engine_crash_reports_not_ready_and_fails_sessions(tmp_path):
     srv = ServerProcess(tmp_path, fault_injection=True).wait_ready()
     d = srv.create(seed=1)

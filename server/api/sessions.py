@@ -1,0 +1,85 @@
+"""Session routes: create, read, prompt, pause, resume, delete (protocol v1 REST)."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from server import protocol as P
+from server.api.deps import Manager, OwnedSession, State, bearer, client_key
+from server.sessions import Refused
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+AUTH_ERRORS: dict[int | str, dict] = {401: {"model": P.ErrorBody}, 404: {"model": P.ErrorBody}}
+
+
+def check_api_key(state: State, request: Request) -> None:
+    """With an API key set, creating a session needs it (Bearer or X-API-Key)."""
+    key = state.settings.api_key
+    if not key:
+        return
+    given = bearer(request.headers) or request.headers.get("x-api-key")
+    if not given or not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), key.encode()):
+        raise Refused(401, P.ErrorCode.UNAUTHORIZED, "a valid API key is needed to create sessions")
+
+
+@router.post(
+    "", status_code=201, response_model=P.CreateSessionResponse,
+    responses={422: {"model": P.ErrorBody}, 429: {"model": P.ErrorBody}, 503: {"model": P.ErrorBody}},
+)  # fmt: skip
+async def create_session(req: P.CreateSessionRequest, request: Request, state: State, m: Manager):
+    check_api_key(state, request)
+    client = client_key(request)
+    m.admit(client)
+    s, cut = m.create(client, req)
+    base = state.settings.public_url or str(request.base_url).rstrip("/")
+    ws_base = base.replace("https://", "wss://").replace("http://", "ws://")
+    cfg = m.cfg
+    return P.CreateSessionResponse(
+        session_id=s.id, token=s.token, stream_url=f"{ws_base}/v1/sessions/{s.id}/stream",
+        expires_at=m.expires_at(s), preset=cfg.name, width=cfg.width, height=cfg.height,
+        fps=cfg.fps, truncated_tokens=cut,
+    )  # fmt: skip
+
+
+@router.get("/{sid}", response_model=P.SessionStatus, responses=AUTH_ERRORS)
+async def get_session(s: OwnedSession, m: Manager):
+    return m.status(s)
+
+
+@router.post(
+    "/{sid}/prompts", status_code=202, response_model=P.PromptAccepted,
+    responses={**AUTH_ERRORS, 409: {"model": P.ErrorBody}, 422: {"model": P.ErrorBody},
+               429: {"model": P.ErrorBody}},
+)  # fmt: skip
+async def post_prompt(req: P.PromptRequest, s: OwnedSession, m: Manager):
+    p = m.add_prompt(s, req.prompt, req.mode)
+    ack = P.PromptAckMessage(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
+                             truncated_tokens=p.report.truncated_tokens)  # fmt: skip
+    m.send_control(s, ack)  # the stream's timeline learns of it too
+    return P.PromptAccepted(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
+                            truncated_tokens=p.report.truncated_tokens)  # fmt: skip
+
+
+@router.delete("/{sid}", status_code=204, responses=AUTH_ERRORS)
+async def delete_session(s: OwnedSession, m: Manager):
+    m.end(s, "deleted")
+    return Response(status_code=204)
+
+
+@router.post("/{sid}/pause", status_code=204, responses=AUTH_ERRORS)
+async def pause_session(s: OwnedSession, m: Manager):
+    """Stop generating (the stream's player should pause too); same as the `pause` message."""
+    m.pause(s)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{sid}/resume", status_code=204, responses={**AUTH_ERRORS, 409: {"model": P.ErrorBody}}
+)
+async def resume_session(s: OwnedSession, m: Manager):
+    """Resume a paused session; same as the `resume` message."""
+    m.resume(s)
+    return Response(status_code=204)

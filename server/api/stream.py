@@ -1,0 +1,212 @@
+"""The stream: `WS /v1/sessions/{id}/stream`, one sender and one receiver per connection.
+
+The sender sends `hello`, `init` and the init segment, then the session's control lane
+first and its media lane in order, until the connection closes. The receiver parses each
+client message and hands it to the session manager. A bad message gets a non-fatal
+`error`; past the abuse limit the connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, WebSocket
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from server import protocol as P
+from server.api.deps import bearer
+from server.delivery import Connection, MediaItem
+from server.sessions import Refused, Session
+from server.state import AppState
+
+log = logging.getLogger("shotstream.stream")
+router = APIRouter()
+
+
+@router.websocket("/v1/sessions/{sid}/stream")
+async def stream(ws: WebSocket, sid: str):
+    state: AppState = ws.app.state.shotstream
+    await ws.accept()
+    token = ws.query_params.get("token") or bearer(ws.headers)
+
+    async def refuse(code: str, message: str) -> None:
+        with contextlib.suppress(Exception):
+            await ws.send_text(
+                json.dumps(P.ErrorMessage(code=code, message=message, fatal=True).model_dump())
+            )
+            await ws.close(int(P.close_code_for(code)), message[:120])
+
+    m = state.manager
+    if m is None or not m.ready:
+        code = P.ErrorCode.DRAINING if m and m.draining else P.ErrorCode.OVER_CAPACITY
+        return await refuse(code, "server is not ready")
+    if not token:
+        return await refuse(
+            P.ErrorCode.UNAUTHORIZED, "missing token (?token= or Authorization: Bearer)"
+        )
+    s = m.get(sid, token)
+    if s is None:
+        return await refuse(P.ErrorCode.UNKNOWN_SESSION, f"no session {sid!r} for this token")
+    if not s.alive:
+        return await refuse(P.ErrorCode.UNKNOWN_SESSION, f"session {sid} has {s.state}")
+    if s.conn is not None:
+        return await refuse(
+            P.ErrorCode.ALREADY_CONNECTED, "this session already has a stream connection"
+        )
+    conn = Connection(ws.send_text, ws.send_bytes, ws.close, time.monotonic())
+    m.attach(s, conn, _last_seq(ws.query_params.get("last_seq", "")))
+    sender = asyncio.create_task(_sender(state, ws, s, conn), name=f"send-{sid}")
+    try:
+        await _receiver(state, ws, s, conn, sender)
+    finally:
+        sender.cancel()
+        with contextlib.suppress(BaseException):
+            await sender
+        m.detach(s, conn)
+        if ws.client_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await ws.close(1000)
+
+
+async def _send_json(ws: WebSocket, msg: dict[str, Any], timeout: float) -> None:
+    await asyncio.wait_for(ws.send_text(json.dumps(msg)), timeout)
+
+
+async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) -> None:
+    """Send hello + init, then control messages first and media in order, until closed."""
+    m, settings = state.manager, state.settings
+    assert m is not None
+    timeout = settings.send_timeout_s
+    enc = s.encoder
+    init = enc.init_segment()
+    cfg = m.cfg
+    box = s.outbox
+    try:
+        hello = P.HelloMessage(session_id=s.id, mime=enc.mime, width=cfg.width, height=cfg.height,
+                               fps=cfg.fps, next_seq=conn.next_seq)  # fmt: skip
+        await _send_json(ws, hello.model_dump(), timeout)
+        await _send_json(ws, P.InitMessage(bytes=len(init)).model_dump(), timeout)
+        await asyncio.wait_for(ws.send_bytes(init), timeout)
+        state.metrics.bytes_sent.inc(len(init))
+        while True:
+            while box.control:
+                await _send_json(ws, box.control.popleft(), timeout)
+            if conn.closing:
+                await ws.close(conn.close_code, conn.close_reason)
+                return
+            if box.media:
+                item: MediaItem = box.media[0]
+                t0 = time.perf_counter()
+                msg = dict(item.message)
+                if item.data is not None:
+                    msg.setdefault("timings", {})["queue_ms"] = round(
+                        (time.monotonic() - item.ready) * 1e3, 3
+                    )
+                await _send_json(ws, msg, timeout)
+                if item.data is not None:
+                    await asyncio.wait_for(ws.send_bytes(item.data), timeout)
+                # Sent whole: only now does it leave the outbox (a reconnect resends the rest).
+                m.delivered(s, item, time.perf_counter() - t0)
+                continue
+            conn.wake.clear()
+            await conn.wake.wait()
+    except TimeoutError:
+        state.metrics.errors.labels("slow_reader").inc()
+        log.warning("slow reader closed", extra={"session_id": s.id})
+        with contextlib.suppress(Exception):
+            await ws.close(int(P.CloseCode.IDLE), "slow reader: send timed out")
+    except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+        # The connection went away under a send (starlette raises RuntimeError for a send
+        # after the close); the receiver sees the disconnect and detaches.
+        log.debug("stream send ended", extra={"session_id": s.id, "error": repr(exc)})
+
+
+async def _receiver(
+    state: AppState, ws: WebSocket, s: Session, conn: Connection, sender: asyncio.Task
+) -> None:
+    m = state.manager
+    assert m is not None
+    while True:
+        recv = asyncio.create_task(ws.receive())
+        done, _ = await asyncio.wait({recv, sender}, return_when=asyncio.FIRST_COMPLETED)
+        if recv not in done:  # the sender finished (closed the connection)
+            recv.cancel()
+            return
+        try:
+            msg = recv.result()
+        except (WebSocketDisconnect, RuntimeError) as exc:
+            # starlette raises RuntimeError for a receive after the disconnect message
+            log.debug("stream receive ended", extra={"session_id": s.id, "error": repr(exc)})
+            return
+        if msg["type"] == "websocket.disconnect":
+            return
+        data = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
+        parsed = P.parse_client_message(data if data is not None else "", m.limits)
+        if isinstance(parsed, P.ProtocolError):
+            _client_error(state, s, conn, parsed.code, parsed.message, ref=_ref_of(data))
+            continue
+        ref = parsed.ref
+        try:
+            if isinstance(parsed, P.PromptMessage):
+                p = m.add_prompt(s, parsed.prompt, parsed.mode)
+                m.send_control(s, P.PromptAckMessage(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
+                                                     truncated_tokens=p.report.truncated_tokens, ref=ref))  # fmt: skip
+            elif isinstance(parsed, P.PauseMessage):
+                m.pause(s)
+            elif isinstance(parsed, P.ResumeMessage):
+                m.resume(s)
+            elif isinstance(parsed, P.StopMessage):
+                m.end(s, "stopped")
+            elif isinstance(parsed, P.PingMessage):
+                m.send_control(s, P.PongMessage(server_time=time.time(), ref=ref))
+        except Refused as exc:
+            _client_error(state, s, conn, exc.code, exc.message, counts=False, ref=ref)
+        except P.LimitError as exc:
+            _client_error(state, s, conn, exc.code, exc.message, ref=ref)
+        except ValidationError as exc:
+            _client_error(
+                state, s, conn, P.ErrorCode.BAD_MESSAGE, P.describe_validation_error(exc), ref=ref
+            )
+
+
+def _last_seq(text: str) -> int | None:
+    """The `last_seq` a resuming client names; None unless a plain decimal integer (not
+    `²`, which isdigit() accepts and int() refuses, nor thousands of digits)."""
+    digits = text.removeprefix("-")
+    if not (0 < len(digits) <= 18 and digits.isascii() and digits.isdigit()):
+        return None
+    return int(text)
+
+
+def _ref_of(data: str | bytes | None) -> str | None:
+    """The `ref` of a message that failed validation, if one can be read from it."""
+    if not isinstance(data, str) or len(data) > 65536:
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    ref = obj.get("ref") if isinstance(obj, dict) else None
+    return ref if isinstance(ref, str) and len(ref) <= 64 else None
+
+
+def _client_error(state: AppState, s: Session, conn: Connection, code: str, message: str,
+                  counts: bool = True, ref: str | None = None) -> None:  # fmt: skip
+    """A non-fatal error for one bad message; past the abuse limit, close the connection."""
+    m = state.manager
+    assert m is not None
+    state.metrics.errors.labels("client_" + code).inc()
+    if counts:
+        conn.errors += 1
+    if counts and conn.errors >= state.settings.abuse_limit:
+        m.send_control(s, P.ErrorMessage(code=P.ErrorCode.TOO_MANY_ERRORS, fatal=True,
+                                         message=f"{conn.errors} bad messages; closing this connection"))  # fmt: skip
+        conn.close_after_flush(int(P.CloseCode.BAD_MESSAGE), "too many bad messages")
+        return
+    m.send_control(s, P.ErrorMessage(code=code, message=message, fatal=False, ref=ref))

@@ -1,0 +1,250 @@
+"""Delivery: a session's outbox, its playout clock, and the packaging of chunks into it.
+
+Everything here runs on the event loop thread. The engine hands each generated chunk to
+`Packager`, which encodes it off the loop (H.264 + one fMP4 segment) and appends it to the
+session's `Outbox`; the stream's sender (server/api/stream.py) sends the outbox in order
+and reports each item with `Outbox.settle` / `Session`'s manager. Nothing here touches a
+tensor: frames arrive as uint8 numpy arrays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from server import protocol as P
+from server.media import H264Encoder
+from server.metrics import Metrics
+from server.runner import StepResult
+
+if TYPE_CHECKING:  # type hints only: sessions import this module
+    from server.scheduler import ChunkWork
+    from server.sessions import Prompt, Session
+
+CONTROL_LIMIT = 256  # queued control messages per session: a ping flood cannot grow it
+
+
+@dataclass
+class MediaItem:
+    """A message of the ordered lane (`shot`, `chunk`), with its binary segment if any."""
+
+    message: dict[str, Any]
+    data: bytes | None = None
+    seq: int = -1
+    frames: int = 0
+    duration: float = 0.0
+    ready: float = 0.0  # monotonic time it entered the outbox
+    prompt: Prompt | None = None  # the user prompt whose shot this chunk begins
+    replay: bool = False  # sent before, on a connection that dropped; sent again on resume
+
+
+@dataclass
+class Connection:
+    """One stream connection of a session: how to send on it and how it is doing."""
+
+    send_text: Callable[[str], Any]
+    send_bytes: Callable[[bytes], Any]
+    close: Callable[[int, str], Any]
+    connected_at: float
+    next_seq: int = 0  # the first chunk this connection carries (hello.next_seq)
+    first_sent: bool = False
+    last_sent: float | None = None
+    closing: bool = False  # the sender closes it after the control lane is flushed
+    close_code: int = 1000
+    close_reason: str = ""
+    errors: int = 0  # bad messages received on it (the abuse limit)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def close_after_flush(self, code: int, reason: str) -> None:
+        """Ask the sender to send what is queued on the control lane, then close."""
+        self.closing, self.close_code, self.close_reason = True, code, reason
+        self.wake.set()
+
+
+class PlayoutClock:
+    """Where the viewer's player is, as the server reckons it: it starts when the first
+    chunk of a connection is delivered and advances in real time, stalls when a chunk
+    arrives after the video before it ran out, and stands still while paused."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None  # None: no player running
+        self.delivered = 0.0  # seconds of video delivered to this player
+        self.paused_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.start is not None
+
+    def reset(self) -> None:
+        """A new player (a new connection): the clock starts again at its first chunk."""
+        self.start, self.delivered = None, 0.0
+
+    def on_delivered(self, now: float, duration: float) -> float:
+        """Count a chunk delivered now; returns how long the player stalled before it."""
+        stalled = 0.0
+        if self.start is None:
+            self.start, self.delivered = now, 0.0
+        else:
+            due = self.start + self.delivered
+            if now > due + 0.05:  # the player ran dry and waited until now
+                stalled = now - due
+                self.start += stalled
+        self.delivered += duration
+        return stalled
+
+    def pause(self, now: float) -> None:
+        self.paused_at = now
+
+    def resume(self, now: float) -> None:
+        if self.start is not None and self.paused_at is not None:
+            self.start += now - self.paused_at
+        self.paused_at = None
+
+    def runs_dry(self, undelivered_video: float) -> float:
+        """When the player runs dry if `undelivered_video` more seconds arrived now."""
+        assert self.start is not None
+        return self.start + self.delivered + undelivered_video
+
+
+class Outbox:
+    """A session's two lanes to its stream, and what it has delivered over all connections.
+
+    The media lane (`shot`, `chunk` + segment) is strictly ordered; the control lane (acks,
+    errors, pongs) overtakes it. An item leaves the media lane only once sent whole; the
+    last few sent are kept so a resumed connection can be given what the dropped one may
+    not have delivered.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.media: deque[MediaItem] = deque()
+        self.control: deque[dict[str, Any]] = deque()
+        self.sent: deque[MediaItem] = deque(maxlen=keep)
+        self.chunks_delivered = 0
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.video_sent = 0.0  # seconds of video delivered, over all connections
+        self.last_delivered_seq = -1
+        self.shown_shot = -1
+
+    def push_control(self, msg: dict[str, Any]) -> bool:
+        """Queue a control message; False (dropped) past CONTROL_LIMIT queued."""
+        if len(self.control) >= CONTROL_LIMIT:
+            return False
+        self.control.append(msg)
+        return True
+
+    def settle(self, item: MediaItem) -> bool:
+        """Count an item as the client's; True for a chunk counted now (not a `shot`
+        message, not a replay counted when it was first sent)."""
+        if item.data is None:  # a `shot` message
+            self.shown_shot = item.message["shot"]
+            return False
+        if item.replay:
+            return False
+        self.chunks_delivered += 1
+        self.frames_sent += item.frames
+        self.bytes_sent += len(item.data)
+        self.video_sent += item.duration
+        self.last_delivered_seq = item.seq
+        return True
+
+    def sent_whole(self, item: MediaItem) -> bool:
+        """The sender got `item` out whole: it leaves the lane and is kept for a resume;
+        returns what `settle` does."""
+        if self.media and self.media[0] is item:
+            self.media.popleft()
+        self.sent.append(item)
+        return self.settle(item)
+
+    def resume_after(self, last_seq: int | None) -> list[MediaItem]:
+        """A new connection whose client holds every chunk up to `last_seq` (None: a fresh
+        player). Items it holds that the dropped connection got out before its sender
+        could take them off the lane are settled (those counted now are returned); later ones it may have missed
+        are queued again as replays. Replies meant for the dead connection are dropped."""
+        self.control.clear()
+        settled: list[MediaItem] = []
+        if last_seq is not None:
+            while self.media and self.media[0].seq <= last_seq:
+                item = self.media.popleft()
+                if self.settle(item):
+                    settled.append(item)
+            again = [replace(x, replay=True) for x in self.sent if x.seq > last_seq]
+            self.media.extendleft(reversed(again))
+        self.sent.clear()
+        return settled
+
+    def first_media_seq(self) -> int:
+        """The seq of the first chunk a new connection will carry."""
+        first = next((x.seq for x in self.media if x.data is not None), None)
+        return first if first is not None else self.last_delivered_seq + 1
+
+    def clear(self) -> None:
+        self.media.clear()
+
+
+class Packager:
+    """Encodes each generated chunk off the event loop and queues it in order."""
+
+    def __init__(self, pool: Executor, metrics: Metrics) -> None:
+        self.pool, self.metrics = pool, metrics
+
+    async def package(
+        self, s: Session, work: ChunkWork, result: StepResult, on_failed: Callable[[str], None]
+    ) -> bool:
+        """Encode `result` into the session's outbox (after any chunk before it); False if
+        the session ended first or its encoder failed (`on_failed` gets the reason)."""
+        async with s.encode_lock:  # one encoder per session: chunks strictly in order
+            if not s.alive:
+                return False
+            t0 = time.perf_counter()
+            try:
+                seg = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, s.encoder.encode_chunk, result.frames
+                )
+            except Exception as exc:  # a broken encoder: the stream cannot continue
+                self.metrics.errors.labels("encode").inc()
+                on_failed(f"video encoding failed: {exc}")
+                return False
+            encode_s = time.perf_counter() - t0
+            self.metrics.verb_duration.labels("package").observe(encode_s)
+            if not s.alive:
+                return False
+            now = time.monotonic()
+            shot, seq = work.prompt, work.seq
+            if work.starts_shot:
+                report = result.new_shot or shot.report
+                shot_msg = P.ShotMessage(
+                    shot_id=shot.shot_id, shot=result.shot, prompt=shot.text, starts_at_seq=seq,
+                    truncated_tokens=report.truncated_tokens,
+                )  # fmt: skip
+                s.outbox.media.append(
+                    MediaItem(shot_msg.model_dump(mode="json"), seq=seq, ready=now)
+                )
+            t = result.timings
+            msg = P.ChunkMessage(
+                seq=seq, shot=result.shot, shot_id=shot.shot_id,
+                first_frame=seg.first_frame, frames=seg.frames, pts=seg.pts, duration=seg.duration,
+                bytes=len(seg.data),
+                timings=P.ChunkTimings(
+                    denoise_ms=t.get("denoise_ms", 0.0), refresh_ms=t.get("refresh_ms", 0.0),
+                    decode_ms=t.get("decode_ms", 0.0), encode_ms=encode_s * 1e3,
+                ),
+            )  # fmt: skip
+            shows = shot if work.starts_shot and not shot.auto else None
+            s.outbox.media.append(
+                MediaItem(msg.model_dump(mode="json"), seg.data, seq, seg.frames, seg.duration,
+                          now, shows)
+            )  # fmt: skip
+            if s.conn is not None:
+                s.conn.wake.set()
+            return True
+
+
+def new_encoder(cfg) -> H264Encoder:
+    """A session's H.264 encoder at the model's frame size and rate."""
+    return H264Encoder(cfg.width, cfg.height, cfg.fps)
