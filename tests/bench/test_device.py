@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from bench.device import STAGES, dit_variants
+from bench.device_prepare import CARRY, CARRY_SERVE, COMMAND, COMMAND_SERVE
 from tests.conftest import GOLDEN_DIR, GOLDEN_FILES
 from tests.support.server import REPO
 
@@ -123,3 +124,14 @@ def test_a_stage_past_its_box_is_ended_and_the_next_still_runs(tmp_path):
     assert stages["dit"]["status"] == "timeout" and stages["dit"]["seconds"] < 30
     assert stages["generate"]["status"] == "ok"
     assert len(by_kind(rows, "generate")) == 2
+
+
+def test_readme_holds_the_prepared_commands():
+    """The next GPU session pastes them from bench/README: they must be these, and fit."""
+    readme = (REPO / "bench" / "README.md").read_text()
+    for command, carry in ((COMMAND, CARRY), (COMMAND_SERVE, CARRY_SERVE)):
+        assert command in readme and len(command) <= 2000
+        assert json.dumps(carry) in readme and len(carry) <= 8
+        assert all(c.startswith(".device/") for c in carry)
+    gitignore = (REPO / ".gitignore").read_text().split()
+    assert "/.device/" in gitignore  # carried folders must be ignored, or they travel twice
