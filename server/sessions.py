@@ -13,7 +13,6 @@ returns) and its encoder.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import secrets
@@ -462,8 +461,10 @@ class SessionManager:
         if s.released:
             return
         s.released = True
-        with contextlib.suppress(Exception):
+        try:
             s.encoder.close()
+        except Exception as exc:  # nothing left to encode: log and go on freeing
+            log.warning("encoder close failed", extra={"session_id": s.id, "error": repr(exc)})
         if self.engine is not None:
             self.engine.scheduler.finish(s.id)
             self.engine.wake()

@@ -7,6 +7,7 @@ so the two never drift.
 
 from __future__ import annotations
 
+import argparse
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -172,8 +173,6 @@ def settings_table() -> str:
 
 
 if __name__ == "__main__":
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m server.settings", description="The server's settings, documented."
     )

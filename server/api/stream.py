@@ -9,7 +9,6 @@ client message and hands it to the session manager. A bad message gets a non-fat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -36,11 +35,13 @@ async def stream(ws: WebSocket, sid: str):
     token = ws.query_params.get("token") or bearer(ws.headers)
 
     async def refuse(code: str, message: str) -> None:
-        with contextlib.suppress(Exception):
-            await ws.send_text(
+        await _quietly(
+            "refusal",
+            ws.send_text(
                 json.dumps(P.ErrorMessage(code=code, message=message, fatal=True).model_dump())
-            )
-            await ws.close(int(P.close_code_for(code)), message[:120])
+            ),
+        )
+        await _quietly("close", ws.close(int(P.close_code_for(code)), message[:120]))
 
     m = state.manager
     if m is None or not m.ready:
@@ -66,12 +67,23 @@ async def stream(ws: WebSocket, sid: str):
         await _receiver(state, ws, s, conn, sender)
     finally:
         sender.cancel()
-        with contextlib.suppress(BaseException):
+        try:
             await sender
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # a bug in the sender: the connection ends, the server goes on
+            log.error("stream sender failed", extra={"session_id": s.id, "error": repr(exc)})
         m.detach(s, conn)
         if ws.client_state == WebSocketState.CONNECTED:
-            with contextlib.suppress(Exception):
-                await ws.close(1000)
+            await _quietly("close", ws.close(1000))
+
+
+async def _quietly(what: str, op) -> None:
+    """Await a send or close on a socket that may already be gone; log why it failed."""
+    try:
+        await op
+    except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+        log.debug("stream %s on a closed connection", what, extra={"error": repr(exc)})
 
 
 async def _send_json(ws: WebSocket, msg: dict[str, Any], timeout: float) -> None:
@@ -119,8 +131,7 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
     except TimeoutError:
         state.metrics.errors.labels("slow_reader").inc()
         log.warning("slow reader closed", extra={"session_id": s.id})
-        with contextlib.suppress(Exception):
-            await ws.close(int(P.CloseCode.IDLE), "slow reader: send timed out")
+        await _quietly("close", ws.close(int(P.CloseCode.IDLE), "slow reader: send timed out"))
     except (WebSocketDisconnect, RuntimeError, OSError) as exc:
         # The connection went away under a send (starlette raises RuntimeError for a send
         # after the close); the receiver sees the disconnect and detaches.
