@@ -182,6 +182,7 @@ def drift(cfg, device, chunks: int = 2, seed: int = 0) -> dict:
 
     from cache.kv import KVCache, KVLayout
     from model.dit import CausalDiT
+    from model.fp8 import quantize_dit_linears
     from model.sampler import FlowSchedule
     from model.steps import chunk_pass, denoise_chunk, prefill_context, refresh_cache
 
@@ -217,24 +218,33 @@ def drift(cfg, device, chunks: int = 2, seed: int = 0) -> dict:
         del kv
         return outs
 
+    def compare(ref, got) -> dict:
+        rows = []
+        for b, (r, g) in enumerate(zip(ref, got, strict=True)):
+            rows.append({
+                "chunk": b,
+                "rel_l2": float((g - r).norm() / r.norm()),
+                "max_abs": float((g - r).abs().max()),
+                "finite": bool(torch.isfinite(g).all()),
+                "ref_rms": float(r.pow(2).mean().sqrt()),
+            })  # fmt: skip
+        return {"chunks": rows, "finite": all(r["finite"] for r in rows),
+                "rel_l2_max": max(r["rel_l2"] for r in rows)}  # fmt: skip
+
     with torch.inference_mode():
         ref = run(dit32, torch.float32)
         dit16 = copy.deepcopy(dit32).to(torch.bfloat16)
         del dit32
         _release_memory()
-        got = run(dit16, torch.bfloat16)
-    rows = []
-    for b, (r, g) in enumerate(zip(ref, got, strict=True)):
-        rows.append({
-            "chunk": b,
-            "rel_l2": float((g - r).norm() / r.norm()),
-            "max_abs": float((g - r).abs().max()),
-            "finite": bool(torch.isfinite(g).all()),
-            "ref_rms": float(r.pow(2).mean().sqrt()),
-        })  # fmt: skip
-    return {"variant": "bfloat16", "reference": "float32 (TF32 off)", "chunks": rows,
-            "finite": all(r["finite"] for r in rows),
-            "rel_l2_max": max(r["rel_l2"] for r in rows)}  # fmt: skip
+        out = {"reference": "float32 (TF32 off)",
+               "bfloat16": compare(ref, run(dit16, torch.bfloat16))}  # fmt: skip
+        try:  # FP8 linears on the bf16 model: kept only within the bf16 drift (x a margin)
+            quantize_dit_linears(dit16)
+            out["fp8"] = compare(ref, run(dit16, torch.bfloat16))
+        except Exception as exc:  # no FP8 matmul on this device
+            out["fp8"] = {"error": f"{type(exc).__name__}: {exc}"}
+    out["finite"] = out["bfloat16"]["finite"]
+    return out
 
 
 def stage_golden(ctx: Context) -> None:
@@ -280,6 +290,7 @@ def dit_variants(dry_run: bool) -> list[dict]:
     out = [
         {"mode": "eager", "batch": 1},
         {"mode": "graphs", "batch": 1},
+        {"mode": "graphs", "batch": 1, "fp8": True},
         {"mode": "eager", "batch": b},
         {"mode": "eager", "batch": b, "group_rows": True},
         {"mode": "graphs", "batch": b},
@@ -323,7 +334,7 @@ def stage_generate(ctx: Context) -> None:
     base = ["--preset", ctx.preset, "--device", device, "--shots", "1", "--warmup", "1"]
     if ctx.dry_run:
         base += ["--chunks", "2"]
-    for extra in ([], ["--chunk-graphs"]):
+    for extra in ([], ["--chunk-graphs"], ["--chunk-graphs", "--fp8"]):
         args = build_parser().parse_args(base + extra)
         seen: list[bool] = []
 

@@ -23,6 +23,7 @@ from cache.kv import KVCache, KVLayout
 from model.attention import resolve_backend
 from model.config import ModelConfig, get_preset
 from model.dit import CausalDiT
+from model.fp8 import quantize_dit_linears
 from model.graphs import ChunkGraphs
 from model.sampler import FlowSchedule
 from model.steps import (
@@ -46,10 +47,12 @@ def measure(
     mode: str = "eager",
     group_rows: bool = False,
     peak: tuple[float, str] | None = None,
+    fp8: bool = False,
 ) -> dict:
     """Time prefill and every chunk of `shots` shots (the first is warm-up) for `batch`
     sessions in step; returns the JSON row. `mode`: eager passes, chunks replayed as CUDA
-    graphs (model/graphs.py), or the DiT under torch.compile (default mode)."""
+    graphs (model/graphs.py), or the DiT under torch.compile (default mode); `fp8`: the
+    blocks' linear layers in FP8 (model/fp8.py)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {MODES}")
     torch.manual_seed(0)
@@ -58,6 +61,8 @@ def measure(
     dit = dit.to(dtype).eval().requires_grad_(False)
     dit.attn_backend = resolve_backend(attention, device)
     dit.group_rows = group_rows
+    if fp8:
+        quantize_dit_linears(dit)
     schedule = FlowSchedule(cfg.sampler)
     graphs = ChunkGraphs(dit, schedule, device) if mode == "graphs" else None
     net = torch.compile(dit) if mode == "compiled" else dit
@@ -136,6 +141,7 @@ def measure(
         "mode": mode,
         "batch": batch,
         "group_rows": group_rows,
+        "fp8": fp8,
         **environment(device),
         # the warm-up shot: compilation, graph captures, kernel choice
         "first_shot_s": round(first_shot_s, 2),
@@ -164,8 +170,10 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=2, help="shots to run; the first is warm-up")
     ap.add_argument("--batch", type=int, default=1, help="sessions in step, one batched pass")
     ap.add_argument("--mode", choices=MODES, default="eager")
-    ap.add_argument("--group-rows", action="store_true",
-                    help="one attention call per group of sessions in step")  # fmt: skip
+    ap.add_argument(
+        "--group-rows", action="store_true", help="one attention call per group of sessions in step"
+    )
+    ap.add_argument("--fp8", action="store_true", help="the blocks' linear layers in FP8")  # fmt: skip
     ap.add_argument("--save", default=None, help="append the JSON line to bench/results/NAME.jsonl")
     args = ap.parse_args()
     if args.shots < 2:
@@ -179,7 +187,7 @@ def main() -> None:
     )
     torch.set_flush_denormal(True)
     row = measure(get_preset(args.preset), device, dtype, args.attention, args.shots,
-                  args.batch, args.mode, args.group_rows)  # fmt: skip
+                  args.batch, args.mode, args.group_rows, fp8=args.fp8)  # fmt: skip
     emit(row, args.save)
 
 

@@ -25,6 +25,7 @@ from bench.random_weights import random_preset
 from cache.kv import KVLayout
 from cache.pool import StatePool
 from model.config import get_preset
+from model.fp8 import quantize_dit_linears
 from model.generator import ShotStreamGenerator, load_model, resolve_device
 
 SHOT_VERBS = ("text", "context", "prefill")
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replay each chunk's DiT passes as a CUDA graph (model/graphs.py)",
     )
+    ap.add_argument(
+        "--fp8", action="store_true", help="the DiT blocks' linear layers in FP8 (model/fp8.py)"
+    )
     ap.add_argument("--group-rows", action="store_true",
                     help="batched sessions: one attention call per group in step")  # fmt: skip
     return ap
@@ -138,6 +142,8 @@ def run(args: argparse.Namespace, on_chunk=None) -> dict:
         model = load_model(cfg, args.weights, str(device), args.dtype, args.attention)
     model.use_chunk_graphs(args.chunk_graphs)
     model.dit.group_rows = args.group_rows
+    if args.fp8:
+        quantize_dit_linears(model.dit)
     load_s = time.perf_counter() - t0
     pool = StatePool(KVLayout.for_config(cfg), model.vae.new_decoder_state, model.dtype, device)
     lease = pool.acquire("bench")
@@ -209,6 +215,7 @@ def run(args: argparse.Namespace, on_chunk=None) -> dict:
         "weights": "random" if not model.real_weights else "real",
         "chunk_graphs": args.chunk_graphs,
         "group_rows": args.group_rows,
+        "fp8": args.fp8,
         **environment(device),
         "threads": torch.get_num_threads(),
         "load_s": round(load_s, 2),

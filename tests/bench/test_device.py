@@ -73,17 +73,21 @@ def test_golden_parity_for_every_file_and_drift(dry_run):
     }
     assert all(g["max_abs"] <= g["tolerance"] for g in groups)
     (drift,) = by_kind(rows, "drift")
-    assert drift["finite"] and len(drift["chunks"]) == 2
-    assert 0 < drift["rel_l2_max"] < 0.1  # bf16 moves the output, but not by much
+    bf16, fp8 = drift["bfloat16"], drift["fp8"]
+    assert drift["finite"] and bf16["finite"] and len(bf16["chunks"]) == 2
+    assert 0 < bf16["rel_l2_max"] < 0.1  # bf16 moves the output, but not by much
+    assert fp8["finite"] and len(fp8["chunks"]) == 2
 
 
 def test_dit_variants_with_throughput_and_mfu(dry_run):
     _, rows = dry_run
     dit = by_kind(rows, "dit")
     want = dit_variants(dry_run=True)
-    assert [(r["mode"], r["batch"], r.get("group_rows", False)) for r in dit] == [
-        (v["mode"], v["batch"], v.get("group_rows", False)) for v in want
-    ]
+
+    def key(r):
+        return r["mode"], r["batch"], r.get("group_rows", False), r.get("fp8", False)
+
+    assert [key(r) for r in dit] == [key(v) for v in want]
     measured = [r for r in dit if "skipped" not in r]
     assert {r["mode"] for r in measured} == {"eager", "graphs"}
     for r in measured:
@@ -95,10 +99,11 @@ def test_dit_variants_with_throughput_and_mfu(dry_run):
 def test_generator_and_first_chunk(dry_run):
     _, rows = dry_run
     firsts = by_kind(rows, "first-chunk")
-    assert [f["variant"] for f in firsts] == [[], ["--chunk-graphs"]]
+    assert [f["variant"] for f in firsts] == [[], ["--chunk-graphs"], ["--chunk-graphs", "--fp8"]]
     assert all(f["x0_finite"] and f["pixels_finite"] and f["pixels_std"] > 0 for f in firsts)
     gens = by_kind(rows, "generate")
-    assert [g["chunk_graphs"] for g in gens] == [False, True]
+    assert [(g["chunk_graphs"], g["fp8"]) for g in gens] == [(False, False), (True, False),
+                                                             (True, True)]  # fmt: skip
     for g in gens:
         assert g["fps"] > 0 and g["first_frame_ms"] > 0 and g["frames"] == 9 + 12
         assert set(g["verb_ms"]) == {"text", "context", "prefill", "denoise", "decode", "refresh"}
@@ -123,7 +128,7 @@ def test_a_stage_past_its_box_is_ended_and_the_next_still_runs(tmp_path):
     stages = {s["stage"]: s for s in by_kind(rows, "stage")}
     assert stages["dit"]["status"] == "timeout" and stages["dit"]["seconds"] < 30
     assert stages["generate"]["status"] == "ok"
-    assert len(by_kind(rows, "generate")) == 2
+    assert len(by_kind(rows, "generate")) == 3
 
 
 def test_readme_holds_the_prepared_commands():
