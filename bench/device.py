@@ -359,6 +359,100 @@ def stage_generate(ctx: Context) -> None:
             ctx.record({"kind": "generate", "variant": extra,
                         "error": f"{type(exc).__name__}: {exc}"})  # fmt: skip
         _release_memory()
+    from model.config import get_preset
+
+    cfg = get_preset(ctx.preset)
+    if ctx.dry_run:
+        cfg = cfg.replace(chunks_per_shot=2)
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    try:
+        ctx.record({"kind": "overlap", "preset": cfg.name, **decode_overlap(cfg, dev, dtype)})
+    except Exception as exc:
+        ctx.record({"kind": "overlap", "error": f"{type(exc).__name__}: {exc}"})
+
+
+def decode_overlap(cfg, device, dtype, repeats: int = 2) -> dict:
+    """What overlapping the VAE decode of chunk n with the DiT of chunk n+1 on two CUDA
+    streams would save, before changing when the generator returns a chunk: one shot's
+    chunks (DiT as replayed graphs, then decode, then the host copy) run one after another,
+    then pipelined (DiT(n+1) launched on the main stream, then decode(n) and its host copy
+    on a side stream, waited for while the DiT runs). Wall seconds of each, best of `repeats`.
+    On a CPU there is no second stream: both run the same order (the ratio is ~1)."""
+    import torch
+
+    from cache.kv import KVCache, KVLayout
+    from model.dit import build_dit
+    from model.graphs import ChunkGraphs
+    from model.sampler import FlowSchedule
+    from model.steps import ChunkRow, prefill_context
+    from model.vae import WanVAE
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        dit = build_dit(cfg, device, dtype).eval().requires_grad_(False)
+        vae = WanVAE.random(cfg, seed=1, device=device, dtype=dtype)
+    schedule = FlowSchedule(cfg.sampler)
+    graphs = ChunkGraphs(dit, schedule, device)
+    kv = KVCache(KVLayout.for_config(cfg), 1, dtype, device)
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None
+    flags = torch.zeros(1, cfg.context_frames, dtype=torch.long, device=device)
+    prompt = torch.randn(1, 1, cfg.text.text_len, cfg.dit.text_dim, device=device, dtype=dtype)
+    gen_flag = torch.ones(1, dtype=torch.long, device=device)
+    caption = torch.zeros(1, dtype=torch.long, device=device)
+    shape = (1, cfg.chunk_frames, *cfg.latent_shape)
+    noise = [torch.randn(shape, device=device, dtype=dtype) for _ in range(cfg.chunks_per_shot)]
+    draws = [torch.randn(shape, device=device, dtype=dtype) for _ in range(schedule.num_steps - 1)]
+
+    def dit_chunk(b):
+        return graphs.run([ChunkRow(kv, b, gen_flag, caption)], noise[b], draws)
+
+    def sequential() -> float:
+        state = vae.new_decoder_state()
+        t0 = time.perf_counter()
+        for b in range(cfg.chunks_per_shot):
+            vae.decode_chunk(state, dit_chunk(b)).cpu()
+        return time.perf_counter() - t0
+
+    def pipelined() -> float:
+        state = vae.new_decoder_state()
+        t0 = time.perf_counter()
+        pending = None  # (x0 of the chunk before, the event after its DiT)
+        for b in range(cfg.chunks_per_shot + 1):
+            current = None
+            if b < cfg.chunks_per_shot:  # the DiT of chunk b first: one graph launch
+                x0 = dit_chunk(b)
+                done = torch.cuda.Event() if cuda else None
+                if done is not None:
+                    done.record()
+                current = (x0, done)
+            if pending is not None:  # then the decode of chunk b-1 beside it
+                prev, prev_done = pending
+                if cuda:
+                    with torch.cuda.stream(side):
+                        side.wait_event(prev_done)
+                        prev.record_stream(side)
+                        # decode and the copy to (pinned) host memory, on the side stream
+                        host = vae.decode_chunk(state, prev).to("cpu", non_blocking=True)
+                        copied = torch.cuda.Event()
+                        copied.record(side)
+                    copied.synchronize()  # chunk b-1's frames are on the host
+                    del host
+                else:
+                    vae.decode_chunk(state, prev).cpu()
+            pending = current
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        prefill_context(dit, kv, torch.zeros(1, cfg.context_frames, *cfg.latent_shape,
+                        device=device, dtype=dtype), flags, flags, prompt)  # fmt: skip
+        sequential()  # warm-up: graph captures, kernel choice
+        seq = min(sequential() for _ in range(repeats))
+        pipe = min(pipelined() for _ in range(repeats))
+    return {"chunks": cfg.chunks_per_shot, "sequential_s": round(seq, 4),
+            "pipelined_s": round(pipe, 4), "pipelined_vs_sequential": round(pipe / seq, 4),
+            "streams": 2 if cuda else 1}  # fmt: skip
 
 
 def serve_cases(dry_run: bool) -> list[list[str]]:

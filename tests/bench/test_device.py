@@ -108,6 +108,9 @@ def test_generator_and_first_chunk(dry_run):
         assert g["fps"] > 0 and g["first_frame_ms"] > 0 and g["frames"] == 9 + 12
         assert set(g["verb_ms"]) == {"text", "context", "prefill", "denoise", "decode", "refresh"}
         assert g["session_bytes_by_kind"]["kv"] == g["kv_bytes_model"]
+    (overlap,) = by_kind(rows, "overlap")
+    assert overlap["chunks"] == 2 and overlap["streams"] == 1
+    assert overlap["sequential_s"] > 0 and overlap["pipelined_s"] > 0
 
 
 def test_server_under_load(dry_run):
