@@ -143,3 +143,19 @@ def test_readme_holds_the_prepared_commands():
         assert all(c.startswith(".device/") for c in carry)
     gitignore = (REPO / ".gitignore").read_text().split()
     assert "/.device/" in gitignore  # carried folders must be ignored, or they travel twice
+
+
+def test_random_weights_launcher_makes_the_real_preset_runnable():
+    """bench.serve --random-weights starts `python -m bench.random_weights serve`: the 1.3B
+    preset must then load without a weights folder, its networks made on the device."""
+    code = (
+        "import bench.random_weights as r; r.install();"
+        "from model.config import get_preset; import server.runner as run;"
+        "c = get_preset('wan2.1-1.3b');"
+        "print(c.random_weights_ok, c.text.tokenizer, c.text.text_len,"
+        " getattr(run.load_model, '_on_device', False))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "byt5", "512", "True"]
