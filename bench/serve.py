@@ -84,7 +84,9 @@ def launched(
         deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}; log: {log.name}")
+                log.flush()
+                tail = Path(log.name).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"server exited {proc.returncode}; end of {log.name}:\n{tail}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(base + "/readyz", timeout=2).status_code == 200:
                     break
