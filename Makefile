@@ -9,7 +9,7 @@ PORT   ?= 8000
 PRESET ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test venv system-deps lint soak bench clean
+.PHONY: serve test venv system-deps docker-up lint soak bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,14 @@ venv: $(STAMP)
 system-deps:
 	./.ci/system-deps
 
+# the Docker engine and base image of the image test (tests/docker/test_image.py)
+docker-up:
+	./.ci/docker-up
+
 serve: $(STAMP)
 	$(BIN)/shotstream serve --host $(HOST) --port $(PORT) $(if $(PRESET),--preset $(PRESET),)
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps docker-up
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -15,12 +15,41 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
+from packaging.requirements import Requirement
 
 from tests.support.server import REPO
 
 DOCKER = REPO / "docker"
 BIN = Path(sys.executable).parent  # hadolint and docker-compose come with the dev extra
+
+# What a stop costs after the drain's grace: up to 2.5 s for the `ended` messages to reach
+# the streams (AppState.drain), then uvicorn's shutdown and the engine's stop, well under a
+# second once the streams have closed (a real `docker stop` mid-stream: tests/docker/
+# test_image.py). A stream that does not answer the close can hold uvicorn's shutdown for
+# its timeout_graceful_shutdown more (stalled_s).
+SHUTDOWN_S = 3.0
+
+
+def stalled_s() -> float:
+    """uvicorn's timeout_graceful_shutdown, as server/serve.py sets it."""
+    found = re.search(r"timeout_graceful_shutdown=([\d.]+)", (REPO / "server/serve.py").read_text())
+    assert found, "server/serve.py sets no timeout_graceful_shutdown=N: what bounds the shutdown?"
+    return float(found[1])
+
+
+DOCKER_STOP_S = 10  # `docker stop`'s and `docker run`'s default stop timeout
+
+
+def seconds(duration: str | int | float) -> float:
+    """A compose duration (`30s`, `1m30s`) or a number of seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"([\d.]+)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
 
 
 def tool(name: str) -> str:
@@ -102,6 +131,28 @@ def test_compose_cpu_variant_runs_demo_without_a_gpu():
     assert srv["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
 
 
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["compose.yaml"],
+        ["compose.yaml", "compose.cpu.yaml"],
+        ["compose.yaml", "compose.scale.yaml"],
+        ["compose.yaml", "compose.scale.yaml", "compose.scale.cpu.yaml"],
+    ],
+    ids=["gpu", "cpu", "scale", "scale-cpu"],
+)
+def test_compose_stop_grace_period_covers_the_drain(files):
+    """docker compose stop waits stop_grace_period, then kills: a replica's drain and its
+    shutdown, a stalled stream included, must end before that."""
+    services = compose_config(*files)["services"]
+    replicas = {n: s for n, s in services.items() if n.startswith("shotstream")}
+    assert replicas
+    for name, srv in replicas.items():
+        drain = float(srv["environment"]["SHOTSTREAM_DRAIN_GRACE_S"])
+        stop = seconds(srv.get("stop_grace_period", DOCKER_STOP_S))
+        assert stop >= drain + SHUTDOWN_S + stalled_s(), (name, stop, drain)
+
+
 def test_empty_weights_setting_means_random_weights(monkeypatch):
     from server.settings import Settings
 
@@ -155,9 +206,58 @@ def test_dockerfile_builder_installs_cuda_torch_and_the_gpu_extra():
     assert "FROM ${BASE_IMAGE} AS builder" in text and final[0] == "FROM ${BASE_IMAGE}"
     head = (REPO / "Dockerfile").read_text().split("FROM", 1)[0]
     assert re.search(r"ARG BASE_IMAGE=nvidia/cuda:[\d.]+-(runtime|base)-ubuntu", head)
-    pin = re.search(r'"torch==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
-    assert f"torch=={pin}" in text  # the same pin as pyproject
+    (pin,) = re.findall(r"torch==([\d.]+)", text)
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch,) = [Requirement(d) for d in deps if Requirement(d).name == "torch"]
+    assert pin in torch.specifier  # the image's torch is one the project accepts
     assert "ARG EXTRAS=gpu" in text and "${EXTRAS:+[$EXTRAS]}" in text
+
+
+def test_dockerfile_needs_no_frontend_from_a_registry():
+    """A `# syntax=` line makes BuildKit pull a Dockerfile frontend image before anything
+    else, which fails on an air-gapped builder; the builder's own frontend is enough."""
+    first = (REPO / "Dockerfile").read_text().lstrip().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first, re.I), first
+
+
+def test_pip_steps_take_the_ca_and_pip_config_as_secrets_only():
+    """The optional CA bundle and pip.conf are BuildKit secrets mounted by the pip steps of
+    the builder: never copied, never in an ARG or ENV, never in the final stage."""
+    builder, final = stages()
+    pip_steps = [ln for ln in builder if ln.startswith("RUN") and "pip install" in ln]
+    assert len(pip_steps) >= 2
+    for step in pip_steps:
+        assert "--mount=type=secret,id=ca" in step and "--mount=type=secret,id=pip" in step
+        assert "PIP_CERT=/run/secrets/ca" in step and "PIP_CONFIG_FILE=/run/secrets/pip" in step
+    others = [ln for ln in builder + final if ln not in pip_steps]
+    assert not [ln for ln in others if "secret" in ln or "PIP_CERT" in ln], others
+
+
+def test_both_stages_leave_no_apt_lists_or_archives():
+    for stage in stages():
+        for step in (ln for ln in stage if "apt-get install" in ln):
+            assert "apt-get clean" in step and "rm -rf /var/lib/apt/lists/*" in step, step
+
+
+def test_the_image_drain_fits_a_plain_docker_stop():
+    """`docker stop` (and `docker run` without --stop-timeout) kill after 10 s: the image's
+    drain grace and the shutdown after it end before that. A stalled stream's extra
+    stalled_s() does not fit; a longer --stop-timeout with a larger grace is in docker/README."""
+    *_, final = stages()
+    env = dict(
+        re.findall(
+            r"(SHOTSTREAM_\w+)=(\S*)", "\n".join(ln for ln in final if ln.startswith("ENV "))
+        )
+    )
+    assert float(env["SHOTSTREAM_DRAIN_GRACE_S"]) + SHUTDOWN_S <= DOCKER_STOP_S
+
+
+def test_dockerignore_lets_in_every_package():
+    rules = (REPO / ".dockerignore").read_text().split()
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for pattern in include["packages"]["find"]["include"]:
+        top = pattern.rstrip("*").rstrip(".")
+        assert f"!{top}/" in rules, f"{top} is a package but the image's build context lacks it"
 
 
 def test_dockerignore_keeps_weights_and_venv_out():

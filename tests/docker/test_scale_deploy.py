@@ -20,7 +20,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.docker.test_deploy import DOCKER, compose_config, run, tool
+from tests.docker.test_deploy import DOCKER, SHUTDOWN_S, compose_config, run, stalled_s, tool
 from tests.support.proxy import TEMPLATE, render
 from tests.support.server import free_port
 
@@ -97,12 +97,13 @@ def test_replicas_are_gpu_pods_with_probes_and_a_drain_that_fits_the_grace_perio
     assert env["SHOTSTREAM_HOST"] == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["http"] == int(env["SHOTSTREAM_PORT"])
-    # preStop, then SIGTERM: drain_grace_s of sessions, then uvicorn's graceful shutdown (5 s)
+    # preStop, then SIGTERM: the pod's drain grace, then the shutdown (a stalled stream's
+    # included) end before the kubelet kills the container
     pre = c["lifecycle"]["preStop"]["exec"]["command"]
     assert pre[0] == "sleep"
     drain = float(env["SHOTSTREAM_DRAIN_GRACE_S"])
-    assert drain == Settings().drain_grace_s
-    assert pod["terminationGracePeriodSeconds"] >= int(pre[1]) + drain + 5
+    need = int(pre[1]) + drain + SHUTDOWN_S + stalled_s()
+    assert pod["terminationGracePeriodSeconds"] >= need
     # pods are named <statefulset>-N: valid replica ids
     Settings(replica_id=f"{sts['metadata']['name']}-12")
 
@@ -223,7 +224,8 @@ def exported_gauges() -> set[str]:
     )  # fmt: skip
     metrics = Metrics()
     manager = SimpleNamespace(runner=runner, settings=Settings(), cfg=get_preset("tiny"),
-                              metrics=metrics, active=[], ready=True, draining=False)  # fmt: skip
+                              metrics=metrics, active=[], sessions={}, ended={}, ready=True,
+                              draining=False)  # fmt: skip
     Engine(manager)
     return {f.name for f in text_string_to_metric_families(metrics.render().decode())}
 
