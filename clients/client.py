@@ -799,12 +799,8 @@ class ShotStreamClient:
                 waited += delay
         info = P.CreateSessionResponse.model_validate(data)
         # The session lives this long without a stream: the window to resume a dropped one.
-        expires = info.expires_at
-        if expires.tzinfo is None:
-            expires = expires.replace(tzinfo=timezone.utc)
-        grace = (expires - datetime.now(timezone.utc)).total_seconds()
         return Session(self, info.session_id, info.token, info.stream_url, info, self.reconnect,
-                       grace_s=min(max(grace, 1.0), 3600.0))  # fmt: skip
+                       grace_s=info.grace_s)  # fmt: skip
 
     def attach(self, session_id: str, token: str, stream_url: str | None = None) -> Session:
         """A handle on an existing session (its id and token), e.g. to resume watching it."""

@@ -148,7 +148,15 @@ class CreateSessionResponse(_Schema):
     session_id: str
     token: str = Field(description="bearer token for every route of this session")
     stream_url: str
-    expires_at: datetime = Field(description="when the session ends if no stream connects")
+    expires_at: datetime = Field(
+        description="when the session (and its token) expires, connected or not: creation + "
+        "`session_max_s`; with no stream connected it ends sooner (`grace_s`)"
+    )
+    grace_s: float | None = Field(
+        default=None,
+        description="seconds the session lives with no stream connected, from creation or "
+        "from its stream's drop (`session_grace_s`): the window to connect or resume in",
+    )
     preset: str
     width: int
     height: int

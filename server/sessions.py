@@ -230,7 +230,7 @@ class SessionManager:
             raise P.LimitError(P.ErrorCode.PROMPT_TOO_MANY_TOKENS, str(exc)) from exc
 
     def expires_at(self, s: Session) -> datetime:
-        return datetime.now(UTC) + timedelta(seconds=self.settings.session_grace_s)
+        return s.created_at + timedelta(seconds=self.settings.session_max_s)  # hard expiry
 
     # -- prompts -------------------------------------------------------------------------
     def add_prompt(self, s: Session, text: str, mode: str | None) -> Prompt:

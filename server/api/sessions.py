@@ -39,8 +39,8 @@ async def create_session(req: P.CreateSessionRequest, request: Request, state: S
     cfg = m.cfg
     return P.CreateSessionResponse(
         session_id=s.id, token=s.token, stream_url=f"{ws_base}/v1/sessions/{s.id}/stream",
-        expires_at=m.expires_at(s), preset=cfg.name, width=cfg.width, height=cfg.height,
-        fps=cfg.fps, truncated_tokens=cut,
+        expires_at=m.expires_at(s), grace_s=state.settings.session_grace_s, preset=cfg.name,
+        width=cfg.width, height=cfg.height, fps=cfg.fps, truncated_tokens=cut,
     )  # fmt: skip
 
 

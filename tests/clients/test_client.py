@@ -185,6 +185,7 @@ def test_reconnect_after_an_abrupt_drop_resumes_the_stream(server, tmp_path):
             return session, events
 
     session, events = run(go())
+    assert session.grace_s == 5  # the server's session_grace_s: the window to reconnect in
     kinds = [type(e).__name__ for e in events]
     at = kinds.index("Reconnected")
     assert kinds[at : at + 3] == ["Reconnected", "Hello", "Init"]

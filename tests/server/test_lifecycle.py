@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from datetime import datetime, timedelta
 
 import httpx
 
@@ -75,9 +76,14 @@ def test_engine_crash_reports_not_ready_and_fails_sessions(tmp_path):
 
 
 def test_session_lifetime_is_enforced_while_streaming(tmp_path):
-    """session_max_s is a hard limit: a connected (even paused) stream does not extend it."""
+    """session_max_s is a hard limit: a connected (even paused) stream does not extend it,
+    and the 201 reply's `expires_at` is that limit, counted from the session's creation."""
     srv = ServerProcess(tmp_path, session_max_s=4, realtime_margin=50).wait_ready()
     d = srv.create(seed=2)
+    status = httpx.get(f"{srv.base}/v1/sessions/{d['session_id']}",
+                       headers={"Authorization": f"Bearer {d['token']}"}).json()  # fmt: skip
+    created, expires = (datetime.fromisoformat(t) for t in (status["created_at"], d["expires_at"]))
+    assert expires - created == timedelta(seconds=4)  # not the idle grace (30 s)
 
     async def go():
         async with StreamClient(d["stream_url"], d["token"]) as c:

@@ -145,6 +145,7 @@ def test_rest_bodies_round_trip() -> None:
             token="t",
             stream_url="/v1/sessions/s1/stream",
             expires_at=NOW,
+            grace_s=30.0,
             preset="tiny",
             width=64,
             height=32,
@@ -188,7 +189,7 @@ def test_rest_bodies_round_trip() -> None:
     )
     created = json.loads(bodies[1].model_dump_json())
     assert set(created) == keys(
-        "session_id token stream_url expires_at preset width height fps truncated_tokens"
+        "session_id token stream_url expires_at grace_s preset width height fps truncated_tokens"
     )
     assert datetime.fromisoformat(created["expires_at"]) == NOW
 
