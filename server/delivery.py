@@ -62,7 +62,7 @@ class Connection:
 
     def close_after_flush(self, code: int, reason: str) -> None:
         """Ask the sender to send what is queued on the control lane, then close."""
-        self.closing, self.close_code, self.close_reason = True, code, reason
+        self.closing, self.close_code, self.close_reason = True, code, P.close_reason(reason)
         self.wake.set()
 
 

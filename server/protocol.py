@@ -114,6 +114,12 @@ def close_code_for(code: str) -> CloseCode:
     return _CLOSE_FOR_ERROR.get(code, CloseCode.SESSION_FAILED)
 
 
+def close_reason(text: str) -> str:
+    """`text` cut to fit a close frame's reason (123 UTF-8 bytes), never mid-character: a
+    longer one makes the WebSocket layer drop the connection without a close frame."""
+    return text.encode("utf-8", "replace")[:123].decode("utf-8", "ignore")
+
+
 class _Schema(BaseModel):
     # Ignore unknown fields: the protocol lets either side add fields without a version bump.
     model_config = ConfigDict(extra="ignore")

@@ -447,7 +447,7 @@ class SessionManager:
             else:
                 s.outbox.control.append(P.EndedMessage(reason=reason).model_dump())
                 code = close_code or (1001 if reason in ("draining", "shutdown") else 1000)
-            conn.close_after_flush(code, (error[1] if error else reason)[:120])
+            conn.close_after_flush(code, error[1] if error else reason)
         self.sessions.pop(s.id, None)
         self.ended[s.id] = s
         while len(self.ended) > 1000:

@@ -41,7 +41,7 @@ async def stream(ws: WebSocket, sid: str):
                 json.dumps(P.ErrorMessage(code=code, message=message, fatal=True).model_dump())
             ),
         )
-        await _quietly("close", ws.close(int(P.close_code_for(code)), message[:120]))
+        await _quietly("close", ws.close(int(P.close_code_for(code)), P.close_reason(message)))
 
     m = state.manager
     if m is None or not m.ready:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -266,6 +267,24 @@ def test_malformed_tokens_and_keys_are_refused_not_crashed(edge_server):
 
         assert run(go())["next_seq"] == 0
         delete(edge_server, d)
+
+
+def test_a_long_non_ascii_session_id_is_refused_with_a_close_frame(edge_server):
+    """The refusal's close reason repeats its error message, cut to the 123 bytes a close
+    frame holds (61 `é` make it 150 bytes in under 120 characters), never mid-character:
+    the client gets the error and close 4004, not a dropped connection (1006)."""
+    ws_base = edge_server.base.replace("http://", "ws://")
+    url = f"{ws_base}/v1/sessions/{quote('é' * 61)}/stream"
+
+    async def go():
+        async with StreamClient(url, "x" * 43) as c:
+            return await c.closed()
+
+    st_ = run(go())
+    [err] = st_.of("error")
+    assert err["code"] == "unknown_session" and "é" * 61 in err["message"]
+    assert st_.close_code == 4004
+    assert 0 < len(st_.close_reason.encode()) <= 123 and err["message"].startswith(st_.close_reason)
 
 
 # -- hostile prompt text ------------------------------------------------------------------------

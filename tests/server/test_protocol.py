@@ -363,6 +363,19 @@ def test_fatal_errors_map_to_close_codes() -> None:
     assert p.close_code_for(ErrorCode.OUT_OF_MEMORY) == CloseCode.SESSION_FAILED
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["é" * 61, "x" * 200, "🎬" * 40, "a" + "é" * 100, "no session 'r0.x'", "", "\ud800" * 50],
+)
+def test_close_reason_fits_a_close_frame_without_splitting_a_character(text: str) -> None:
+    """A close frame holds 123 bytes of reason (RFC 6455 §5.5); the cut keeps as much as
+    fits and whole characters only (a lone surrogate, unencodable, becomes `?`)."""
+    cut = p.close_reason(text)
+    size = len(cut.encode())
+    assert size <= 123 and (size >= 120 or len(text.encode("utf-8", "replace")) <= 123)
+    assert text.encode("utf-8", "replace").decode().startswith(cut)
+
+
 def test_protocol_imports_without_torch() -> None:
     """Clients import this module; it must not drag in model code or torch."""
     code = "import sys, server.protocol; assert 'torch' not in sys.modules, 'torch imported'"
