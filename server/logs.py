@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+from urllib.parse import unquote_plus
 
 # LogRecord attributes that are not extra fields.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {
@@ -15,10 +16,28 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {
     "taskName",
     "color_message",
 }
-# uvicorn logs request lines with the query string: never write a stream token to a log,
-# and tag the line with the session its path names.
-_TOKEN = re.compile(r"([?&]token=)[^&\s\"]+")
+# uvicorn logs request lines with the raw query string: never write a secret to a log, and
+# tag the line with the session its path names. The server decodes parameter names
+# (`?%74oken=` is `token`), so the redaction reads them decoded too.
+SECRET_PARAMS = frozenset({"token", "access_token", "api_key", "apikey", "key", "x-api-key"})
+_QUERY = re.compile(r"\?([^\s\"#]*)")
 _SESSION_PATH = re.compile(r"/v1/sessions/([\w.-]+)")
+
+
+def redact_query(text: str) -> str:
+    """`text` with the value of every query parameter whose decoded name is a secret's
+    (any case) replaced by `[redacted]`."""
+
+    def redact(m: re.Match) -> str:
+        params = []
+        for param in m.group(1).split("&"):
+            name, eq, _ = param.partition("=")
+            if eq and unquote_plus(name).strip().lower() in SECRET_PARAMS:
+                param = f"{name}=[redacted]"
+            params.append(param)
+        return "?" + "&".join(params)
+
+    return _QUERY.sub(redact, text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,7 +47,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": _TOKEN.sub(r"\1[redacted]", record.getMessage()),
+            "event": redact_query(record.getMessage()),
         }
         if "session_id" not in vars(record) and (m := _SESSION_PATH.search(out["event"])):
             out["session_id"] = m.group(1)

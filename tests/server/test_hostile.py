@@ -373,6 +373,27 @@ def test_info_logs_hold_no_prompt_text_and_no_token(edge_server):
     assert marker not in log and d["token"] not in log and API_KEY not in log
 
 
+def test_a_token_under_any_spelling_of_its_name_stays_out_of_the_logs(edge_server):
+    """The server decodes query parameter names (`?%74oken=` is `token`), so the logs'
+    redaction does too: a token the server accepts under any spelling is never logged,
+    nor an API key sent as a query parameter."""
+    for name in ("%74oken", "tok%65n", "%74%6F%6B%65%6E", "token"):
+        d = edge_server.create(seed=11)
+
+        async def go(d=d, name=name):
+            async with StreamClient(f"{d['stream_url']}?{name}={d['token']}", None) as c:
+                await c.until(lambda m: m["type"] == "hello")  # taken as the token
+                await c.send({"type": "stop"})
+                await c.closed()
+
+        run(go())
+        url = f"{edge_server.base}/v1/sessions/{d['session_id']}?{name}={d['token']}"
+        assert httpx.get(url + f"&api%5Fkey={API_KEY}", headers=auth(d)).status_code == 200
+        log = edge_server.log()
+        assert d["token"] not in log and API_KEY not in log, name
+        assert f"{name}=[redacted]" in log and "api%5Fkey=[redacted]" in log
+
+
 def test_debug_logs_hold_no_prompt_text_and_no_token(tmp_path):
     """At log level debug the server's own loggers go verbose, but the WebSocket library's
     frame and handshake traces (headers with the token, frames with prompts) stay out."""
