@@ -128,9 +128,10 @@ class DiTBlock(nn.Module):
         if pass_.rows is None:
             y = attention(q, k, v, pass_.backend, pass_.mask)
         elif pass_.group_rows and len(pass_.rows) > 1:
-            y = _grouped_row_attention(q, k, v, pass_, layer, need_output)
-            if y is None:
+            grouped = _grouped_row_attention(q, k, v, pass_, layer, need_output)
+            if grouped is None:
                 return x  # a K/V-only pass, as below
+            y = grouped
         else:
             # Each batch row (a session) writes its own cache slot, then attends over its own
             # prefix: linear layers run batched, attention per row, no cache is copied.

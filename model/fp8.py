@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.dit import CausalDiT
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
@@ -25,6 +27,9 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Float8Linear(nn.Module):
     """A frozen nn.Linear run in FP8: y = (xq * sx) (wq * sw)^T + b."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -53,11 +58,11 @@ class Float8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
-def quantize_dit_linears(dit: nn.Module) -> int:
+def quantize_dit_linears(dit: CausalDiT) -> int:
     """Swap the linear layers of every DiT block (attention projections, feed-forward) for
     Float8Linear, in place; embeddings, modulation and head stay. Returns how many."""
     swapped = 0
-    for block in dit.blocks:  # type: ignore[attr-defined]
+    for block in dit.blocks:
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):

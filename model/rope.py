@@ -28,6 +28,8 @@ def _axis_freqs(pairs: int, max_positions: int, theta: float) -> torch.Tensor:
 class RopeTables(torch.nn.Module):
     """Angle tables for positions 0..max_positions-1 on each axis (buffers, not weights)."""
 
+    phase: torch.Tensor
+
     def __init__(self, head_dim: int, theta: float, max_positions: int, shot_phase: float):
         super().__init__()
         c_t, c_h, c_w = rope_split(head_dim)
