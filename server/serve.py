@@ -19,6 +19,7 @@ import threading
 import typing
 
 import uvicorn
+from pydantic import ValidationError
 
 from model.config import get_preset
 from server.app import create_app
@@ -92,7 +93,13 @@ def uvicorn_log_level(level: str) -> str:
 
 def run_serve(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    settings = Settings(**given)
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:  # name the setting and the rule, never the value (a key)
+        for err in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(part) for part in err["loc"])
+            print(f"shotstream serve: {where}: {err['msg']}", file=sys.stderr)
+        return 2
     setup_logging(settings.log_level)
     app = create_app(settings)
     state = app.state.shotstream

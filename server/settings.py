@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="port to listen on")
     api_key: str | None = Field(
         None,
-        description="if set, `POST /v1/sessions` needs `Authorization: Bearer <api_key>` or `X-API-Key`",
+        description="if set, `POST /v1/sessions` needs `Authorization: Bearer <api_key>` or "
+        "`X-API-Key`; visible ASCII only (`!` to `~`), else the server does not start",
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="allowed CORS origins (empty: same-origin only)"
@@ -153,6 +154,17 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value):
         # `SHOTSTREAM_WEIGHTS=` (e.g. a compose override of an image default) means "none".
         return None if value == "" else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_any_client_can_send(cls, value):
+        # Clients disagree on the bytes of a non-ASCII header value (browsers and requests
+        # send latin-1, curl the terminal's UTF-8, httpx refuses) and a Bearer value ends at
+        # a space: any other key would lock every client out.
+        if value is not None and not all("!" <= c <= "~" for c in value):
+            raise ValueError("must be visible ASCII characters (`!` to `~`): no spaces, no "
+                             "non-ASCII; e.g. `openssl rand -hex 32`")  # fmt: skip
+        return value
 
     @model_validator(mode="after")
     def _weights_mean_the_real_model(self):
