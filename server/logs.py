@@ -71,3 +71,14 @@ def setup_logging(level: str = "info") -> None:
         # handshake headers (tokens, API keys) and frame contents (prompts): never below info
         logger.setLevel(lvl if name == "shotstream" else max(lvl, logging.INFO))
         logger.propagate = False
+    _no_progress_bars()
+
+
+def _no_progress_bars() -> None:
+    """Progress bars (transformers' "Loading weights", the hub's downloads) would write
+    lines of their own to stderr, where every line is a JSON object."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()

@@ -215,7 +215,11 @@ class ModelInfo(_Schema):
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
     max_shots: int = DEFAULT_MAX_SHOTS
     real_weights: bool = Field(description="False: random weights (tests, CPU demo)")
-    weights: str = Field(default="", description="where the weights came from")
+    weights: str = Field(
+        default="",
+        description="where the weights came from: their folder's name (never its path), "
+        "`bundled <preset> weights` or `random (seed N)`",
+    )
     device: str = ""
     dtype: str = ""
     attention: str = Field(default="", description="attention backend in use")

@@ -111,11 +111,11 @@ def run_serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     server = DrainingServer(config, state)
     host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
-    print(f"ShotStream server ({settings.preset} preset) at http://{host}:{settings.port}/ "
-          f"— open it in a browser; API docs at /docs", file=sys.stderr, flush=True)  # fmt: skip
+    url = f"http://{host}:{settings.port}/"
+    log.info(f"ShotStream server ({settings.preset} preset) at {url} — open it in a browser; "
+             "API docs at /docs", extra={"url": url})  # fmt: skip
     if settings.weights is None and not get_preset(settings.preset).bundled_weights:
-        print(f"note: no --weights given: the {settings.preset} preset runs with RANDOM weights",
-              file=sys.stderr, flush=True)  # fmt: skip
+        log.warning(f"no --weights given: the {settings.preset} preset runs with RANDOM weights")
     sockets = None
     if settings.stream_send_buffer_bytes:
         # Accepted connections inherit the listening socket's send buffer (and lose the

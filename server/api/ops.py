@@ -3,6 +3,7 @@ and (tests only) fault injection."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +68,24 @@ async def models(state: State):
         fps=cfg.fps, chunk_frames=cfg.chunk_pixel_frames(1), first_chunk_frames=cfg.chunk_pixel_frames(0),
         chunks_per_shot=cfg.chunks_per_shot, max_prompt_tokens=cfg.text.text_len,
         max_prompt_chars=settings.max_prompt_chars, max_shots=settings.max_shots_per_request,
-        real_weights=model.real_weights, weights=model.weights,
+        real_weights=model.real_weights,
+        weights=weights_name(settings.weights, cfg.name, model.weights, model.real_weights),
         device=runner.device_name, dtype=str(model.dtype).removeprefix("torch."),
         attention=model.attention_backend,
         notice=None if model.real_weights else
         f"preset {cfg.name} runs with RANDOM weights: the video is noise, not a trained model",
         vocabulary=model.vocabulary,
     )  # fmt: skip
+
+
+def weights_name(folder: str | None, preset: str, source: str, real: bool) -> str:
+    """What `/v1/models` says the weights are: a name, never a path on this host (the route
+    is public)."""
+    if not real:
+        return source  # "random (seed N)"
+    if folder is None:
+        return f"bundled {preset} weights"
+    return Path(os.path.abspath(folder)).name or "weights folder"
 
 
 @router.get("/", include_in_schema=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 
 import av
 import httpx
@@ -48,11 +49,21 @@ def test_models_reports_trained_weights_and_their_vocabulary(server):
     info = httpx.get(server.base + "/v1/models", timeout=10).json()
     assert info["preset"] == "demo" and info["real_weights"] is True
     assert info["notice"] is None  # no random-weights warning
-    assert info["weights"].endswith("demo_weights")
+    assert info["weights"] == "bundled demo weights"  # a name: no path on the server's disk
     vocab = info["vocabulary"]
     assert {k: tuple(v) for k, v in vocab["colours"].items()} == PALETTE
     assert vocab["shapes"] == list(SHAPES)
     assert vocab["global_caption"] == "a {colour} {shape} on a {colour} background"
+
+
+def test_the_log_is_json_lines_only(server):
+    """Everything the server wrote to stdout and stderr up to ready, weight loading included
+    (transformers draws a progress bar there), is one JSON object per line."""
+    lines = server.log().splitlines()
+    assert lines and all(line.startswith("{") and json.loads(line) for line in lines), [
+        line for line in lines if not line.startswith("{")
+    ]
+    assert any(e["event"] == "ready" for e in map(json.loads, lines))
 
 
 def test_midstream_colour_switch_shows_from_the_acked_seq(server):
