@@ -124,6 +124,7 @@ _BY_CODE: dict[str, type[ShotStreamError]] = {
     _C.UNAUTHORIZED: Unauthorized,
     _C.UNKNOWN_SESSION: NotFound,
     _C.ALREADY_CONNECTED: Conflict,
+    _C.REPLACED: Conflict,
     _C.INVALID_STATE: Conflict,
     _C.RATE_LIMITED: RateLimited,
     _C.OVER_CAPACITY: Overloaded,
@@ -143,8 +144,8 @@ _BY_CODE: dict[str, type[ShotStreamError]] = {
     ),  # fmt: skip
 }
 # Fatal codes that say "not this session / not now" rather than "the session broke".
-_REFUSAL_CODES = {_C.UNAUTHORIZED, _C.UNKNOWN_SESSION, _C.ALREADY_CONNECTED, _C.OVER_CAPACITY,
-                  _C.DRAINING}  # fmt: skip
+_REFUSAL_CODES = {_C.UNAUTHORIZED, _C.UNKNOWN_SESSION, _C.ALREADY_CONNECTED, _C.REPLACED,
+                  _C.OVER_CAPACITY, _C.DRAINING}  # fmt: skip
 _CLOSE_CODES = {int(c): c for c in P.CloseCode}
 
 
@@ -682,7 +683,8 @@ class Session:
         reason = exc.rcvd.reason if exc.rcvd else ""
         final = {P.CloseCode.UNAUTHORIZED: Unauthorized, P.CloseCode.UNKNOWN_SESSION: NotFound,
                  P.CloseCode.BAD_MESSAGE: SessionFailed, P.CloseCode.SESSION_FAILED: SessionFailed,
-                 P.CloseCode.DRAINING: Overloaded}  # fmt: skip
+                 P.CloseCode.DRAINING: Overloaded, P.CloseCode.REPLACED: Conflict,
+                 P.CloseCode.RATE_LIMITED: RateLimited}  # fmt: skip
         if code in _CLOSE_CODES and _CLOSE_CODES[code] in final:
             cls = final[_CLOSE_CODES[code]]
             self._finish(cls(reason or f"stream closed with code {code}", code=str(code)))

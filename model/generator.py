@@ -292,6 +292,33 @@ class ShotStreamGenerator:
             timings=clock.read(),
         )
 
+    def truncate_shot(self, keep_frames: int) -> None:
+        """Roll the current shot back to its first `keep_frames` frames, as if the rest was
+        never generated (a cut that withdrew them before they were played). The cut may
+        fall inside a chunk: that chunk keeps its first frames.
+
+        What generated frames leave behind is the decoded frames themselves (kept until the
+        shot ends, for context selection) and the shot's counts: those go. A chunk's K/V
+        slot in the local cache is rewritten before anything reads it (a chunk writes its
+        slot before attending, and the next shot's prefill starts the local cache afresh),
+        its noise is keyed by (shot, chunk, draw), and the decoder state restarts with every
+        shot, so the next `start_shot` sees exactly what it would have seen had the shot
+        stopped there. With `keep_frames` 0 the shot is replaced by the next one, as one
+        that never produced a frame is.
+        """
+        if self.shot < 0 or not 0 <= keep_frames <= self._frames_in_shot:
+            raise ValueError(
+                f"cannot keep {keep_frames} of {self._frames_in_shot} frames of shot {self.shot}"
+            )
+        store, kept, chunks = self.lease.frames, 0, 0
+        for c in range(self.chunk):
+            frames = store.pop(("cur", c))
+            take = min(frames.shape[0], keep_frames - kept)
+            if take > 0:
+                store.put(("cur", c), frames[:take])
+                kept, chunks = kept + take, c + 1
+        self.chunk, self._frames_in_shot = chunks, keep_frames
+
     def _finish_shot(self) -> None:
         """Record the shot's length and keep only frames a later boundary may select."""
         s, store = self.shot, self.lease.frames

@@ -58,6 +58,8 @@ class Connection:
     close_code: int = 1000
     close_reason: str = ""
     errors: int = 0  # bad messages received on it (the abuse limit)
+    dropped: int = 0  # messages dropped for the rate limit (the flood limit)
+    farewell: dict[str, Any] | None = None  # the last message before closing, if replaced
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def close_after_flush(self, code: int, reason: str) -> None:
@@ -97,6 +99,12 @@ class PlayoutClock:
         self.delivered += duration
         return stalled
 
+    def rebase_if_dry(self, now: float) -> None:
+        """If the player has played everything delivered by `now`, move it to `now` (the
+        time since is not counted as a stall): for a client that was away."""
+        if self.start is not None and self.paused_at is None and self.start + self.delivered < now:
+            self.start = now - self.delivered
+
     def pause(self, now: float) -> None:
         self.paused_at = now
 
@@ -120,10 +128,14 @@ class Outbox:
     not have delivered.
     """
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, keep_seconds: float = 0.0) -> None:
         self.media: deque[MediaItem] = deque()
         self.control: deque[dict[str, Any]] = deque()
-        self.sent: deque[MediaItem] = deque(maxlen=keep)
+        # Sent items kept for a resume: at least `keep`, more while they span at most
+        # `keep_seconds` of video (a client whose socket died unnoticed may have lost that).
+        self.sent: deque[MediaItem] = deque()
+        self.keep, self.keep_seconds = keep, keep_seconds
+        self._sent_seconds = 0.0
         self.chunks_delivered = 0
         self.frames_sent = 0
         self.bytes_sent = 0
@@ -153,20 +165,32 @@ class Outbox:
         self.last_delivered_seq = item.seq
         return True
 
-    def sent_whole(self, item: MediaItem) -> bool:
-        """The sender got `item` out whole: it leaves the lane and is kept for a resume;
-        returns what `settle` does."""
+    def sent_whole(self, item: MediaItem, keep: bool = True) -> bool:
+        """The sender got `item` out whole: it leaves the lane and is kept for a resume
+        (unless `keep` is false: the session has ended); returns what `settle` does."""
         if self.media and self.media[0] is item:
             self.media.popleft()
-        self.sent.append(item)
+        if keep:
+            self._keep_sent(item)
         return self.settle(item)
+
+    def _keep_sent(self, item: MediaItem) -> None:
+        self.sent.append(item)
+        self._sent_seconds += item.duration
+        while len(self.sent) > self.keep and self._sent_seconds > self.keep_seconds:
+            self._sent_seconds -= self.sent.popleft().duration
 
     def resume_after(self, last_seq: int | None) -> list[MediaItem]:
         """A new connection whose client holds every chunk up to `last_seq` (None: a fresh
         player). Items it holds that the dropped connection got out before its sender
-        could take them off the lane are settled (those counted now are returned); later ones it may have missed
-        are queued again as replays. Replies meant for the dead connection are dropped."""
+        could take them off the lane are settled (those counted now are returned); later ones
+        it may have missed are queued again as replays. Replies meant for the dead connection
+        (acks, pongs, errors) are dropped, but not the outcome of a prompt: a
+        `prompt_dropped` is the session's news, and waiting prompts are acknowledged again
+        by the caller."""
+        kept = [m for m in self.control if m.get("type") == "prompt_dropped"]
         self.control.clear()
+        self.control.extend(kept)
         settled: list[MediaItem] = []
         if last_seq is not None:
             while self.media and self.media[0].seq <= last_seq:
@@ -176,6 +200,7 @@ class Outbox:
             again = [replace(x, replay=True) for x in self.sent if x.seq > last_seq]
             self.media.extendleft(reversed(again))
         self.sent.clear()
+        self._sent_seconds = 0.0
         return settled
 
     def first_media_seq(self) -> int:
@@ -183,8 +208,20 @@ class Outbox:
         first = next((x.seq for x in self.media if x.data is not None), None)
         return first if first is not None else self.last_delivered_seq + 1
 
-    def clear(self) -> None:
+    def release(self) -> None:
+        """The session ended: drop its video (queued and kept for a resume); the control
+        lane stays until the stream has delivered the end (`drop_control`)."""
         self.media.clear()
+        self.sent.clear()
+        self._sent_seconds = 0.0
+
+    def drop_control(self) -> None:
+        self.control.clear()
+
+    @property
+    def bytes_held(self) -> int:
+        """Segment bytes this outbox holds: queued and kept for a resume."""
+        return sum(len(x.data) for x in (*self.media, *self.sent) if x.data is not None)
 
 
 class Packager:

@@ -185,6 +185,9 @@ class Engine:
             gauge("shotstream_cache_bytes", "Per-session device state in use, by kind.",
                   labels={k: float(v) for k, v in pool.breakdown().items()}),
             gauge("shotstream_pool_bytes", "All per-session device state in use.", pool.bytes_in_use),
+            gauge("shotstream_outbox_bytes",
+                  "Video segments held for streams: queued, and kept for resumes (ended sessions included).",
+                  sum(x.outbox.bytes_held for x in (*m.sessions.values(), *m.ended.values()))),
         ]  # fmt: skip
         mem = self.runner.memory_stats()
         if mem:

@@ -64,7 +64,8 @@ def setup_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     lvl = getattr(logging, level.upper(), logging.INFO)
-    for name in ("shotstream", "uvicorn", "uvicorn.error", "uvicorn.access"):
+    # asyncio's own errors too (e.g. accept() out of file descriptors under a flood)
+    for name in ("shotstream", "uvicorn", "uvicorn.error", "uvicorn.access", "asyncio"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         # uvicorn hands its logger to the websockets library, whose debug lines carry

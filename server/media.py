@@ -321,7 +321,8 @@ class H264Encoder:
         if sps is None or pps is None:
             raise RuntimeError("libx264 produced no SPS/PPS in extradata")
         self.packager = SegmentPackager(sps, pps, width, height, self.fps)
-        self.frames_encoded = 0
+        self.frames_encoded = 0  # the session's timeline: frame index of the next chunk
+        self._codec_pts = 0  # what libx264 is fed: always increasing, even after a rewind
 
     @property
     def mime(self) -> str:
@@ -346,6 +347,7 @@ class H264Encoder:
         array = _as_rgb_array(frames, self.height, self.width)
         samples: list[Sample] = []
         first = self.frames_encoded
+        codec_first = self._codec_pts
         for i in range(array.shape[0]):
             rgb = av.VideoFrame.from_numpy_buffer(array[i], format="rgb24")
             yuv = reformatter.reformat(
@@ -354,11 +356,11 @@ class H264Encoder:
                 dst_colorspace=Colorspace.ITU709,
                 dst_color_range=ColorRange.MPEG,
             )
-            yuv.pts = first + i
+            yuv.pts = codec_first + i
             # Each chunk starts with an IDR so a client can start decoding at any segment.
             yuv.pict_type = PictureType.I if i == 0 else PictureType.NONE
             for packet in ctx.encode(yuv):
-                samples.append(self._to_sample(packet, first + len(samples)))
+                samples.append(self._to_sample(packet, codec_first + len(samples)))
         if len(samples) != array.shape[0]:
             # Zero-latency settings promise one packet per frame; a delayed frame would land
             # in the next segment with the wrong timing, so fail loudly instead.
@@ -366,6 +368,7 @@ class H264Encoder:
         if not samples[0].sync:
             raise RuntimeError("encoder did not start the chunk with an IDR frame")
         self.frames_encoded += len(samples)
+        self._codec_pts += len(samples)
         data = self.packager.media_segment(samples)
         return Segment(
             data=data,
@@ -375,6 +378,16 @@ class H264Encoder:
             duration=len(samples) / self.fps,
             keyframe=samples[0].sync,
         )
+
+    def rewind(self, frame: int) -> None:
+        """Continue the timeline at `frame` (<= where it is): the next segment's decode time
+        starts there, replacing segments from that frame on (chunks withdrawn by a cut).
+        Every segment starts with an IDR, so nothing after the rewind depends on what was
+        withdrawn; libx264 itself keeps counting up."""
+        if not 0 <= frame <= self.frames_encoded:
+            raise ValueError(f"cannot rewind to frame {frame}; at {self.frames_encoded}")
+        self.frames_encoded = frame
+        self.packager.next_frame = frame
 
     def close(self) -> None:
         """Free the encoder's native state now rather than at garbage collection."""

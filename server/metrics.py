@@ -65,13 +65,14 @@ VERBS = ("text", "context", "prefill", "denoise", "refresh", "decode", "package"
 # dashboard see a series before the first event.
 REFUSE_REASONS = ("capacity", "quota", "draining", "not_ready")
 END_REASONS = ("deleted", "stopped", "idle", "expired", "failed", "draining", "shutdown")
-ERROR_KINDS = ("step", "oom", "encode", "engine", "slow_reader") + tuple(
+ERROR_KINDS = ("step", "oom", "encode", "engine", "slow_reader", "flood") + tuple(
     "client_" + code  # bad client input (protocol.ErrorCode), counted per message
     for code in ("bad_json", "bad_message", "unknown_type", "message_too_large",
                  "binary_not_allowed", "prompt_too_long", "prompt_too_many_tokens",
                  "too_many_shots", "invalid_state", "rate_limited")
 )  # fmt: skip
 DROP_REASONS = ("superseded", "session")  # a later cut; the session ended
+CONNECTION_CLOSE_REASONS = ("request_timeout", "over_limit")  # server/connections.py
 
 
 class Metrics:
@@ -143,12 +144,18 @@ class Metrics:
             ["reason"], registry=r,
         )  # fmt: skip
         self.errors = Counter("shotstream_errors_total", "Errors, by kind.", ["kind"], registry=r)
+        self.connections_closed = Counter(
+            "shotstream_connections_closed_total",
+            "HTTP connections the server closed before a complete request, by reason.",
+            ["reason"], registry=r,
+        )  # fmt: skip
         for labelled, values in (
             (self.verb_duration, VERBS),
             (self.sessions_refused, REFUSE_REASONS),
             (self.sessions_ended, END_REASONS),
             (self.prompts_dropped, DROP_REASONS),
             (self.errors, ERROR_KINDS),
+            (self.connections_closed, CONNECTION_CLOSE_REASONS),
         ):
             for value in values:
                 labelled.labels(value)

@@ -36,6 +36,12 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
 
 Mode: TypeAlias = Literal["cut", "queue"]
+
+# Features a client asks for on its stream URL (`?features=withdraw`) and the server lists
+# in `hello.features` when it enables them for that connection. Version 1 clients ask for
+# none and see none of their messages.
+FEATURE_WITHDRAW = "withdraw"  # instant cuts: `playhead` reports in, `withdraw` out
+FEATURES = (FEATURE_WITHDRAW,)
 SessionState: TypeAlias = Literal["waiting", "streaming", "paused", "ended", "failed"]
 
 
@@ -69,6 +75,8 @@ class ErrorCode:
     UNAUTHORIZED = "unauthorized"
     UNKNOWN_SESSION = "unknown_session"
     ALREADY_CONNECTED = "already_connected"
+    REPLACED = "replaced"  # a newer connection of the session took over this one
+    BAD_PLAYHEAD = "bad_playhead"  # a playhead the server did not send (ignored)
     RATE_LIMITED = "rate_limited"
     OVER_CAPACITY = "over_capacity"
     SLOW_READER = "slow_reader"
@@ -86,7 +94,9 @@ class CloseCode(IntEnum):
     UNAUTHORIZED = 4001  # missing or wrong token
     UNKNOWN_SESSION = 4004  # no such session, or it has ended
     ALREADY_CONNECTED = 4009  # a second stream connection (docs/design/protocol.md §12)
+    REPLACED = 4010  # a newer connection with the session's token took over: do not reconnect
     BAD_MESSAGE = 4400  # repeated malformed or abusive input
+    RATE_LIMITED = 4429  # a flood of messages past the per-connection rate
     IDLE = 4408  # idle or too slow a reader
     SESSION_FAILED = 4500  # the session failed or an internal error
     DRAINING = 4503  # draining, starting or full: try again later (or another replica)
@@ -96,6 +106,8 @@ _CLOSE_FOR_ERROR = {
     ErrorCode.UNAUTHORIZED: CloseCode.UNAUTHORIZED,
     ErrorCode.UNKNOWN_SESSION: CloseCode.UNKNOWN_SESSION,
     ErrorCode.ALREADY_CONNECTED: CloseCode.ALREADY_CONNECTED,
+    ErrorCode.REPLACED: CloseCode.REPLACED,
+    ErrorCode.RATE_LIMITED: CloseCode.RATE_LIMITED,
     ErrorCode.BAD_JSON: CloseCode.BAD_MESSAGE,
     ErrorCode.BAD_MESSAGE: CloseCode.BAD_MESSAGE,
     ErrorCode.UNKNOWN_TYPE: CloseCode.BAD_MESSAGE,
@@ -276,8 +288,13 @@ class HelloMessage(_Schema):
     next_seq: int = Field(
         default=0, ge=0,
         description="seq of the first chunk this connection carries; on a resume, chunks "
-        "between the client's last one and this were not kept",
+        "between the client's last one and this were not kept (or were withdrawn)",
     )  # fmt: skip
+    features: list[str] = Field(
+        default_factory=list,
+        description="optional protocol features enabled on this connection (asked for with "
+        "`?features=` on the stream URL): `withdraw` (instant cuts)",
+    )
 
 
 class InitMessage(_Schema):
@@ -291,7 +308,9 @@ class ChunkMessage(_Schema):
     """Announces the binary frame with one media segment; it starts with a keyframe."""
 
     type: Literal["chunk"] = "chunk"
-    seq: int = Field(ge=0, description="from 0; never repeats or skips within a session")
+    seq: int = Field(
+        ge=0, description="from 0, increasing; a seq withdrawn by a cut is never used again"
+    )
     shot: int = Field(ge=0)
     shot_id: int
     first_frame: int = Field(ge=0)
@@ -349,6 +368,19 @@ class PromptDroppedMessage(_Schema):
     reason: str
 
 
+class WithdrawMessage(_Schema):
+    """Feature `withdraw`: chunks already sent will not be played; a cut replaces them.
+
+    The client removes its buffered media from `pts` on (the start of the first withdrawn
+    chunk) and the chunks listed; the next chunk continues the timeline at `pts` (it is the
+    first of the new shot, announced by its `shot` message). In order with the media."""
+
+    type: Literal["withdraw"] = "withdraw"
+    seqs: list[int] = Field(description="withdrawn chunks this connection was sent")
+    pts: float = Field(ge=0, description="seconds: media from here on is withdrawn")
+    shot_id: int = Field(description="the cut's prompt, whose shot replaces them")
+
+
 class PongMessage(_Schema):
     """Answer to `ping`."""
 
@@ -391,6 +423,15 @@ class PingMessage(_ClientMessage):
     type: Literal["ping"] = "ping"
 
 
+class PlayheadMessage(_ClientMessage):
+    """Feature `withdraw`: where the client's player is, in seconds of the media timeline
+    (the `pts` of what it is showing now). A cut withdraws only chunks past it. Send a few
+    times a second while playing; a value the server did not send is an error, ignored."""
+
+    type: Literal["playhead"] = "playhead"
+    pts: float = Field(ge=0, allow_inf_nan=False)
+
+
 ServerMessage: TypeAlias = Annotated[
     HelloMessage
     | InitMessage
@@ -400,11 +441,12 @@ ServerMessage: TypeAlias = Annotated[
     | ErrorMessage
     | EndedMessage
     | PromptDroppedMessage
+    | WithdrawMessage
     | PongMessage,
     Field(discriminator="type"),
 ]
 ClientMessage: TypeAlias = Annotated[
-    PromptMessage | PauseMessage | ResumeMessage | StopMessage | PingMessage,
+    PromptMessage | PauseMessage | ResumeMessage | StopMessage | PingMessage | PlayheadMessage,
     Field(discriminator="type"),
 ]
 
@@ -419,12 +461,20 @@ SERVER_MESSAGE_TYPES: dict[str, type[BaseModel]] = {
         ErrorMessage,
         EndedMessage,
         PromptDroppedMessage,
+        WithdrawMessage,
         PongMessage,
     )
 }
 CLIENT_MESSAGE_TYPES: dict[str, type[BaseModel]] = {
     m.model_fields["type"].default: m
-    for m in (PromptMessage, PauseMessage, ResumeMessage, StopMessage, PingMessage)
+    for m in (
+        PromptMessage,
+        PauseMessage,
+        ResumeMessage,
+        StopMessage,
+        PingMessage,
+        PlayheadMessage,
+    )  # fmt: skip
 }
 
 server_message_adapter: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
@@ -440,9 +490,10 @@ class ProtocolError:
 
     code: str
     message: str
+    ref: str | None = None  # the rejected message's `ref`, when one could be read from it
 
     def to_message(self, fatal: bool = False) -> ErrorMessage:
-        return ErrorMessage(code=self.code, message=self.message, fatal=fatal)
+        return ErrorMessage(code=self.code, message=self.message, fatal=fatal, ref=self.ref)
 
 
 class LimitError(ValueError):
@@ -488,12 +539,16 @@ def parse_client_message(
     obj = _load_object(data, limits.max_message_bytes)
     if isinstance(obj, ProtocolError):
         return obj
+    ref = obj.get("ref")
+    ref = ref if isinstance(ref, str) and len(ref) <= 64 else None
     msg = _validate(obj, CLIENT_MESSAGE_TYPES)
+    if isinstance(msg, ProtocolError):
+        return ProtocolError(msg.code, msg.message, ref)
     if isinstance(msg, PromptMessage):
         try:
             validate_prompt(msg, limits)
         except LimitError as exc:
-            return ProtocolError(exc.code, exc.message)
+            return ProtocolError(exc.code, exc.message, ref)
     return msg  # type: ignore[return-value]
 
 

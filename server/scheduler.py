@@ -95,8 +95,8 @@ def ready_at(s: Session, now: float, settings: Settings, chunk_seconds: float) -
         return None
     if undelivered(s) >= settings.outbox_chunks:
         return None  # slow or absent reader: wait for the outbox to drain
-    if not s.clock.running:
-        # Nobody is watching yet: prepare up to the lead, then wait for a player.
+    if not s.clock.running or s.conn is None:
+        # Nobody is watching (yet, or now): prepare up to the lead, then wait for a player.
         return now if undelivered(s) < max(1, round(settings.lead_chunks)) else None
     ahead = buffer_end(s) - now
     lead = settings.lead_chunks * chunk_seconds

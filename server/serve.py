@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from model.config import get_preset
 from server.app import create_app
+from server.connections import connection_limit, guarded_http
 from server.logs import setup_logging
 from server.settings import Settings
 
@@ -103,10 +104,14 @@ def run_serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level)
     app = create_app(settings)
     state = app.state.shotstream
+    max_connections = connection_limit(settings.max_connections)
+    http = guarded_http(settings.http_request_timeout_s, max_connections,
+                        lambda reason: state.metrics.connections_closed.labels(reason).inc())  # fmt: skip
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None,
+        app, host=settings.host, port=settings.port, log_config=None, http=http,
         log_level=uvicorn_log_level(settings.log_level), ws_max_size=max(1 << 20, 4 * settings.max_ws_message_bytes),
-        ws_ping_interval=20, ws_ping_timeout=20, timeout_graceful_shutdown=5,
+        ws_ping_interval=settings.ws_ping_interval_s, ws_ping_timeout=settings.ws_ping_timeout_s,
+        timeout_graceful_shutdown=2,  # after the drain: what is left is keep-alive sockets
         proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None,
     )  # fmt: skip
     server = DrainingServer(config, state)
@@ -114,6 +119,8 @@ def run_serve(args: argparse.Namespace) -> int:
     url = f"http://{host}:{settings.port}/"
     log.info(f"ShotStream server ({settings.preset} preset) at {url} — open it in a browser; "
              "API docs at /docs", extra={"url": url})  # fmt: skip
+    log.info("connection limit", extra={"max_connections": max_connections,
+                                        "http_request_timeout_s": settings.http_request_timeout_s})  # fmt: skip
     if settings.weights is None and not get_preset(settings.preset).bundled_weights:
         log.warning(f"no --weights given: the {settings.preset} preset runs with RANDOM weights")
     sockets = None

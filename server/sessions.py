@@ -104,8 +104,10 @@ class Session:
         self.chunks_generated = 0
         self.video_generated = 0.0  # seconds of video planned: generated or in flight
         # -- delivery
-        self.outbox = Outbox(keep=2 * max(2, settings.outbox_chunks))
-        self.clock = PlayoutClock()  # this connection's player
+        self.outbox = Outbox(2 * max(2, settings.outbox_chunks), settings.resume_window_s)
+        # The viewer's player, over all its connections: a reconnect does not restart it, so
+        # a session's pace does not depend on how often its client reconnects.
+        self.clock = PlayoutClock()
         self.encode_lock = asyncio.Lock()
         self.conn: Connection | None = None
         self.ever_connected = False  # a stream has attached at least once
@@ -126,8 +128,9 @@ class SessionManager:
     """Creates, finds, feeds and ends sessions; owns admission and their connections."""
 
     def __init__(self, settings: Settings, runner: ModelRunner, metrics: Metrics,
-                 encode_pool=None) -> None:  # fmt: skip
+                 encode_pool=None, text_pool=None) -> None:  # fmt: skip
         self.settings, self.runner, self.metrics = settings, runner, metrics
+        self.text_pool = text_pool  # caption cleaning and tokenizing, off the event loop
         self.cfg = runner.cfg
         self.sessions: dict[str, Session] = {}
         self.ended: dict[str, Session] = {}  # tombstones for GET after the end
@@ -199,11 +202,13 @@ class SessionManager:
         return max(1.0, min(soonest)) if soonest else 10.0
 
     # -- creation ----------------------------------------------------------------------
-    def create(self, client: str, req: P.CreateSessionRequest) -> tuple[Session, int]:
+    async def create(self, client: str, req: P.CreateSessionRequest) -> tuple[Session, int]:
         """A new session (after `admit`); returns it and the tokens cut from its captions."""
         P.validate_create(req, self.limits)
         shots = list(req.shots) or [""]
-        reports = [self._check_caption(req.prompt, i, text) for i, text in enumerate(shots)]
+        reports = await self._check_captions(req.prompt, list(enumerate(shots)))
+        if self.draining:  # the drain began while the captions were checked
+            raise Refused(503, P.ErrorCode.DRAINING, "server is draining", retry_after=5)
         sid = f"{self.settings.replica_id}.{secrets.token_hex(12)}"
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         s = Session(sid, secrets.token_urlsafe(32), client, req.prompt, seed, req.mode,
@@ -223,9 +228,17 @@ class SessionManager:
         self._wake_engine()
         return s, sum(r.truncated_tokens for r in reports)
 
-    def _check_caption(self, global_prompt: str, shot_index: int, text: str) -> TokenReport:
+    async def _check_captions(
+        self, global_prompt: str, shots: list[tuple[int, str]]
+    ) -> list[TokenReport]:
+        """Clean and tokenize captions (ftfy is slow on long mojibake) on the text pool,
+        one request's captions as one job, so the event loop never waits for them."""
+
+        def check() -> list[TokenReport]:
+            return [self.runner.check_caption(global_prompt, i, text) for i, text in shots]
+
         try:
-            return self.runner.check_caption(global_prompt, shot_index, text)
+            return await asyncio.get_running_loop().run_in_executor(self.text_pool, check)
         except ValueError as exc:  # PromptTooLong under prompt_overflow=reject
             raise P.LimitError(P.ErrorCode.PROMPT_TOO_MANY_TOKENS, str(exc)) from exc
 
@@ -233,7 +246,7 @@ class SessionManager:
         return s.created_at + timedelta(seconds=self.settings.session_max_s)  # hard expiry
 
     # -- prompts -------------------------------------------------------------------------
-    def add_prompt(self, s: Session, text: str, mode: str | None) -> Prompt:
+    async def add_prompt(self, s: Session, text: str, mode: str | None) -> Prompt:
         """Accept a shot prompt now; it starts at the next chunk (`cut`) or after the
         current and queued shots (`queue`). Raises LimitError / Refused."""
         if not s.alive:
@@ -248,7 +261,9 @@ class SessionManager:
                           f"{len(s.queue)} prompts queued; the limit is {self.settings.max_queued_prompts}",
                           retry_after=self.cfg.chunk_seconds)  # fmt: skip
         expected_shot = s.shot_index + 1 + (len(s.queue) if mode == "queue" else 0)
-        report = self._check_caption(s.global_prompt, max(expected_shot, 0), text)
+        (report,) = await self._check_captions(s.global_prompt, [(max(expected_shot, 0), text)])
+        if not s.alive:  # ended while its caption was checked
+            raise Refused(409, P.ErrorCode.INVALID_STATE, f"session is {s.state}")
         p = Prompt(s.next_shot_id, text, mode, time.monotonic(), report)
         s.next_shot_id += 1
         self.metrics.prompts_received.inc()
@@ -320,7 +335,7 @@ class SessionManager:
         """An item was sent whole: counters, playout clock, deadline misses, latencies."""
         now = time.monotonic()
         m, conn = self.metrics, s.conn
-        counted = s.outbox.sent_whole(item)
+        counted = s.outbox.sent_whole(item, keep=s.alive)  # an ended session keeps no video
         if counted and item.prompt is not None:
             m.prompts_applied.inc()
         if item.data is None:  # a `shot` message
@@ -373,7 +388,9 @@ class SessionManager:
         self._arm_timer(s)  # connected: only the session's lifetime limit stays armed
         if s.state == "waiting":
             s.state = "streaming"
-        s.clock.reset()  # a fresh player: its clock starts at the first chunk sent to it
+        # The player's clock goes on across connections (a reconnect earns no new lead); if
+        # it ran dry while nobody was connected, that wait is the client's, not a miss.
+        s.clock.rebase_if_dry(time.monotonic())
         for item in s.outbox.resume_after(last_seq):
             if item.data is not None and item.prompt is not None:
                 # its shot's prompt counts as applied; when it became visible is not known
@@ -385,16 +402,30 @@ class SessionManager:
         self._wake_engine()
         conn.next_seq = s.outbox.first_media_seq()
 
+    def replace_connection(self, s: Session) -> None:
+        """A newer connection is taking over: tell the old one why and close it (it is not
+        to reconnect), and detach it now."""
+        old = s.conn
+        if old is None:
+            return
+        log.info("stream replaced", extra={"session_id": s.id})
+        msg = "a newer connection of this session took over"
+        old.close_after_flush(int(P.CloseCode.REPLACED), msg)
+        # Straight to the old socket, not the session's lanes (they belong to the new one).
+        err = P.ErrorMessage(code=P.ErrorCode.REPLACED, message=msg, fatal=True)
+        old.farewell = err.model_dump()
+        self.detach(s, old)
+
     def detach(self, s: Session, conn: Connection) -> None:
         if s.conn is not conn:
             return
         s.conn = None
         if not s.alive:
+            s.outbox.drop_control()  # the end was delivered (or cannot be any more)
             return
         s.disconnected_at = time.monotonic()
         if s.state == "streaming":
             s.state = "waiting"
-        s.clock.reset()
         self._arm_timer(s)
         log.info("stream disconnected", extra={"session_id": s.id})
 
@@ -436,7 +467,7 @@ class SessionManager:
             self._drop(s, p, f"session {reason}")
         s.pending_cut = None
         s.queue.clear()
-        s.outbox.clear()
+        s.outbox.release()
         conn = s.conn
         if conn is not None:
             if error:
@@ -448,6 +479,8 @@ class SessionManager:
                 s.outbox.control.append(P.EndedMessage(reason=reason).model_dump())
                 code = close_code or (1001 if reason in ("draining", "shutdown") else 1000)
             conn.close_after_flush(code, error[1] if error else reason)
+        else:
+            s.outbox.drop_control()  # nobody to tell: a tombstone keeps no messages
         self.sessions.pop(s.id, None)
         self.ended[s.id] = s
         while len(self.ended) > 1000:

@@ -72,6 +72,20 @@ class Settings(BaseSettings):
         pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
         description="stable id of this replica (a DNS label, e.g. the pod name); session ids start with it, so a proxy routes each session to its owner",
     )
+    http_request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection must deliver each request, headers and body, within this "
+        "many seconds of opening (or of the request's first byte, when kept alive), else it "
+        "is closed (slowloris)",
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="open connections (HTTP and WebSocket) at most; past it a new one closes "
+        "the one that has waited longest for a complete request, or gets 503 if all are busy "
+        "(0 = the open-file limit minus 64, at most 4096)",
+    )
 
     # -- sessions and limits ---------------------------------------------------------
     max_sessions: int = Field(
@@ -106,6 +120,26 @@ class Settings(BaseSettings):
     )
     abuse_limit: int = Field(
         8, description="bad messages tolerated on one connection before it is closed"
+    )
+    ws_message_rate: float = Field(
+        20.0,
+        description="messages per second a stream connection may send, of any kind (burst of "
+        "twice that); past it messages are dropped unanswered, and past `ws_flood_limit` "
+        "dropped ones the connection is closed (4429)",
+    )
+    ws_flood_limit: int = Field(
+        64, description="messages dropped for the rate on one connection before it is closed"
+    )
+    ws_ping_interval_s: float = Field(
+        5.0,
+        description="WebSocket ping interval; a connection whose peer does not answer within "
+        "`ws_ping_timeout_s` is closed (a frozen client is noticed in about their sum)",
+    )
+    ws_ping_timeout_s: float = Field(10.0, description="WebSocket pong timeout (see above)")
+    resume_window_s: float = Field(
+        20.0,
+        description="seconds of video already sent that a session keeps, so a client that "
+        "resumes (`last_seq`) after its connection died gets again what it may have missed",
     )
     on_shot_end: Literal["continue", "pause"] = Field(
         "continue",

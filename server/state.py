@@ -38,6 +38,7 @@ class AppState:
         self.manager: SessionManager | None = None
         self.engine: Engine | None = None
         self.encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shotstream-encode")
+        self.text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shotstream-text")
         self.bring_up: asyncio.Task | None = None
         self.error: str | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -70,7 +71,7 @@ class AppState:
                     s.attention, s.seed, s.prompt_overflow, _threads(s), s.compile,
                 )  # fmt: skip
             runner = self.runner
-            self.manager = SessionManager(s, runner, self.metrics, self.encode_pool)
+            self.manager = SessionManager(s, runner, self.metrics, self.encode_pool, self.text_pool)
             self.engine = Engine(self.manager)
             self.engine.start()
             self.metrics.build_info.info({
@@ -140,6 +141,7 @@ class AppState:
             log.info("stopped", extra={"pool_bytes": self.runner.pool.bytes_in_use,
                                        "open_sessions": self.runner.open_sessions})  # fmt: skip
         self.encode_pool.shutdown(wait=False, cancel_futures=True)
+        self.text_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _threads(s: Settings) -> int:

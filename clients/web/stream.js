@@ -2,8 +2,9 @@
 // with the binary frame after it, and reconnects with the same token after an unexpected close.
 
 // Close codes after which reconnecting cannot help: bad token, unknown or ended session,
-// repeated bad input, session failed, server draining (protocol.py CloseCode).
-const FINAL_CLOSE_CODES = new Set([4001, 4004, 4400, 4500, 4503]);
+// a newer connection of the session took over, repeated bad input, a message flood,
+// session failed, server draining (protocol.py CloseCode).
+const FINAL_CLOSE_CODES = new Set([4001, 4004, 4010, 4400, 4429, 4500, 4503]);
 const RETRY_DELAYS_MS = [250, 500, 1000, 2000, 4000];
 
 export class StreamSocket {

@@ -151,8 +151,9 @@ ROWS: list[tuple[str, list[tuple[str, str, str, bool, list[tuple[str, str]]]]]] 
          "reserved by the process (CUDA only).", "bytes", False, [
             (f"sum(shotstream_pool_bytes{SEL})", "session pool"),
             (f"sum by (kind) (shotstream_gpu_memory_bytes{SEL})", "GPU {{kind}}"),
+            (f"sum(shotstream_outbox_bytes{SEL})", "video held for streams (host)"),
         ]),
-        ("Errors by kind", "Per minute: step, oom, encode, engine, slow_reader, client_*.",
+        ("Errors by kind", "Per minute: step, oom, encode, engine, slow_reader, flood, client_*.",
          "short", True, [
             (per_minute("shotstream_errors_total", "kind"), "{{kind}}"),
         ]),

@@ -33,7 +33,7 @@ async def create_session(req: P.CreateSessionRequest, request: Request, state: S
     check_api_key(state, request)
     client = client_key(request)
     m.admit(client)
-    s, cut = m.create(client, req)
+    s, cut = await m.create(client, req)
     base = state.settings.public_url or str(request.base_url).rstrip("/")
     ws_base = base.replace("https://", "wss://").replace("http://", "ws://")
     cfg = m.cfg
@@ -55,7 +55,7 @@ async def get_session(s: OwnedSession, m: Manager):
                429: {"model": P.ErrorBody}},
 )  # fmt: skip
 async def post_prompt(req: P.PromptRequest, s: OwnedSession, m: Manager):
-    p = m.add_prompt(s, req.prompt, req.mode)
+    p = await m.add_prompt(s, req.prompt, req.mode)
     ack = P.PromptAckMessage(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
                              truncated_tokens=p.report.truncated_tokens)  # fmt: skip
     m.send_control(s, ack)  # the stream's timeline learns of it too

@@ -21,7 +21,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from server import protocol as P
 from server.api.deps import bearer
 from server.delivery import Connection, MediaItem
-from server.sessions import Refused, Session
+from server.sessions import Refused, Session, TokenBucket
 from server.state import AppState
 
 log = logging.getLogger("shotstream.stream")
@@ -57,9 +57,9 @@ async def stream(ws: WebSocket, sid: str):
     if not s.alive:
         return await refuse(P.ErrorCode.UNKNOWN_SESSION, f"session {sid} has {s.state}")
     if s.conn is not None:
-        return await refuse(
-            P.ErrorCode.ALREADY_CONNECTED, "this session already has a stream connection"
-        )
+        # The newer connection wins: the old one is most likely dead without our knowing
+        # (a frozen or vanished client), and a client resuming must not wait for that.
+        m.replace_connection(s)
     conn = Connection(ws.send_text, ws.send_bytes, ws.close, time.monotonic())
     m.attach(s, conn, _last_seq(ws.query_params.get("last_seq", "")))
     sender = asyncio.create_task(_sender(state, ws, s, conn), name=f"send-{sid}")
@@ -107,12 +107,16 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
         await asyncio.wait_for(ws.send_bytes(init), timeout)
         state.metrics.bytes_sent.inc(len(init))
         while True:
-            while box.control:
+            if conn.farewell is not None:  # replaced: the session's lanes are not ours now
+                await _send_json(ws, conn.farewell, timeout)
+                await asyncio.wait_for(ws.close(conn.close_code, conn.close_reason), timeout)
+                return
+            while box.control and s.conn is conn:
                 await _send_json(ws, box.control.popleft(), timeout)
             if conn.closing:
-                await ws.close(conn.close_code, conn.close_reason)
+                await asyncio.wait_for(ws.close(conn.close_code, conn.close_reason), timeout)
                 return
-            if box.media:
+            if box.media and s.conn is conn:
                 item: MediaItem = box.media[0]
                 t0 = time.perf_counter()
                 msg = dict(item.message)
@@ -123,6 +127,8 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
                 await _send_json(ws, msg, timeout)
                 if item.data is not None:
                     await asyncio.wait_for(ws.send_bytes(item.data), timeout)
+                if s.conn is not conn:  # replaced meanwhile: the new connection sends it
+                    continue
                 # Sent whole: only now does it leave the outbox (a reconnect resends the rest).
                 m.delivered(s, item, time.perf_counter() - t0)
                 continue
@@ -143,6 +149,8 @@ async def _receiver(
 ) -> None:
     m = state.manager
     assert m is not None
+    settings = state.settings
+    bucket = TokenBucket(settings.ws_message_rate, 2 * settings.ws_message_rate)
     while True:
         recv = asyncio.create_task(ws.receive())
         done, _ = await asyncio.wait({recv, sender}, return_when=asyncio.FIRST_COMPLETED)
@@ -157,15 +165,33 @@ async def _receiver(
             return
         if msg["type"] == "websocket.disconnect":
             return
+        if conn.closing:
+            continue  # closing: nothing more is read into the session
+        if not bucket.take():
+            # A flood: drop unread (cheap), saying so once; past the limit, close.
+            conn.dropped += 1
+            if conn.dropped == 1:
+                state.metrics.errors.labels("client_rate_limited").inc()
+                m.send_control(s, P.ErrorMessage(code=P.ErrorCode.RATE_LIMITED, fatal=False,
+                                                 message=f"more than {settings.ws_message_rate:g} "
+                                                 "messages per second: the excess is dropped unanswered"))  # fmt: skip
+            if conn.dropped >= settings.ws_flood_limit:
+                state.metrics.errors.labels("flood").inc()
+                log.warning("stream flood closed", extra={"session_id": s.id})
+                m.send_control(s, P.ErrorMessage(code=P.ErrorCode.RATE_LIMITED, fatal=True,
+                                                 message=f"more than {settings.ws_message_rate:g} "
+                                                 "messages per second; closing this connection"))  # fmt: skip
+                conn.close_after_flush(int(P.CloseCode.RATE_LIMITED), "too many messages")
+            continue
         data = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
         parsed = P.parse_client_message(data if data is not None else "", m.limits)
         if isinstance(parsed, P.ProtocolError):
-            _client_error(state, s, conn, parsed.code, parsed.message, ref=_ref_of(data))
+            _client_error(state, s, conn, parsed.code, parsed.message, ref=parsed.ref)
             continue
         ref = parsed.ref
         try:
             if isinstance(parsed, P.PromptMessage):
-                p = m.add_prompt(s, parsed.prompt, parsed.mode)
+                p = await m.add_prompt(s, parsed.prompt, parsed.mode)
                 m.send_control(s, P.PromptAckMessage(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
                                                      truncated_tokens=p.report.truncated_tokens, ref=ref))  # fmt: skip
             elif isinstance(parsed, P.PauseMessage):
@@ -193,18 +219,6 @@ def _last_seq(text: str) -> int | None:
     if not (0 < len(digits) <= 18 and digits.isascii() and digits.isdigit()):
         return None
     return int(text)
-
-
-def _ref_of(data: str | bytes | None) -> str | None:
-    """The `ref` of a message that failed validation, if one can be read from it."""
-    if not isinstance(data, str) or len(data) > 65536:
-        return None
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return None
-    ref = obj.get("ref") if isinstance(obj, dict) else None
-    return ref if isinstance(ref, str) and len(ref) <= 64 else None
 
 
 def _client_error(state: AppState, s: Session, conn: Connection, code: str, message: str,

@@ -136,3 +136,77 @@ def test_batched_chunks_equal_each_session_alone(model, pool):
         assert b.chunk == a.chunk
     for g in alone + batch:
         pool.release(g.lease)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2], ids=["replace-shot", "keep-1", "keep-2"])
+def test_a_shot_rolled_back_equals_one_that_never_generated_those_chunks(model, pool, keep):
+    """Shot A, then shot B for 3 chunks rolled back to its first `keep` chunks, then shot C:
+    every chunk of C, bit for bit, and C's context, equal a run where B only ever made
+    `keep` chunks (with keep 0, B never started: C takes its place). Also across a second
+    boundary (shot D)."""
+
+    def story(rolled_back: bool):
+        lease = pool.acquire(f"session-{next(_owners)}")
+        gen = ShotStreamGenerator(model, lease, "a red circle on a blue background", seed=5)
+        gen.start_shot("shot A")
+        for _ in range(3):
+            gen.next_chunk()
+        if rolled_back or keep:
+            gen.start_shot("shot B")
+            for _ in range(3 if rolled_back else keep):
+                gen.next_chunk()
+        if rolled_back:
+            gen.truncate_shot(sum(model.cfg.chunk_pixel_frames(c) for c in range(keep)))
+        after = []
+        for text in ("shot C", "shot D"):
+            start = gen.start_shot(text)
+            after.append((start.shot, start.context_indices))
+            after += [gen.next_chunk().frames for _ in range(2)]
+        pool.release(lease)
+        return after
+
+    rolled, never = story(True), story(False)
+    assert len(rolled) == len(never)
+    for a, b in zip(rolled, never, strict=True):
+        if isinstance(a, tuple):
+            assert a == b
+        else:
+            assert torch.equal(a, b)
+
+
+def test_a_cut_inside_a_chunk_keeps_that_chunks_first_frames(model, pool):
+    """Shot B cut 4 frames into its second chunk (9 + 4 = 13 frames): the next shot's
+    context is picked over B's 13 frames, and the picked frames are B's own pixels."""
+    from model.context import select_context
+
+    lease = pool.acquire(f"session-{next(_owners)}")
+    trace: dict = {}
+    gen = ShotStreamGenerator(model, lease, "caption", seed=6, trace=trace)
+    gen.start_shot("A")
+    a = [gen.next_chunk().frames for _ in range(2)]
+    gen.start_shot("B")
+    b = [gen.next_chunk().frames for _ in range(2)]
+    gen.truncate_shot(13)
+    start = gen.start_shot("C")
+    picks = select_context([21, 13], model.cfg.context_frames)
+    assert start.context_indices == [p.index for p in picks]
+    seen = torch.cat([*a, *b])[: 21 + 13]  # what the viewer saw, as decoded uint8
+    assert max(start.context_indices) < 34 and start.context_indices[-1] == 33
+    pixels = trace["context_pixels"][-1]  # the frames encoded for C's context (float)
+    from model.vae import to_uint8
+
+    picked_b = [i for i in start.context_indices if i >= 21]
+    assert torch.equal(to_uint8(pixels[-len(picked_b) :]), seen[picked_b])
+    pool.release(lease)
+
+
+def test_truncate_refuses_what_was_not_generated(model, pool):
+    lease = pool.acquire(f"session-{next(_owners)}")
+    gen = ShotStreamGenerator(model, lease, "caption", seed=2)
+    with pytest.raises(ValueError):
+        gen.truncate_shot(0)  # no shot yet
+    gen.start_shot("a")
+    gen.next_chunk()
+    with pytest.raises(ValueError):
+        gen.truncate_shot(10)  # only one chunk (9 frames) exists
+    pool.release(lease)

@@ -19,6 +19,7 @@ def edge_server(tmp_path_factory):
         tmp_path_factory.mktemp("edge"), max_sessions=4, realtime_margin=50, chunks_per_shot=3,
         max_sessions_per_client=8, session_grace_s=20, lead_chunks=50, drain_grace_s=1,
         stream_send_buffer_bytes=32768, api_key=API_KEY, cors_origins=ORIGIN,
+        ws_message_rate=200,  # the prompt flood here tests the prompt limit, not the message one
     ).wait_ready()  # fmt: skip
     yield srv
     assert srv.stop() == 0, srv.log()[-3000:]

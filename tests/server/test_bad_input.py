@@ -112,21 +112,29 @@ def test_stream_auth(server, suffix, token, close, code):
     assert not st.chunks
 
 
-def test_second_stream_connection_gets_4009(server):
+def test_a_newer_stream_connection_takes_over_and_the_old_one_is_told(server):
+    """The newer connection wins at once (a client resuming after its socket died must not
+    wait for the server to notice): the old one gets a fatal `replaced` error and close
+    4010 (do not reconnect), the new one streams on from where it says it is."""
     d = server.create(seed=4)
 
     async def go():
         async with StreamClient(d["stream_url"], d["token"]) as c1:
-            await c1.until(lambda m: m["type"] == "init")
-            async with StreamClient(d["stream_url"], d["token"]) as c2:
-                st2 = await c2.closed()
-            await c1.chunks(1)  # the first connection is untouched
-            await c1.send({"type": "stop"})
-            await c1.closed()
-            return st2
+            got = await c1.chunks(1)
+            last = got[-1].message["seq"]
+            url = f"{d['stream_url']}?token={d['token']}&last_seq={last}"
+            async with StreamClient(url, None) as c2:
+                hello = await c2.until(lambda m: m["type"] == "hello")
+                st1 = await c1.closed()
+                nxt = await c2.chunks(1)
+                await c2.send({"type": "stop"})
+                await c2.closed()
+            return last, hello, st1, nxt
 
-    st2 = run(go())
-    assert st2.close_code == 4009 and st2.of("error")[0]["code"] == "already_connected"
+    last, hello, st1, nxt = run(go())
+    assert st1.close_code == 4010 and st1.of("error")[-1]["code"] == "replaced"
+    assert st1.of("error")[-1]["fatal"]
+    assert hello["next_seq"] == last + 1 == nxt[0].message["seq"]
 
 
 def test_token_from_header_works_and_another_sessions_token_does_not(server):

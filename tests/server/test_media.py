@@ -323,3 +323,29 @@ def test_iter_boxes_rejects_a_truncated_box() -> None:
     data = struct.pack(">I4s", 100, b"moof") + bytes(10)
     with pytest.raises(ValueError, match="bad size"):
         list(iter_boxes(data))
+
+
+@needs_ffprobe
+def test_a_rewound_encoder_replaces_the_withdrawn_tail(tmp_path: Path) -> None:
+    """Three chunks, then a rewind to the second's start and a different chunk: the stream
+    made of the first chunk and the new one decodes cleanly, with continuous timestamps,
+    the new chunk's pixels where the withdrawn ones were (what a player that removed the
+    withdrawn media plays)."""
+    enc = H264Encoder(WIDTH, HEIGHT, FPS)
+    first = enc.encode_chunk(moving_frames(9, HEIGHT, WIDTH, 0))
+    enc.encode_chunk(moving_frames(12, HEIGHT, WIDTH, 9))
+    enc.encode_chunk(moving_frames(12, HEIGHT, WIDTH, 21))
+    enc.rewind(first.frames)
+    new_frames = np.full((9, HEIGHT, WIDTH, 3), (200, 40, 40), np.uint8)  # a new shot: red
+    new = enc.encode_chunk(new_frames)
+    assert (new.first_frame, new.pts) == (9, 9 / FPS) and new.keyframe
+    path = tmp_path / "after-cut.mp4"
+    path.write_bytes(enc.init_segment() + first.data + new.data)
+    probe = ffprobe(path)
+    assert int(probe["streams"][0]["nb_read_frames"]) == 18
+    times = [float(f["pts_time"]) for f in probe["frames"]]
+    assert times == [i / FPS for i in range(18)]
+    decoded = decode_rgb(path.read_bytes())
+    assert np.abs(decoded[12][1].astype(int) - (200, 40, 40)).max() < 12
+    with pytest.raises(ValueError):
+        enc.rewind(100)

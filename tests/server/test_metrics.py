@@ -213,7 +213,8 @@ def test_gpu_memory_gauge_on_cuda():
     )  # fmt: skip
     metrics = Metrics()
     manager = SimpleNamespace(runner=runner, settings=Settings(), cfg=get_preset("tiny"),
-                              metrics=metrics, active=[], ready=True, draining=False)  # fmt: skip
+                              metrics=metrics, active=[], sessions={}, ended={}, ready=True,
+                              draining=False)  # fmt: skip
     Engine(manager)
     samples = parse(metrics.render().decode())
     assert value(samples, "shotstream_gpu_memory_bytes", kind="allocated") == 3 << 30

@@ -29,7 +29,7 @@ def test_execute_runs_single_and_batched_plans_and_frees_ended_sessions(runner):
         settings = Settings(max_batch=4)
         m = SessionManager(settings, runner, Metrics())
         sched = Scheduler(settings, runner.cfg, lambda: m.active)
-        ss = [m.create("c", P.CreateSessionRequest(prompt=f"p{i}"))[0] for i in range(2)]
+        ss = [(await m.create("c", P.CreateSessionRequest(prompt=f"p{i}")))[0] for i in range(2)]
         shapes = []
         for t in range(6):
             for s in ss:  # a reader that keeps up, a player long dry: always runnable,
@@ -65,7 +65,7 @@ def test_a_failing_step_comes_back_as_an_error_and_oom_frees_the_session(runner)
         settings = Settings()
         m = SessionManager(settings, runner, Metrics())
         sched = Scheduler(settings, runner.cfg, lambda: m.active)
-        s = m.create("c", P.CreateSessionRequest(prompt="p"))[0]
+        s = (await m.create("c", P.CreateSessionRequest(prompt="p")))[0]
         runner.faults[s.id] = "exception"
         plan, _ = sched.schedule(0.0)
         outcome = await runner.execute(plan)

@@ -129,3 +129,52 @@ def test_churn_of_sessions_leaves_memory_flat(server, sessions):
     # a leaked session (its ~9 MiB of caches and decoder state, or its encoder and buffers)
     # would grow RSS by that much per session
     assert growth < 48, figures
+
+
+@pytest.mark.slow
+def test_hostile_mix_beside_honest_load(tmp_path):
+    """`make soak` only: two honest load-generator sessions for 180 s beside an abusive
+    client that cycles, for the whole run, through a reconnect storm, a frame flood and a
+    frozen socket on a session of its own (tests/server/test_fairness.py's abuser, again
+    and again). The honest sessions are served, the abuser's floods are closed, and
+    nothing is left afterwards: no session, no device state, no video held."""
+    from tests.server.test_fairness import abuser
+
+    srv = ServerProcess(
+        tmp_path, max_sessions=3, realtime_margin=50, max_sessions_per_client=64,
+        lead_chunks=3, session_grace_s=5, chunks_per_shot=3,
+    ).wait_ready()  # fmt: skip
+    duration = 180.0
+    try:
+
+        async def abuse(until: float) -> list[dict]:
+            rounds = []
+            while time.monotonic() < until - 20:
+                d = await asyncio.to_thread(srv.create, seed=len(rounds))
+                url = f"{d['stream_url']}?token={d['token']}"
+                rounds.append(await abuser(url, time.monotonic() + 15))
+                await asyncio.to_thread(srv.delete, d)
+            return rounds
+
+        async def go():
+            until = time.monotonic() + duration
+            cfg = LoadConfig(server=srv.base, sessions=2, duration_s=duration,
+                             prompt_every_s=4.0, seed=7)  # fmt: skip
+            return await asyncio.gather(run_load(cfg), abuse(until))
+
+        result, rounds = asyncio.run(go())
+        after = settled(srv)
+        held = srv.wait_metric("shotstream_outbox_bytes", 0)
+        figures = {"run": "hostile_mix", **result, "abuse_rounds": len(rounds),
+                   "abuser_chunks": sum(r["chunks"] for r in rounds),
+                   "flood_closes": sum(r["flood_close"] == 4429 for r in rounds),
+                   "server_deadline_misses": srv.metric("shotstream_deadline_misses_total"),
+                   "server_after": after, "outbox_bytes_after": held}  # fmt: skip
+        print(json.dumps(figures))
+        assert result["sessions_started"] == 2 and result["errors"] == {}, figures
+        assert all(r["flood_close"] == 4429 for r in rounds) and rounds
+        assert held == 0
+    finally:
+        assert srv.stop() == 0
+    log = srv.log()
+    assert "Exception in ASGI application" not in log and "Traceback" not in log

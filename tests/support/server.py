@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -30,7 +31,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m server.cli serve` with the given settings; stops with SIGTERM."""
 
-    def __init__(self, tmp: Path, **settings):
+    def __init__(self, tmp: Path, open_files: int | None = None, **settings):
+        """`open_files`: the process's open-file limit (RLIMIT_NOFILE), if not inherited."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
@@ -55,9 +57,12 @@ class ServerProcess:
                 args += [flag, str(value)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        limit = (open_files, open_files)
         self.proc = subprocess.Popen(
-            args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env
-        )
+            args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=None if open_files is None else
+            lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit),
+        )  # fmt: skip
         self.returncode: int | None = None
         self.api_key: str | None = settings.get("api_key")  # sent by `create`
 
@@ -112,6 +117,11 @@ class ServerProcess:
             time.sleep(0.1)
             got = self.metric(name, labels)
         return got
+
+    def delete(self, d: dict) -> None:
+        """End a session made by `create` (DELETE with its token); gone already is fine."""
+        httpx.delete(f"{self.base}/v1/sessions/{d['session_id']}",
+                     headers={"Authorization": f"Bearer {d['token']}"}, timeout=30)  # fmt: skip
 
     def create(self, **body) -> dict:
         body.setdefault("prompt", "a red circle on a blue background")
@@ -209,8 +219,8 @@ class StreamClient:
 
 
 async def reconnect(url: str, timeout: float = 30) -> StreamClient:
-    """A new stream connection once the server has noticed the vanished one (until then it
-    answers 4009 `already_connected`)."""
+    """A new stream connection (it takes over from an old one at once; a server before
+    that answered 4009 `already_connected` until it noticed the old one was gone)."""
     deadline = time.monotonic() + timeout
     while True:
         c = StreamClient(url, None)
