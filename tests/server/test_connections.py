@@ -130,3 +130,32 @@ def test_requests_that_never_complete_are_closed_and_streams_are_not(tmp_path):
             with contextlib.suppress(OSError):
                 s.close()
         assert srv.stop() == 0, srv.log()[-3000:]
+
+
+def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(tmp_path):
+    """Streams are never closed to make room: with both allowed connections streaming, a
+    new request is answered 503 `over_capacity` (and served once a stream has ended)."""
+    srv = ServerProcess(tmp_path, max_connections=2, realtime_margin=50).wait_ready()
+    try:
+        a, b = srv.create(seed=3), srv.create(seed=4)
+
+        async def go():
+            async with StreamClient(a["stream_url"], a["token"]) as ca:
+                async with StreamClient(b["stream_url"], b["token"]) as cb:
+                    await ca.chunks(1)
+                    await cb.chunks(1)
+                    async with httpx.AsyncClient(base_url=srv.base) as http:
+                        busy = await http.get("/readyz")
+                    await cb.send({"type": "stop"})
+                    await cb.closed()
+                await ca.chunks(1)  # the other stream went on
+                await ca.send({"type": "stop"})
+                await ca.closed()
+            return busy
+
+        busy = run(go())
+        assert busy.status_code == 503 and busy.json()["code"] == "over_capacity"
+        assert busy.headers["retry-after"] == "5"
+        assert httpx.get(srv.base + "/readyz", timeout=30).status_code == 200
+    finally:
+        assert srv.stop() == 0, srv.log()[-3000:]
