@@ -45,6 +45,7 @@ from clients.client import (
     Shot,
     ShotStreamClient,
     ShotStreamError,
+    Withdraw,
 )
 from clients.media import FragmentWriter, remux_faststart
 from clients.stats import Playout, RateMeter
@@ -137,6 +138,14 @@ class Viewer:
         self.latency: float | None = None  # the last prompt's prompt-to-visible seconds
         self.rtt: float | None = None
         self.broken_pipe = False
+        self.first_pts: float | None = None  # media time of the player's first frame
+        self.withdrawn_frames = 0
+
+    def playhead(self, now: float) -> float | None:
+        """Media time the modelled player shows at `now` (what instant cuts report)."""
+        if self.first_pts is None:
+            return None
+        return self.first_pts + self.playout.played_s(now)
 
     @property
     def done(self) -> bool:
@@ -155,17 +164,22 @@ class Viewer:
             if self.done:
                 return  # arrived after we asked to stop: not part of the requested video
             m = ev.message
-            self._write(ev.data, init=False)
+            self._write(ev.data, init=False, first_frame=m.first_frame, frames=m.frames)
+            if self.first_pts is None:
+                self.first_pts = m.pts
             self.playout.on_chunk(ev.received, m.duration)
             self.rate.add(ev.received, m.frames)
             self.frames += m.frames
             self.video_s += m.duration
             self.chunks.append({"seq": m.seq, "shot": m.shot, "shot_id": m.shot_id,
-                                "frames": m.frames, "pts": m.pts, "bytes": m.bytes})  # fmt: skip
+                                "first_frame": m.first_frame, "frames": m.frames, "pts": m.pts,
+                                "bytes": m.bytes})  # fmt: skip
             self.chunks_of[m.shot_id] = self.chunks_of.get(m.shot_id, 0) + 1
             sent = self.sent_at.pop(m.shot_id, None)
             if sent is not None:
-                self.latency = ev.received - sent
+                # visible when the player reaches it, not when it arrives
+                shown = self.playout.visible_at(m.pts - (self.first_pts or 0.0)) or ev.received
+                self.latency = max(shown, ev.received) - sent
                 self.console.say(f"prompt visible after {self.latency:.2f} s (seq {m.seq})")
         elif isinstance(ev, Shot):
             s = ev.message
@@ -181,6 +195,8 @@ class Viewer:
             self.dropped.append(ev.message.model_dump())
             self.sent_at.pop(ev.message.shot_id, None)
             self.console.say(f"prompt {ev.message.shot_id} dropped: {ev.message.reason}")
+        elif isinstance(ev, Withdraw):
+            self._withdraw(ev)
         elif isinstance(ev, Error):
             self.errors.append(ev.message.model_dump())
             self.console.say(f"server error: {ev.message.code}: {ev.message.message}")
@@ -200,11 +216,35 @@ class Viewer:
                              "starts_at_seq": starts_at_seq})  # fmt: skip
         self.console.say(f"prompt accepted: shot id {shot_id} starts at seq {starts_at_seq}")
 
-    def _write(self, data: bytes, init: bool) -> None:
+    def _withdraw(self, ev: Withdraw) -> None:
+        """A cut replaced video we received but had not played: cut the file and our
+        counts back to `pts`, as the player removes it."""
+        m = ev.message
+        cut = round(m.pts * self.fps) if self.fps else 0
+        frames = 0
+        for c in self.chunks:
+            end = c["first_frame"] + c["frames"]
+            if end > cut:
+                frames += end - max(cut, c["first_frame"])
+        self.chunks = [c for c in self.chunks if c["first_frame"] < cut]
+        for c in self.chunks:
+            c["frames"] = min(c["frames"], cut - c["first_frame"])
+        self.frames -= frames
+        self.video_s -= frames / self.fps if self.fps else 0.0
+        self.withdrawn_frames += frames
+        self.playout.withdraw(frames / self.fps if self.fps else 0.0)
+        if self.writer is not None and self.writer.can_withdraw and not self.broken_pipe:
+            self.writer.withdraw(cut)
+        self.console.say(f"cut at {m.pts:.2f} s: {frames} frames not yet played withdrawn")
+
+    def _write(self, data: bytes, init: bool, first_frame: int = 0, frames: int = 0) -> None:
         if self.writer is None or self.broken_pipe:
             return
         try:
-            self.writer.write_init(data) if init else self.writer.write_segment(data)
+            if init:
+                self.writer.write_init(data)
+            else:
+                self.writer.write_segment(data, first_frame, frames)
         except BrokenPipeError:
             self.broken_pipe = True  # the player on our stdout quit: stop like Ctrl-C
 
@@ -231,6 +271,7 @@ class Viewer:
             "shots": self.shots, "prompts": self.prompts, "dropped": self.dropped,
             "errors": self.errors, "reconnects": self.reconnects, "ended": self.ended,
             "stalls": self.playout.misses, "stalled_s": round(self.playout.stalled_s, 3),
+            "withdrawn_frames": self.withdrawn_frames,
         }  # fmt: skip
 
 
@@ -338,6 +379,15 @@ async def _interactive(session: Session, viewer: Viewer, default_mode: str | Non
             await _send_prompt(session, viewer, text, mode)
 
 
+async def _playhead_reporter(session: Session, viewer: Viewer) -> None:
+    """Instant cuts: tell the server where the modelled player is, four times a second."""
+    while True:
+        await asyncio.sleep(0.25)
+        at = viewer.playhead(time.monotonic())
+        if at is not None:
+            await session.report_playhead(at)
+
+
 async def _pinger(session: Session, viewer: Viewer) -> None:
     """Measure the round trip every 2 s for the status line."""
     while True:
@@ -390,15 +440,19 @@ async def _finish_session(session: Session, viewer: Viewer, leave: bool) -> None
 
 async def _open_session(args: argparse.Namespace, client: ShotStreamClient, prompt: str | None,
                         shots: list[str] | None, console: Console) -> Session:  # fmt: skip
+    # Instant cuts need a file to cut back (not a pipe): on by default when writing one.
+    cuts = args.instant_cuts if args.instant_cuts is not None else args.out != "-"
+    features = ("withdraw",) if cuts else ()
     if getattr(args, "session", None):
         if not args.token:
             raise SystemExit(f"{PROG}: --session needs --token")
-        return client.attach(args.session, args.token)
+        return client.attach(args.session, args.token, features=features)
     if not prompt:
         raise SystemExit(f"{PROG}: give a prompt (or --session ID --token T to attach)")
     retry = RetryPolicy(on_retry=lambda e, d: console.say(f"{e}; retrying in {d:.0f} s")) \
         if args.retry else False  # fmt: skip
-    session = await client.create_session(prompt, shots or None, args.seed, args.mode, retry)
+    session = await client.create_session(prompt, shots or None, args.seed, args.mode, retry,
+                                          features=features)  # fmt: skip
     console.say(f"session {session.session_id}")
     return session
 
@@ -417,7 +471,8 @@ async def _watch(args: argparse.Namespace, script: dict[str, Any] | None = None)
             session = await _open_session(args, client, args.prompt, args.shot, console)
         output = Output(args.out, args.fragmented)
         viewer = Viewer(output.writer, console, args.chunks, args.duration)
-        helpers = [asyncio.create_task(_pinger(session, viewer))]
+        helpers = [asyncio.create_task(_pinger(session, viewer)),
+                   asyncio.create_task(_playhead_reporter(session, viewer))]  # fmt: skip
         on_event = None
         try:
             if script is not None:
@@ -576,6 +631,9 @@ def _add_session(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="FILE.json",
                    help="write what was received (chunks, shots, prompts) as JSON")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no status line or event lines")
+    p.add_argument("--instant-cuts", action=argparse.BooleanOptionalAction, default=None,
+                   help="a cut replaces the video received but not yet played (the file is "
+                   "cut back to it); default: on when writing a file, off on stdout")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -289,6 +289,15 @@ class PromptDropped:
 
 
 @dataclass(frozen=True)
+class Withdraw:
+    """Instant cuts (`features=("withdraw",)`): chunks already received will not be played.
+    Remove the media from `message.pts` on; the next chunk continues the timeline there."""
+
+    message: P.WithdrawMessage
+    received: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
 class Pong:
     """Answer to a ping."""
 
@@ -327,7 +336,17 @@ class Reconnected:
 
 
 Event: TypeAlias = (
-    Hello | Init | Chunk | Shot | PromptAck | PromptDropped | Pong | Error | Ended | Reconnected
+    Hello
+    | Init
+    | Chunk
+    | Shot
+    | PromptAck
+    | PromptDropped
+    | Withdraw
+    | Pong
+    | Error
+    | Ended
+    | Reconnected
 )
 
 
@@ -360,8 +379,13 @@ class Session:
         info: P.CreateSessionResponse | None = None,
         reconnect: ReconnectPolicy | None = None,
         grace_s: float | None = None,
+        features: tuple[str, ...] = (),
     ) -> None:
         self.session_id = session_id
+        # Optional protocol features asked for on every connection (e.g. "withdraw"); the
+        # server lists in `hello.features` those it enabled (`self.features` after it).
+        self.requested_features = tuple(features)
+        self.features: tuple[str, ...] = ()
         self.token = token
         self.stream_url = stream_url
         self.info = info
@@ -439,6 +463,14 @@ class Session:
     async def resume(self, timeout: float | None = 10.0) -> None:
         """Resume a paused session; Conflict if it is not paused."""
         await self._request("barrier", [{"type": "resume"}, {"type": "ping"}], timeout)
+
+    async def report_playhead(self, pts: float) -> None:
+        """Instant cuts: tell the server where the player is (media seconds). No answer;
+        a value the server did not send comes back as an Error event."""
+        if self.connected and "withdraw" in self.features:
+            assert self._ws is not None
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(json.dumps({"type": "playhead", "pts": round(pts, 4)}))
 
     async def stop(self) -> None:
         """End the session: `stop` over the stream (which then yields Ended), else DELETE."""
@@ -554,11 +586,12 @@ class Session:
         """Connect and read `hello`; the server's refusal raises its mapped error."""
         timeout = self._client.timeout
         # On a resume, name the last chunk we have: the server sends again what it kept after it.
-        url = (
-            self.stream_url
-            if self.last_seq is None
-            else f"{self.stream_url}?last_seq={self.last_seq}"
-        )
+        query = []
+        if self.requested_features:
+            query.append("features=" + ",".join(self.requested_features))
+        if self.last_seq is not None:
+            query.append(f"last_seq={self.last_seq}")
+        url = self.stream_url + ("?" + "&".join(query) if query else "")
         try:
             ws = await connect(
                 url,
@@ -581,6 +614,7 @@ class Session:
             if msg.protocol != P.PROTOCOL_VERSION:
                 raise ProtocolViolation(f"server speaks protocol {msg.protocol}; "
                                         f"this client speaks {P.PROTOCOL_VERSION}")  # fmt: skip
+            self.features = tuple(msg.features)
         except ConnectionClosed as exc:
             raise ConnectionLost(f"stream closed before hello: {exc}") from exc
         except BaseException:
@@ -643,7 +677,12 @@ class Session:
             self._events.append(Ended(msg))
             self._finish(True)
         elif isinstance(msg, P.HelloMessage):
+            self.features = tuple(msg.features)
             self._events.append(Hello(msg))
+        elif isinstance(msg, P.WithdrawMessage):
+            if msg.seqs and self.last_seq is not None and self.last_seq >= min(msg.seqs):
+                self.last_seq = min(msg.seqs) - 1  # we no longer hold them
+            self._events.append(Withdraw(msg))
         elif isinstance(msg, P.ShotMessage):
             self._events.append(Shot(msg))
         elif isinstance(msg, P.PromptDroppedMessage):
@@ -775,8 +814,10 @@ class ShotStreamClient:
         seed: int | None = None,
         mode: Mode | None = None,
         retry: bool | RetryPolicy = False,
+        features: tuple[str, ...] = (),
     ) -> Session:
-        """`POST /v1/sessions`; with `retry`, a 429/503 is retried after its Retry-After."""
+        """`POST /v1/sessions`; with `retry`, a 429/503 is retried after its Retry-After.
+        `features` are asked for on the stream (e.g. ("withdraw",) for instant cuts)."""
         body: dict[str, Any] = {"prompt": prompt}
         for key, value in (("shots", shots), ("seed", seed), ("mode", mode)):
             if value is not None:
@@ -802,16 +843,18 @@ class ShotStreamClient:
         info = P.CreateSessionResponse.model_validate(data)
         # The session lives this long without a stream: the window to resume a dropped one.
         return Session(self, info.session_id, info.token, info.stream_url, info, self.reconnect,
-                       grace_s=info.grace_s)  # fmt: skip
+                       grace_s=info.grace_s, features=features)  # fmt: skip
 
-    def attach(self, session_id: str, token: str, stream_url: str | None = None) -> Session:
+    def attach(self, session_id: str, token: str, stream_url: str | None = None,
+               features: tuple[str, ...] = ()) -> Session:  # fmt: skip
         """A handle on an existing session (its id and token), e.g. to resume watching it."""
         if stream_url is None:
             parts = urlsplit(self.base_url)
             scheme = "wss" if parts.scheme == "https" else "ws"
             path = f"{parts.path}/v1/sessions/{quote(session_id, safe='')}/stream"
             stream_url = urlunsplit((scheme, parts.netloc, path, "", ""))
-        return Session(self, session_id, token, stream_url, None, self.reconnect)
+        return Session(self, session_id, token, stream_url, None, self.reconnect,
+                       features=features)  # fmt: skip
 
     async def models(self) -> P.ModelInfo:
         """`GET /v1/models`: the loaded preset, its sizes and fps."""

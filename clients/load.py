@@ -11,8 +11,11 @@ per-client quota (default 4) applies: start it with `--max-sessions-per-client N
 Measured on the client: TTFF is from `POST /v1/sessions` to the first chunk's media; a
 deadline miss models a player that starts at a session's first chunk and plays at real
 time: a chunk that arrives after that player ran dry is a miss, and the player stalls until
-it arrives. Prompt-to-visible is from sending a prompt to receiving the first chunk of the
-shot it was acknowledged as.
+it arrives. Prompt-to-visible is from sending a prompt to the moment that player shows the
+first frame of the shot it was acknowledged as (not when its chunk arrives: a chunk behind
+buffered video is seen only when the video before it has played). With `instant_cuts`, the
+sessions ask for the `withdraw` feature: they report that player's position four times a
+second, and a cut replaces the buffered video past it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from clients.client import (
     Chunk,
     ConnectionLost,
     Error,
+    Hello,
     Overloaded,
     PromptDropped,
     RateLimited,
@@ -43,6 +47,7 @@ from clients.client import (
     Session,
     ShotStreamClient,
     ShotStreamError,
+    Withdraw,
 )
 from clients.stats import Playout, summary
 
@@ -80,6 +85,7 @@ class LoadConfig:
     api_key: str | None = None
     allow_remote: bool = False
     timeout_s: float = 30.0
+    instant_cuts: bool = False  # feature `withdraw`: cuts at the modelled player's position
 
     def validate(self) -> None:
         """Raise ValueError for a run out of bounds or aimed at a non-loopback server."""
@@ -129,6 +135,7 @@ class _Totals:
     prompts_sent: int = 0
     prompts_dropped: int = 0
     p2v: list[float] = field(default_factory=list)
+    withdrawn_frames: int = 0
     reconnects: int = 0
     errors: Counter = field(default_factory=Counter)
 
@@ -142,7 +149,7 @@ async def _create(i: int, cfg: LoadConfig, client: ShotStreamClient, rng: random
         try:
             session = await client.create_session(
                 rng.choice(CAPTIONS), shots=[rng.choice(SHOTS)], seed=rng.randrange(2**31),
-                mode=cfg.mode,
+                mode=cfg.mode, features=("withdraw",) if cfg.instant_cuts else (),
             )  # fmt: skip
             return session, sent
         except (RateLimited, Overloaded) as exc:
@@ -170,8 +177,16 @@ async def _run_session(i: int, cfg: LoadConfig, client: ShotStreamClient, end: f
     totals.started += 1
     playout = Playout()
     sent: dict[int, float] = {}  # shot_id -> when its prompt was sent
-    first_chunk: dict[int, float] = {}  # shot_id -> when its first chunk arrived
+    first_chunk: dict[int, float] = {}  # shot_id -> when the player shows its first frame
     last: float | None = None
+    first_pts: float | None = None  # media time of the player's first frame
+    fps = 16
+
+    async def reporter() -> None:
+        while cfg.instant_cuts:
+            await asyncio.sleep(0.25)
+            if first_pts is not None:
+                await session.report_playhead(first_pts + playout.played_s(time.monotonic()))
 
     async def prompter() -> None:
         if cfg.prompt_every_s <= 0:
@@ -191,8 +206,17 @@ async def _run_session(i: int, cfg: LoadConfig, client: ShotStreamClient, end: f
             sent[acc.shot_id] = t0
 
     async def consume() -> None:
-        nonlocal last
+        nonlocal last, first_pts, fps
         async for ev in session.stream():
+            if isinstance(ev, Hello):
+                fps = ev.message.fps
+            elif isinstance(ev, Withdraw):
+                cut = round(ev.message.pts * fps)
+                gone = max(0, round(((first_pts or 0.0) + playout.received_s) * fps) - cut)
+                totals.withdrawn_frames += gone
+                playout.withdraw(gone / fps)
+                totals.frames -= gone
+                totals.video_s -= gone / fps
             if isinstance(ev, Chunk):
                 totals.chunks += 1
                 totals.frames += ev.frames
@@ -202,8 +226,12 @@ async def _run_session(i: int, cfg: LoadConfig, client: ShotStreamClient, end: f
                 else:
                     totals.gaps.append(ev.received - last)
                 last = ev.received
+                if first_pts is None:
+                    first_pts = ev.message.pts
                 playout.on_chunk(ev.received, ev.duration)
-                first_chunk.setdefault(ev.shot_id, ev.received)
+                if ev.shot_id not in first_chunk:  # when the player reaches it
+                    shown = playout.visible_at(ev.message.pts - first_pts) or ev.received
+                    first_chunk[ev.shot_id] = max(shown, ev.received)
             elif isinstance(ev, PromptDropped):
                 totals.prompts_dropped += 1
             elif isinstance(ev, Reconnected):
@@ -214,7 +242,8 @@ async def _run_session(i: int, cfg: LoadConfig, client: ShotStreamClient, end: f
     tasks: list[asyncio.Task] = []
     try:
         await session.connect()
-        tasks += [asyncio.create_task(consume()), asyncio.create_task(prompter())]
+        tasks += [asyncio.create_task(consume()), asyncio.create_task(prompter()),
+                  asyncio.create_task(reporter())]  # fmt: skip
         done, _ = await asyncio.wait(tasks[:1], timeout=max(0.0, end - time.monotonic()))
         if done:
             tasks[0].result()  # ended early: raises the stream's error, if any
@@ -271,6 +300,7 @@ async def run_load(cfg: LoadConfig) -> dict[str, Any]:
         "prompts_visible": len(totals.p2v),
         "prompts_dropped": totals.prompts_dropped,
         "prompt_to_visible_s": summary(totals.p2v, (50, 95)),
+        "withdrawn_frames": totals.withdrawn_frames,
         "reconnects": totals.reconnects,
         "errors": dict(totals.errors),
     }
@@ -298,6 +328,9 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a server that is not on this machine (only one you run)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="HTTP timeout, s")
+    p.add_argument("--instant-cuts", action="store_true",
+                   help="ask for instant cuts (feature withdraw): report the modelled "
+                   "player's position; a cut replaces the buffered video past it")  # fmt: skip
 
 
 def main_load(args: argparse.Namespace) -> int:
@@ -306,7 +339,7 @@ def main_load(args: argparse.Namespace) -> int:
         server=args.server, sessions=args.sessions, duration_s=args.duration,
         prompt_every_s=args.prompt_every, mode=args.mode, seed=args.seed, ramp_s=args.ramp,
         retry_refused=not args.no_retry, api_key=args.api_key, allow_remote=args.allow_remote,
-        timeout_s=args.timeout,
+        timeout_s=args.timeout, instant_cuts=args.instant_cuts,
     )  # fmt: skip
     try:
         cfg.validate()

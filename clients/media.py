@@ -3,19 +3,62 @@
 from __future__ import annotations
 
 import os
+import struct
+from collections import deque
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
+
+KEEP_SEGMENTS = 64  # segments remembered for a withdrawal (a cut reaches back seconds, not minutes)
+
+
+class _Written(NamedTuple):
+    offset: int  # where the segment starts in the file
+    first_frame: int
+    frames: int
+    data: bytes
 
 
 class FragmentWriter:
     """Appends the stream's fMP4 to a binary file: the init segment once, then each media
-    segment. Segments after a reconnect continue the decode times, so they append as is."""
+    segment. Segments after a reconnect continue the decode times, so they append as is.
+    On a seekable file a cut's withdrawal (`withdraw`) cuts the file back to the cut point,
+    so the file holds what a viewer saw."""
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
         self.init: bytes | None = None
         self.segments = 0
         self.bytes = 0
+        self._recent: deque[_Written] = deque(maxlen=KEEP_SEGMENTS)
+
+    @property
+    def can_withdraw(self) -> bool:
+        try:
+            return self.out.seekable()
+        except (AttributeError, ValueError):
+            return False
+
+    def withdraw(self, cut_frame: int) -> int:
+        """Remove the video from frame `cut_frame` on (whole segments after it; the segment
+        it falls inside keeps its first frames). Returns the frames removed."""
+        if not self.can_withdraw:
+            raise ValueError("cannot withdraw video already written to a pipe")
+        gone = [w for w in self._recent if w.first_frame + w.frames > cut_frame]
+        if not gone:
+            return 0
+        first = gone[0]
+        removed = sum(w.frames for w in gone)
+        self.out.seek(first.offset)
+        self.out.truncate()
+        self.bytes = first.offset
+        for w in gone:
+            self._recent.remove(w)
+        self.segments -= len(gone)
+        keep = cut_frame - first.first_frame
+        if keep > 0:
+            self.write_segment(trim_segment(first.data, keep), first.first_frame, keep)
+            removed -= keep
+        return removed
 
     def write_init(self, data: bytes) -> None:
         """Write the init segment; a repeat (after a reconnect) is skipped when identical."""
@@ -26,11 +69,12 @@ class FragmentWriter:
         self.init = data
         self._write(data)
 
-    def write_segment(self, data: bytes) -> None:
-        """Write one media segment (moof + mdat)."""
+    def write_segment(self, data: bytes, first_frame: int = 0, frames: int = 0) -> None:
+        """Write one media segment (moof + mdat), starting at `first_frame` of the stream."""
         if self.init is None:
             raise ValueError("a media segment before the init segment")
         self.segments += 1
+        self._recent.append(_Written(self.bytes, first_frame, frames, data))
         self._write(data)
 
     def _write(self, data: bytes) -> None:
@@ -67,3 +111,48 @@ def remux_faststart(src: Path, dst: Path) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     return packets
+
+
+def _boxes(data: bytes, start: int, end: int) -> dict[bytes, tuple[int, int]]:
+    """The (start, end) of each top-level box between `start` and `end`, by type."""
+    out, pos = {}, start
+    while pos + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        if size < 8 or pos + size > end:
+            raise ValueError(f"a malformed {kind!r} box")
+        out[kind] = (pos, pos + size)
+        pos += size
+    return out
+
+
+def trim_segment(data: bytes, keep: int) -> bytes:
+    """A media segment (`moof` with one `traf` and a `trun` of per-sample sizes, then
+    `mdat`, as the server writes them) cut to its first `keep` samples: the frames before
+    a cut. The first sample is the IDR the rest depends on, so the kept ones decode."""
+    top = _boxes(data, 0, len(data))
+    m0, m1 = top[b"moof"]
+    moof = _boxes(data, m0 + 8, m1)
+    t0, t1 = moof[b"traf"]
+    traf = _boxes(data, t0 + 8, t1)
+    r0, r1 = traf[b"trun"]
+    flags = int.from_bytes(data[r0 + 9 : r0 + 12], "big")
+    count = struct.unpack_from(">I", data, r0 + 12)[0]
+    if flags != 0x000601 or not 0 < keep <= count:
+        raise ValueError(f"cannot keep {keep} of {count} samples (trun flags {flags:#x})")
+    entries = data[r0 + 20 : r0 + 20 + 8 * count]
+    sizes = [struct.unpack_from(">I", entries, 8 * i)[0] for i in range(count)]
+    mdat0 = top[b"mdat"][0]
+    samples = data[mdat0 + 8 : mdat0 + 8 + sum(sizes[:keep])]
+    shrink = 8 * (count - keep)
+    moof_size = (m1 - m0) - shrink
+    trun = (
+        struct.pack(">I4s", (r1 - r0) - shrink, b"trun")
+        + data[r0 + 8 : r0 + 12]
+        + struct.pack(">Ii", keep, moof_size + 8)
+        + entries[: 8 * keep]
+    )
+    traf_box = (
+        struct.pack(">I4s", (t1 - t0) - shrink, b"traf") + data[t0 + 8 : r0] + trun + data[r1:t1]
+    )
+    moof_box = struct.pack(">I4s", moof_size, b"moof") + data[m0 + 8 : t0] + traf_box + data[t1:m1]
+    return moof_box + struct.pack(">I4s", 8 + len(samples), b"mdat") + samples

@@ -33,6 +33,21 @@ class Playout:
         self.received_s += duration_s
         return missed
 
+    def played_s(self, now: float) -> float:
+        """Seconds of the received video played by `now` (the playhead, from the start)."""
+        if self.start is None:
+            return 0.0
+        return min(self.received_s, max(0.0, now - self.start))
+
+    def withdraw(self, seconds: float) -> None:
+        """Received video the player will not play after all (a cut withdrew it)."""
+        self.received_s = max(0.0, self.received_s - seconds)
+
+    def visible_at(self, offset_s: float) -> float | None:
+        """When the player shows the video `offset_s` seconds after its first frame (after
+        the stalls so far); None before it started."""
+        return None if self.start is None else self.start + offset_s
+
     def buffer_s(self, now: float) -> float:
         """Seconds of received video not yet played at `now`."""
         if self.start is None:

@@ -56,10 +56,15 @@ def select_context(shot_lengths: Sequence[int], context_frames: int) -> list[Con
     return picks
 
 
-def candidate_offsets(length: int, max_count: int) -> list[int]:
+def candidate_offsets(length: int, max_count: int, start: int = 0) -> list[int]:
     """Offsets within a finished shot that any later boundary can select (counts never grow),
-    so only these frames' latents need keeping: the union of spread(0, length-1, c), c <= max."""
-    return sorted({o for c in range(1, max_count + 1) for o in spread(0, length - 1, c)})
+    so only these frames' latents need keeping: the union over c <= max_count of
+    spread(start, start + length - 1, c) - start. The shot's global `start` matters: the
+    spread rounds half to even over global indices, so a midpoint at x.5 lands on a parity
+    that depends on where the shot sits (shots of any length: a cut can end one anywhere)."""
+    return sorted(
+        {o - start for c in range(1, max_count + 1) for o in spread(start, start + length - 1, c)}
+    )
 
 
 def caption_rows(picks: Sequence[ContextPick], shot: int) -> tuple[list[int], list[int]]:

@@ -327,12 +327,15 @@ class ShotStreamGenerator:
         # A shot's count at the next boundary is the most it will ever get (counts only
         # shrink), so candidates for that count cover every later selection.
         counts = context_counts(len(self.shot_lengths), self.cfg.context_frames)
-        for offset in candidate_offsets(self._frames_in_shot, counts[s]):
+        starts = [sum(self.shot_lengths[:i]) for i in range(len(self.shot_lengths))]
+        for offset in candidate_offsets(self._frames_in_shot, counts[s], starts[s]):
             store.put(("px", s, offset), frames[offset].clone())
         for key in store.names():
             if key[0] in ("px", "lat"):
                 _, shot, offset = key
-                if offset not in candidate_offsets(self.shot_lengths[shot], counts[shot]):
+                if offset not in candidate_offsets(
+                    self.shot_lengths[shot], counts[shot], starts[shot]
+                ):
                     store.pop(key)
 
     def _context_latents(self, picks) -> torch.Tensor:

@@ -60,6 +60,8 @@ class Connection:
     errors: int = 0  # bad messages received on it (the abuse limit)
     dropped: int = 0  # messages dropped for the rate limit (the flood limit)
     farewell: dict[str, Any] | None = None  # the last message before closing, if replaced
+    withdraw: bool = False  # feature `withdraw`: instant cuts (playhead in, withdraw out)
+    sent_end_pts: float = 0.0  # end of the media sent on it (seconds): the playhead's bound
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def close_after_flush(self, code: int, reason: str) -> None:
@@ -85,6 +87,10 @@ class PlayoutClock:
     def reset(self) -> None:
         """A new player (a new connection): the clock starts again at its first chunk."""
         self.start, self.delivered = None, 0.0
+
+    def withdraw(self, seconds: float) -> None:
+        """Delivered video the player will not play (a cut withdrew it)."""
+        self.delivered = max(0.0, self.delivered - seconds)
 
     def on_delivered(self, now: float, duration: float) -> float:
         """Count a chunk delivered now; returns how long the player stalled before it."""
@@ -153,8 +159,9 @@ class Outbox:
     def settle(self, item: MediaItem) -> bool:
         """Count an item as the client's; True for a chunk counted now (not a `shot`
         message, not a replay counted when it was first sent)."""
-        if item.data is None:  # a `shot` message
-            self.shown_shot = item.message["shot"]
+        if item.data is None:  # a `shot` or `withdraw` message
+            if item.message["type"] == "shot":
+                self.shown_shot = item.message["shot"]
             return False
         if item.replay:
             return False
@@ -208,6 +215,35 @@ class Outbox:
         first = next((x.seq for x in self.media if x.data is not None), None)
         return first if first is not None else self.last_delivered_seq + 1
 
+    def withdraw(self, seqs: set[int], tail: MediaItem | None, tail_frames: int,
+                 fps: int) -> tuple[list[int], float]:  # fmt: skip
+        """A cut withdrew chunks `seqs` and the last `tail_frames` of `tail`: drop them from
+        the lane (unsent) and from the sent ones (uncounting them: the client will not play
+        them). Returns the sent seqs withdrawn and the seconds of sent video withdrawn."""
+        for item in [x for x in self.media if x.seq in seqs]:
+            self.media.remove(item)  # chunks, and the `shot` message of a withdrawn shot
+        sent_seqs, seconds = [], 0.0
+        for item in [x for x in self.sent if x.seq in seqs and x.data is not None]:
+            self.sent.remove(item)
+            self._sent_seconds -= item.duration
+            sent_seqs.append(item.seq)
+            if not item.replay:
+                self.chunks_delivered -= 1
+                self.frames_sent -= item.frames
+                self.bytes_sent -= len(item.data or b"")
+                self.video_sent -= item.duration
+                seconds += item.duration
+        if tail is not None and tail_frames:
+            self.frames_sent -= tail_frames
+            self.video_sent -= tail_frames / fps
+            seconds += tail_frames / fps
+        if sent_seqs and self.last_delivered_seq >= min(sent_seqs):
+            self.last_delivered_seq = min(sent_seqs) - 1
+        return sorted(sent_seqs), seconds
+
+    def sent_item(self, seq: int) -> MediaItem | None:
+        return next((x for x in self.sent if x.seq == seq and x.data is not None), None)
+
     def release(self) -> None:
         """The session ended: drop its video (queued and kept for a resume); the control
         lane stays until the stream has delivered the end (`drop_control`)."""
@@ -236,10 +272,12 @@ class Packager:
         """Encode `result` into the session's outbox (after any chunk before it); False if
         the session ended first or its encoder failed (`on_failed` gets the reason)."""
         async with s.encode_lock:  # one encoder per session: chunks strictly in order
-            if not s.alive:
-                return False
+            if not s.alive or work.seq in s.withdrawn:
+                return False  # ended, or withdrawn by a cut before it was encoded
             t0 = time.perf_counter()
             try:
+                if s.encoder.frames_encoded != work.first_frame:  # after a cut: its timeline
+                    s.encoder.rewind(work.first_frame)
                 seg = await asyncio.get_running_loop().run_in_executor(
                     self.pool, s.encoder.encode_chunk, result.frames
                 )
@@ -249,7 +287,7 @@ class Packager:
                 return False
             encode_s = time.perf_counter() - t0
             self.metrics.verb_duration.labels("package").observe(encode_s)
-            if not s.alive:
+            if not s.alive or work.seq in s.withdrawn:
                 return False
             now = time.monotonic()
             shot, seq = work.prompt, work.seq

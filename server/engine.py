@@ -126,8 +126,9 @@ class Engine:
             self._produced.popleft()
 
     def seed_cost(self, result: StepResult) -> None:
-        """Start the estimate from the warm-up step."""
+        """Start the estimates from the warm-up step (a shot start and its first chunk)."""
         self.chunk_cost = result.worker_s
+        self.scheduler.observe_cut_delay(self.runner.shot_start_s or result.worker_s)
 
     @property
     def chunk_seconds(self) -> float:

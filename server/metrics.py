@@ -69,7 +69,7 @@ ERROR_KINDS = ("step", "oom", "encode", "engine", "slow_reader", "flood") + tupl
     "client_" + code  # bad client input (protocol.ErrorCode), counted per message
     for code in ("bad_json", "bad_message", "unknown_type", "message_too_large",
                  "binary_not_allowed", "prompt_too_long", "prompt_too_many_tokens",
-                 "too_many_shots", "invalid_state", "rate_limited")
+                 "too_many_shots", "invalid_state", "rate_limited", "bad_playhead")
 )  # fmt: skip
 DROP_REASONS = ("superseded", "session")  # a later cut; the session ended
 CONNECTION_CLOSE_REASONS = ("request_timeout", "over_limit")  # server/connections.py
@@ -143,6 +143,16 @@ class Metrics:
             "shotstream_prompts_dropped_total", "Accepted prompts that never became a shot, by reason.",
             ["reason"], registry=r,
         )  # fmt: skip
+        self.chunks_withdrawn = Counter(
+            "shotstream_chunks_withdrawn_total",
+            "Chunks withdrawn by instant cuts before they were played (sent or not).",
+            registry=r,
+        )
+        self.frames_withdrawn = Counter(
+            "shotstream_frames_withdrawn_total",
+            "Frames withdrawn by instant cuts, including the tails of chunks cut inside.",
+            registry=r,
+        )
         self.errors = Counter("shotstream_errors_total", "Errors, by kind.", ["kind"], registry=r)
         self.connections_closed = Counter(
             "shotstream_connections_closed_total",

@@ -85,6 +85,7 @@ class ModelRunner:
         self._sessions: dict[str, tuple[Lease, ShotStreamGenerator]] = {}
         self.faults: dict[str, str] = {}  # test-only: session id -> "exception" | "oom"
         self.decoder_bytes_per_session = 0  # measured at warm-up (steady state)
+        self.shot_start_s = 0.0  # worker seconds of a shot start + its first chunk (warm-up)
         # Device facts for the event loop, refreshed by the worker (see _refresh_device_facts).
         self.free_bytes = 0
         self.device_memory: dict[str, int] = {}
@@ -171,6 +172,7 @@ class ModelRunner:
             first = self._step(sid, "warm-up")
             second = self._step(sid, None)  # a steady chunk: decoder slots at full size
             self.decoder_bytes_per_session = self._sessions[sid][0].decoder.nbytes
+            self.shot_start_s = first.worker_s  # a shot start and its first chunk
             return second if second.worker_s else first
         finally:
             self._close(sid)
@@ -190,7 +192,8 @@ class ModelRunner:
             try:
                 if len(plan.rows) == 1:
                     w = plan.rows[0]
-                    return Outcome(results=[self._guarded_step(w.session.id, w.shot_text, w.init)])
+                    result = self._guarded_step(w.session.id, w.shot_text, w.init, w.truncate_to)
+                    return Outcome(results=[result])
                 return Outcome(results=self._step_batch([w.session.id for w in plan.rows]))
             except Exception as exc:  # the scheduler decides: retry alone, or fail the session
                 return Outcome(error=exc)
@@ -198,12 +201,16 @@ class ModelRunner:
             self._refresh_device_facts()
 
     def _guarded_step(
-        self, sid: str, shot_text: str | None, init: tuple[str, int] | None
+        self,
+        sid: str,
+        shot_text: str | None,
+        init: tuple[str, int] | None,
+        truncate_to: int | None = None,
     ) -> StepResult:
         try:
             if init is not None and sid not in self._sessions:
                 self._open(sid, *init)
-            return self._step(sid, shot_text)
+            return self._step(sid, shot_text, truncate_to)
         except torch.OutOfMemoryError as exc:
             # Free this session's state now and give the memory back, so the others keep
             # their headroom (the only place the worker collects and empties the cache).
@@ -223,10 +230,12 @@ class ModelRunner:
             raise
         self._sessions[sid] = (lease, gen)
 
-    def _step(self, sid: str, shot_text: str | None) -> StepResult:
+    def _step(self, sid: str, shot_text: str | None, truncate_to: int | None = None) -> StepResult:
         t0 = time.perf_counter()
         _, gen = self._sessions[sid]
         report, shot_timings = None, {}
+        if truncate_to is not None:  # an instant cut: the withdrawn frames were never made
+            gen.truncate_shot(truncate_to)
         if shot_text is not None:
             start = gen.start_shot(shot_text)
             report = TokenReport(start.truncated_tokens, start.shot_text_cut)

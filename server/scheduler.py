@@ -47,10 +47,37 @@ class ChunkWork:
     prompt: Prompt  # the prompt of the shot this chunk belongs to
     starts_shot: bool  # begin that shot first (encode its captions, select context)
     init: tuple[str, int] | None = None  # (global caption, seed): open the generator first
+    first_frame: int = 0  # where the chunk starts on the session's media timeline
+    frames: int = 0
+    truncate_to: int | None = None  # a cut: keep this many frames of the current shot first
 
     @property
     def shot_text(self) -> str | None:
         return self.prompt.text if self.starts_shot else None
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """A chunk of the current shot, as planned: what a cut may withdraw."""
+
+    seq: int
+    first_frame: int
+    frames: int
+
+
+@dataclass
+class Withdrawal:
+    """A cut that takes effect at the viewer's playhead: the current shot is cut at
+    `cut_frame` (on the media timeline); chunks `seqs` wholly after it are withdrawn, and
+    the chunk holding it, if any, keeps only its frames before it."""
+
+    session: Session
+    cut_frame: int
+    seqs: list[int]  # wholly withdrawn
+    partial: ChunkRecord | None  # the chunk the cut falls inside (already sent)
+    frames_withdrawn: int
+    prompt: Prompt  # the cut's
+    replaced: Prompt | None  # a user prompt whose whole shot was withdrawn before it showed
 
 
 @dataclass
@@ -63,6 +90,7 @@ class Plan:
     moved: list[tuple[Session, Prompt]] = field(default_factory=list)  # starts_at_seq changed
     paused: list[Session] = field(default_factory=list)  # a shot ended with nothing next
     orphaned: list[Session] = field(default_factory=list)  # ended while a retry waited
+    withdrawals: list[Withdrawal] = field(default_factory=list)  # cuts at the playhead
 
     @property
     def empty(self) -> bool:
@@ -93,6 +121,8 @@ def ready_at(s: Session, now: float, settings: Settings, chunk_seconds: float) -
     """When the session may run its next chunk (<= now: runnable), None while blocked."""
     if not s.alive or s.inflight or s.state == "paused":
         return None
+    if cuts_at_playhead(s) and s.pending_cut is not None:
+        return now  # an instant cut replaces the buffered video: it runs first, at once
     if undelivered(s) >= settings.outbox_chunks:
         return None  # slow or absent reader: wait for the outbox to drain
     if not s.clock.running or s.conn is None:
@@ -105,9 +135,28 @@ def ready_at(s: Session, now: float, settings: Settings, chunk_seconds: float) -
 
 def deadline(s: Session) -> float:
     """When the player needs the session's next chunk (earliest deadline first)."""
+    if cuts_at_playhead(s) and s.pending_cut is not None:
+        return -math.inf  # the viewer waits for this one
     if not s.clock.running:
         return s.created_mono if s.conn is None else s.conn.connected_at
     return buffer_end(s)
+
+
+def cuts_at_playhead(s: Session) -> bool:
+    """Whether the session's viewer takes instant cuts (its connection asked for the
+    `withdraw` feature); others keep cuts behind the buffered video."""
+    return s.conn is not None and s.conn.withdraw
+
+
+def playhead(s: Session, now: float) -> float | None:
+    """Where the viewer's player is now (media seconds), from its last report: it plays on
+    in real time unless paused, and never past what it was sent."""
+    if s.playhead is None or s.conn is None:
+        return None
+    pts, at = s.playhead
+    if s.state != "paused":
+        pts += now - at
+    return min(pts, s.conn.sent_end_pts)
 
 
 # -- shots --------------------------------------------------------------------------------
@@ -156,6 +205,9 @@ class Scheduler:
         self.sessions = sessions  # the live sessions, in creation order
         self._finish: list[str] = []
         self._retry: deque[ChunkWork] = deque()
+        # Seconds from planning an instant cut to its first chunk reaching the viewer
+        # (moving average; the engine seeds it from the warm-up, delivery updates it).
+        self.cut_delay = 0.0
 
     @property
     def chunk_seconds(self) -> float:
@@ -166,6 +218,17 @@ class Scheduler:
         """Free this session's state at the next step (it ended)."""
         if sid not in self._finish:
             self._finish.append(sid)
+
+    def cut_margin(self) -> float:
+        """How far past the viewer's playhead a cut lands: the time its first chunk takes
+        to reach the viewer, with room, so the player never waits for it."""
+        if self.settings.cut_margin_s > 0:
+            return self.settings.cut_margin_s
+        return max(0.1, 1.25 * self.cut_delay + 0.05)
+
+    def observe_cut_delay(self, seconds: float) -> None:
+        a = 0.3 if self.cut_delay else 1.0
+        self.cut_delay = (1 - a) * self.cut_delay + a * seconds
 
     def replan(self, s: Session, acked: Prompt | None = None) -> list[Prompt]:
         """The session's waiting prompts changed: their starts; see `assign_starts`."""
@@ -187,7 +250,7 @@ class Scheduler:
             first, soonest = self._earliest(now)
             if first is None:
                 return plan, soonest
-            work = self._next_chunk(first, plan)
+            work = self._next_chunk(first, plan, now)
             if work is not None:
                 break  # else it paused at a shot's end: look again
         plan.rows = [work]
@@ -224,18 +287,24 @@ class Scheduler:
         others.sort(key=deadline)
         rows = []
         for x in others[: max(0, self.settings.max_batch - 1)]:
-            work = self._next_chunk(x, plan)
+            work = self._next_chunk(x, plan, now)
             if work is not None:
                 rows.append(work)
         return rows
 
-    def _next_chunk(self, s: Session, plan: Plan) -> ChunkWork | None:
+    def _next_chunk(self, s: Session, plan: Plan, now: float) -> ChunkWork | None:
         """Plan the session's next chunk: its seq, its shot's prompt and whether it starts
         that shot; None if its shot ended with nothing to follow (the session pauses)."""
         per_shot = self.cfg.chunks_per_shot
         start: Prompt | None = None
+        truncate_to: int | None = None
         if s.pending_cut is not None:
             start, s.pending_cut = s.pending_cut, None
+            if cuts_at_playhead(s):
+                w = self._withdraw(s, start, now)
+                if w is not None:
+                    plan.withdrawals.append(w)
+                    truncate_to = w.cut_frame - s.shot_chunks[0].first_frame
         elif s.current is None or s.chunks_in_shot >= per_shot:
             if s.queue:
                 start = s.queue.popleft()
@@ -252,14 +321,58 @@ class Scheduler:
         s.next_seq += 1
         if start is not None:
             start.starts_at_seq = seq
+            if truncate_to == 0:  # the withdrawn shot is replaced: the cut takes its index
+                s.shot_index -= 1
             s.current, s.shot_index, s.chunks_in_shot = start, s.shot_index + 1, 0
+            s.shot_chunks = []
+        frames = self.cfg.chunk_pixel_frames(s.chunks_in_shot)
         s.chunks_in_shot += 1
-        s.video_generated += self.cfg.chunk_pixel_frames(s.chunks_in_shot - 1) / self.cfg.fps
+        s.video_generated += frames / self.cfg.fps
         s.inflight = True
+        record = ChunkRecord(seq, s.next_frame, frames)
+        s.shot_chunks.append(record)
+        s.next_frame += frames
         plan.moved += [(s, p) for p in assign_starts(s, per_shot)]
         assert s.current is not None
         init = None if s.opened else (s.global_prompt, s.seed)
-        return ChunkWork(s, seq, s.current, start is not None, init)
+        return ChunkWork(s, seq, s.current, start is not None, init, record.first_frame,
+                         frames, truncate_to)  # fmt: skip
+
+    def _withdraw(self, s: Session, cut: Prompt, now: float) -> Withdrawal | None:
+        """Where a cut lands for a viewer that takes instant cuts: the current shot's video
+        past the viewer's playhead plus `cut_margin` is withdrawn (to a frame; inside a chunk
+        already sent, whose first frames stay), or, with no playhead report yet, only what
+        was not sent. None when nothing of the current shot lies past that point."""
+        if not s.shot_chunks or s.current is None:
+            return None
+        fps = self.cfg.fps
+        assert s.conn is not None
+        sent = {x.seq for x in s.outbox.sent if x.data is not None}
+        at = playhead(s, now)
+        cut_pts = s.conn.sent_end_pts if at is None else at + self.cut_margin()
+        shot_start = s.shot_chunks[0].first_frame
+        cut_frame = max(shot_start, math.ceil(round(cut_pts * fps, 6)))
+        partial = None
+        for r in s.shot_chunks:
+            if r.first_frame < cut_frame < r.first_frame + r.frames:
+                if r.seq in sent:
+                    partial = r
+                else:  # not sent: it cannot be cut into; it stays whole
+                    cut_frame = r.first_frame + r.frames
+                break
+        if cut_frame >= s.next_frame:
+            return None
+        gone = [r for r in s.shot_chunks if r.first_frame >= cut_frame]
+        tail = 0 if partial is None else partial.first_frame + partial.frames - cut_frame
+        withdrawn = sum(r.frames for r in gone) + tail
+        # The planning side forgets the withdrawn video now; delivery settles its side.
+        s.next_frame = cut_frame
+        s.chunks_generated -= len(gone)
+        s.video_generated -= withdrawn / fps
+        s.withdrawn.update(r.seq for r in gone)
+        whole_shot = cut_frame == shot_start
+        replaced = s.current if whole_shot and not s.current.auto and s.current is not cut else None
+        return Withdrawal(s, cut_frame, [r.seq for r in gone], partial, withdrawn, cut, replaced)
 
     # -- the outcome ----------------------------------------------------------------------------
     def update(self, plan: Plan, outcome: Outcome) -> Update:

@@ -31,7 +31,7 @@ from server.settings import Settings
 
 if TYPE_CHECKING:  # the engine and scheduler import this module
     from server.engine import Engine
-    from server.scheduler import ChunkWork, Plan
+    from server.scheduler import ChunkWork, Plan, Withdrawal
 
 log = logging.getLogger("shotstream.sessions")
 
@@ -56,6 +56,7 @@ class Prompt:
     auto: bool = False  # a continuation of the previous shot's prompt, not a user prompt
     starts_at_seq: int = -1
     acked_seq: int = -1  # the starts_at_seq the client was last told
+    cut_planned: float | None = None  # monotonic time an instant cut of it was planned
 
 
 class TokenBucket:
@@ -103,6 +104,10 @@ class Session:
         self.inflight = False  # a step of it is planned and not yet applied
         self.chunks_generated = 0
         self.video_generated = 0.0  # seconds of video planned: generated or in flight
+        self.next_frame = 0  # media timeline: frame index where the next chunk starts
+        self.shot_chunks: list = []  # ChunkRecords of the current shot (what a cut may withdraw)
+        self.withdrawn: set[int] = set()  # seqs withdrawn by cuts (their encodes are dropped)
+        self.playhead: tuple[float, float] | None = None  # (pts, monotonic) last reported
         # -- delivery
         self.outbox = Outbox(2 * max(2, settings.outbox_chunks), settings.resume_window_s)
         # The viewer's player, over all its connections: a reconnect does not restart it, so
@@ -303,6 +308,38 @@ class SessionManager:
             log.info("session paused", extra={"session_id": s.id, "reason": "shot ended"})
         for s in plan.orphaned:
             self.release(s)
+        for w in plan.withdrawals:
+            self._withdraw(w)
+
+    def _withdraw(self, w: Withdrawal) -> None:
+        """Delivery's side of a cut at the playhead: the withdrawn video leaves the lanes and
+        the counts, the player's clock forgets it, and the viewer is told (in order with the
+        media) what to remove. A user prompt whose whole shot went is reported dropped."""
+        s, fps = w.session, self.cfg.fps
+        tail_item, tail_frames = None, 0
+        if w.partial is not None:
+            tail_item = s.outbox.sent_item(w.partial.seq)
+            tail_frames = w.partial.first_frame + w.partial.frames - w.cut_frame
+        sent, seconds = s.outbox.withdraw(set(w.seqs), tail_item, tail_frames, fps)
+        s.clock.withdraw(seconds)
+        self.metrics.chunks_withdrawn.inc(len(w.seqs))
+        self.metrics.frames_withdrawn.inc(w.frames_withdrawn)
+        w.prompt.cut_planned = time.monotonic()
+        if sent or tail_frames:
+            msg = P.WithdrawMessage(seqs=sent, pts=w.cut_frame / fps, shot_id=w.prompt.shot_id)
+            # In the media lane, under the seq of the cut's first chunk, which follows it: a
+            # resume before that chunk replays it as it replays a chunk.
+            seq = w.prompt.starts_at_seq
+            s.outbox.media.append(
+                MediaItem(msg.model_dump(mode="json"), seq=seq, ready=time.monotonic())
+            )
+            if s.conn is not None:
+                s.conn.sent_end_pts = min(s.conn.sent_end_pts, w.cut_frame / fps)
+                s.conn.wake.set()
+        if w.replaced is not None:
+            self._drop(s, w.replaced, "superseded by a later cut before it was shown")
+        log.info("cut at the playhead", extra={"session_id": s.id, "cut_frame": w.cut_frame,
+                                              "withdrawn_frames": w.frames_withdrawn})  # fmt: skip
 
     def on_chunk(self, work: ChunkWork, result: StepResult) -> None:
         """A chunk came back from the worker: package it into the outbox, in order."""
@@ -338,7 +375,7 @@ class SessionManager:
         counted = s.outbox.sent_whole(item, keep=s.alive)  # an ended session keeps no video
         if counted and item.prompt is not None:
             m.prompts_applied.inc()
-        if item.data is None:  # a `shot` message
+        if item.data is None:  # a `shot` or `withdraw` message
             return
         m.frames_sent.inc(item.frames)
         m.bytes_sent.inc(len(item.data))
@@ -354,7 +391,25 @@ class SessionManager:
             m.deadline_misses.inc()
         if counted and item.prompt is not None:
             m.prompt_to_visible.observe(now - item.prompt.received)
+            if item.prompt.cut_planned is not None and self.engine is not None:
+                self.engine.scheduler.observe_cut_delay(now - item.prompt.cut_planned)
+        if conn is not None:
+            msg = item.message
+            conn.sent_end_pts = max(conn.sent_end_pts, msg["pts"] + msg["duration"])
         self._wake_engine()
+
+    def report_playhead(self, s: Session, conn: Connection, pts: float) -> None:
+        """The viewer's player is at `pts` (feature `withdraw`). A playhead past what this
+        connection was sent cannot be true: refused (LimitError), not believed."""
+        if not conn.withdraw:
+            raise P.LimitError(P.ErrorCode.BAD_MESSAGE,
+                               "playhead reports need the `withdraw` feature (?features=withdraw)")  # fmt: skip
+        if pts > conn.sent_end_pts + 1.0 / self.cfg.fps:
+            raise P.LimitError(
+                P.ErrorCode.BAD_PLAYHEAD,
+                f"playhead {pts:.3f} s is past the media sent ({conn.sent_end_pts:.3f} s)",
+            )
+        s.playhead = (pts, time.monotonic())
 
     # -- control ----------------------------------------------------------------------------
     def pause(self, s: Session) -> None:
@@ -391,6 +446,7 @@ class SessionManager:
         # The player's clock goes on across connections (a reconnect earns no new lead); if
         # it ran dry while nobody was connected, that wait is the client's, not a miss.
         s.clock.rebase_if_dry(time.monotonic())
+        s.playhead = None  # unknown until this connection's player reports
         for item in s.outbox.resume_after(last_seq):
             if item.data is not None and item.prompt is not None:
                 # its shot's prompt counts as applied; when it became visible is not known

@@ -147,6 +147,12 @@ class Settings(BaseSettings):
     )
 
     # -- engine ----------------------------------------------------------------------
+    cut_margin_s: float = Field(
+        0.0,
+        description="for viewers that take instant cuts: how far past their playhead a cut "
+        "lands (0 = measured: 1.25 x the time a cut's first chunk takes to reach the viewer, "
+        "+ 50 ms)",
+    )
     max_batch: int = Field(
         4, description="sessions whose chunks may run as one batched forward (1 = never batch)"
     )

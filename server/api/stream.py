@@ -61,6 +61,7 @@ async def stream(ws: WebSocket, sid: str):
         # (a frozen or vanished client), and a client resuming must not wait for that.
         m.replace_connection(s)
     conn = Connection(ws.send_text, ws.send_bytes, ws.close, time.monotonic())
+    conn.withdraw = P.FEATURE_WITHDRAW in _features(ws.query_params.get("features", ""))
     m.attach(s, conn, _last_seq(ws.query_params.get("last_seq", "")))
     sender = asyncio.create_task(_sender(state, ws, s, conn), name=f"send-{sid}")
     try:
@@ -100,8 +101,9 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
     cfg = m.cfg
     box = s.outbox
     try:
+        features = [P.FEATURE_WITHDRAW] if conn.withdraw else []
         hello = P.HelloMessage(session_id=s.id, mime=enc.mime, width=cfg.width, height=cfg.height,
-                               fps=cfg.fps, next_seq=conn.next_seq)  # fmt: skip
+                               fps=cfg.fps, next_seq=conn.next_seq, features=features)  # fmt: skip
         await _send_json(ws, hello.model_dump(), timeout)
         await _send_json(ws, P.InitMessage(bytes=len(init)).model_dump(), timeout)
         await asyncio.wait_for(ws.send_bytes(init), timeout)
@@ -202,6 +204,8 @@ async def _receiver(
                 m.end(s, "stopped")
             elif isinstance(parsed, P.PingMessage):
                 m.send_control(s, P.PongMessage(server_time=time.time(), ref=ref))
+            elif isinstance(parsed, P.PlayheadMessage):
+                m.report_playhead(s, conn, parsed.pts)
         except Refused as exc:
             _client_error(state, s, conn, exc.code, exc.message, counts=False, ref=ref)
         except P.LimitError as exc:
@@ -210,6 +214,12 @@ async def _receiver(
             _client_error(
                 state, s, conn, P.ErrorCode.BAD_MESSAGE, P.describe_validation_error(exc), ref=ref
             )
+
+
+def _features(text: str) -> set[str]:
+    """The optional features a client asks for (`?features=a,b`); unknown ones are ignored
+    (a newer client may ask for what this server does not have)."""
+    return {f for f in text.split(",")[:8] if f in P.FEATURES}
 
 
 def _last_seq(text: str) -> int | None:

@@ -50,3 +50,21 @@ def test_candidates_cover_every_later_boundary():
     for later in range(1, 12):
         for p in select_context([81] * later, 6):
             assert p.offset in cands
+
+
+def test_candidates_cover_every_later_boundary_for_shots_of_any_length():
+    """Cuts end shots at any frame, so shots have any length and sit anywhere: whatever
+    the lengths, every frame a later boundary picks from a finished shot is among that
+    shot's candidates (computed where the shot sits: rounding half to even depends on it)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        lengths = [rng.randint(1, 90) for _ in range(rng.randint(1, 9))]
+        for k in range(1, len(lengths) + 1):
+            for p in select_context(lengths[:k], 6):
+                start = sum(lengths[: p.shot])
+                cands = candidate_offsets(
+                    lengths[p.shot], context_counts(p.shot + 1, 6)[p.shot], start
+                )
+                assert p.offset in cands, (lengths[:k], p)

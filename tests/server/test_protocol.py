@@ -40,7 +40,8 @@ SERVER_MESSAGES: list[tuple[BaseModel, set[str]]] = [
         p.HelloMessage(
             session_id="s1", mime='video/mp4; codecs="avc1.42C01E"', width=832, height=480, fps=16
         ),
-        {"type", "protocol", "session_id", "mime", "width", "height", "fps", "next_seq"},
+        {"type", "protocol", "session_id", "mime", "width", "height", "fps", "next_seq",
+         "features"},  # fmt: skip
     ),
     (p.InitMessage(bytes=812), {"type", "bytes"}),
     (
@@ -76,6 +77,10 @@ SERVER_MESSAGES: list[tuple[BaseModel, set[str]]] = [
         p.PromptDroppedMessage(shot_id=7, reason="superseded by a later cut"),
         {"type", "shot_id", "reason"},
     ),
+    (
+        p.WithdrawMessage(seqs=[9, 10], pts=5.25, shot_id=8),
+        {"type", "seqs", "pts", "shot_id"},
+    ),
     (p.PongMessage(server_time=1_700_000_000.25), {"type", "server_time", "ref"}),
 ]
 
@@ -85,6 +90,7 @@ CLIENT_MESSAGES: list[tuple[BaseModel, set[str]]] = [
     (p.ResumeMessage(), {"type", "ref"}),
     (p.StopMessage(), {"type", "ref"}),
     (p.PingMessage(), {"type", "ref"}),
+    (p.PlayheadMessage(pts=3.5), {"type", "pts", "ref"}),
 ]
 
 
@@ -120,7 +126,7 @@ def test_every_type_literal_is_in_its_union() -> None:
     assert set(p.SERVER_MESSAGE_TYPES) == {
         type(m).model_fields["type"].default for m, _ in SERVER_MESSAGES
     }
-    assert set(p.CLIENT_MESSAGE_TYPES) == {"prompt", "pause", "resume", "stop", "ping"}
+    assert set(p.CLIENT_MESSAGE_TYPES) == {"prompt", "pause", "resume", "stop", "ping", "playhead"}
     assert isinstance(p.client_message_adapter.validate_python({"type": "stop"}), p.StopMessage)
     assert isinstance(
         p.server_message_adapter.validate_json('{"type":"init","bytes":5}'), p.InitMessage

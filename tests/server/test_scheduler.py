@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from model.config import get_preset
 from server import protocol as P
-from server.delivery import Connection
+from server.delivery import Connection, MediaItem
 from server.metrics import Metrics
 from server.runner import Outcome, StepResult, TokenReport
 from server.scheduler import Plan, Scheduler, deadline, ready_at
@@ -381,5 +382,160 @@ def test_ended_sessions_are_freed_at_the_next_step():
         h.manager.end(s, "deleted")
         plan, _ = h.step(1.0)
         assert plan.finish == [s.id] and not plan.rows
+
+    run(body)
+
+
+# -- instant cuts (feature `withdraw`) ----------------------------------------------------
+def withdraw_conn() -> Connection:
+    conn = Connection(_noop, _noop, _noop, 0.0)
+    conn.withdraw = True
+    return conn
+
+
+def run_and_send(h, s, now: float, sent: bool = True) -> list:
+    """Step once; the session's chunks that came out are packaged as the Packager would
+    (message + segment in the media lane) and, if `sent`, delivered whole."""
+    plan, _ = h.scheduler.schedule(now)
+    h.manager.on_planned(plan)
+    if plan.empty:
+        return []
+    up = h.scheduler.update(plan, h.runner.execute_now(plan))
+    fps = CFG.fps
+    out = []
+    for work, result in up.done:
+        if work.session is not s:
+            continue
+        n = result.frames.shape[0]
+        items = []
+        if work.starts_shot:
+            msg = {"type": "shot", "shot": s.shot_index, "shot_id": work.prompt.shot_id}
+            items.append(MediaItem(msg, None, work.seq))
+        msg = {"type": "chunk", "seq": work.seq, "pts": work.first_frame / fps,
+               "duration": n / fps}  # fmt: skip
+        items.append(MediaItem(msg, b"x" * 100, work.seq, n, n / fps))
+        s.outbox.media.extend(items)
+        if sent:
+            for item in items:
+                h.manager.delivered(s, item, 0.0)
+        out.append(work)
+    return out
+
+
+def test_a_cut_at_the_playhead_withdraws_the_unplayed_rest_of_the_shot():
+    """Three chunks sent (9 + 12 + 12 = 33 frames); the player reports 0.5 s; with a 0.25 s
+    margin the cut lands at frame 12 (0.75 s), inside the second chunk: the third is
+    withdrawn whole, the second keeps its first 3 frames, the viewer is told, and the new
+    shot's first chunk starts at frame 12 with the generator told to keep 12 frames."""
+
+    async def body(h):
+        s = await h.create(connect=False)
+        h.manager.attach(s, withdraw_conn())
+        now = time.monotonic()
+        for i in range(3):
+            keep_up(s)
+            run_and_send(h, s, now + i)
+        assert [x.seq for x in s.outbox.sent if x.data] == [0, 1, 2]
+        assert s.outbox.frames_sent == 33
+        h.manager.report_playhead(s, s.conn, 0.5)
+        cut = await h.manager.add_prompt(s, "the cut", "cut")
+        assert ready_at(s, now, h.settings, CFG.chunk_seconds) == now  # at once, lead or not
+        assert deadline(s) == -math.inf  # before anyone else
+        plan, _ = h.scheduler.schedule(s.playhead[1])  # as the report arrived: no drift
+        h.manager.on_planned(plan)
+        (w,) = plan.withdrawals
+        assert (w.cut_frame, w.seqs, w.partial.seq, w.frames_withdrawn) == (12, [2], 1, 21)
+        (work,) = plan.rows
+        assert work.starts_shot and work.prompt is cut and work.truncate_to == 12
+        assert work.first_frame == 12 and work.seq == 3 == cut.starts_at_seq
+        # delivery forgot the withdrawn video and tells the viewer, in order with the media
+        assert s.outbox.frames_sent == 12 and s.outbox.chunks_delivered == 2
+        assert s.outbox.last_delivered_seq == 1 and s.chunks_generated == 2
+        msg = s.outbox.media[-1].message
+        assert msg == {"type": "withdraw", "seqs": [2], "pts": 12 / CFG.fps, "shot_id": cut.shot_id}
+        assert 2 in s.withdrawn
+
+    run(body, cut_margin_s=0.25)
+
+
+def test_without_a_playhead_report_only_unsent_chunks_are_withdrawn():
+    async def body(h):
+        s = await h.create(connect=False)
+        h.manager.attach(s, withdraw_conn())
+        now = time.monotonic()
+        keep_up(s)
+        run_and_send(h, s, now)  # chunk 0 sent
+        keep_up(s)
+        s.outbox.chunks_delivered = s.chunks_generated  # (keep the scheduler willing)
+        run_and_send(h, s, now + 1, sent=False)  # chunk 1 generated, still in the lane
+        s.outbox.chunks_delivered = 1
+        await h.manager.add_prompt(s, "cut", "cut")
+        plan, _ = h.scheduler.schedule(now + 2)
+        h.manager.on_planned(plan)
+        (w,) = plan.withdrawals
+        assert (w.cut_frame, w.seqs, w.partial) == (9, [1], None)
+        assert [x.seq for x in s.outbox.media] == []  # chunk 1 left the lane, unannounced
+        assert not any(x.message["type"] == "withdraw" for x in s.outbox.media)
+
+    run(body)
+
+
+def test_a_version_1_viewer_keeps_cuts_behind_the_buffer():
+    async def body(h):
+        s = await h.create()  # a connection without the feature
+        now = time.monotonic()
+        for i in range(2):
+            keep_up(s)
+            run_and_send(h, s, now + i)
+        s.playhead = (0.1, now)
+        await h.manager.add_prompt(s, "cut", "cut")
+        keep_up(s)
+        plan, _ = h.scheduler.schedule(now + 3)
+        assert not plan.withdrawals and plan.rows[0].truncate_to is None
+        assert plan.rows[0].first_frame == 21  # after everything generated
+
+    run(body)
+
+
+def test_a_shot_withdrawn_whole_is_replaced_and_its_prompt_reported_dropped():
+    """Cut A lands, then cut B before any of A's video is played: A's shot is withdrawn
+    whole (B takes its shot index) and A gets `prompt_dropped`: the latest cut wins."""
+
+    async def body(h):
+        s = await h.create(connect=False)
+        h.manager.attach(s, withdraw_conn())
+        now = time.monotonic()
+        for i in range(2):
+            keep_up(s)
+            run_and_send(h, s, now + i)
+        h.manager.report_playhead(s, s.conn, 0.1)
+        a = await h.manager.add_prompt(s, "A", "cut")
+        t = s.playhead[1]
+        assert [w.prompt for w in run_and_send(h, s, t)] == [a]
+        index_a = s.shot_index
+        s.playhead = (0.1, t)  # the player has not moved on
+        b = await h.manager.add_prompt(s, "B", "cut")
+        plan, _ = h.scheduler.schedule(t)
+        h.manager.on_planned(plan)
+        (w,) = plan.withdrawals
+        assert w.replaced is a and plan.rows[0].truncate_to == 0
+        assert s.shot_index == index_a and s.current is b
+        dropped = [m for m in s.outbox.control if m["type"] == "prompt_dropped"]
+        assert [m["shot_id"] for m in dropped] == [a.shot_id]
+
+    run(body, cut_margin_s=0.25)
+
+
+def test_a_playhead_past_what_was_sent_is_refused():
+    async def body(h):
+        s = await h.create(connect=False)
+        h.manager.attach(s, withdraw_conn())
+        keep_up(s)
+        run_and_send(h, s, time.monotonic())
+        with pytest.raises(P.LimitError):
+            h.manager.report_playhead(s, s.conn, 5.0)  # 9 frames were sent: 0.5625 s
+        assert s.playhead is None
+        h.manager.report_playhead(s, s.conn, 0.5)
+        assert s.playhead[0] == 0.5
 
     run(body)
