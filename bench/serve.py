@@ -3,6 +3,8 @@ the load generator (clients/load.py), and what the server's own metrics say abou
 
     python -m bench.serve --preset tiny --sessions 1,2,4 --duration 20
     python -m bench.serve --preset tiny --sessions 4 --admit-all --compare max_batch=1 --compare max_batch=4
+    python -m bench.serve --preset demo --sessions 1 --prompt-every 3 --duration 60 \
+        --compare instant_cuts=0 --compare instant_cuts=1   # prompt-to-visible at the player
     python -m bench.serve --server http://127.0.0.1:8000 --sessions 2   # a server you started
     python -m bench.serve --preset wan2.1-1.3b --device cuda --sessions 1,2,3,4 --save h100
 
@@ -150,7 +152,11 @@ def model_info(base: str) -> dict:
     return {k: r.get(k) for k in keys}
 
 
-async def one_case(base: str, sessions: int, info: dict, args: argparse.Namespace) -> dict:
+CLIENT_OPTIONS = ("instant_cuts",)  # --compare keys that choose the clients', not the server's
+
+
+async def one_case(base: str, sessions: int, info: dict, args: argparse.Namespace,
+                   instant_cuts: bool = False) -> dict:  # fmt: skip
     before = scrape(base)
     load = await run_load(
         LoadConfig(
@@ -162,6 +168,7 @@ async def one_case(base: str, sessions: int, info: dict, args: argparse.Namespac
             ramp_s=args.ramp,
             retry_refused=False,
             api_key=args.api_key,
+            instant_cuts=instant_cuts,
         )  # fmt: skip
     )
     after = scrape(base)
@@ -221,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         for variant in variants:
+            client = {k: variant[k] for k in CLIENT_OPTIONS if k in variant}
+            server_variant = {k: v for k, v in variant.items() if k not in CLIENT_OPTIONS}
+            instant = client.get("instant_cuts", "0") not in ("0", "false", "off", "")
             for n in counts:
                 if args.server:
                     base_ctx: contextlib.AbstractContextManager[str] = contextlib.nullcontext(
@@ -234,13 +244,13 @@ def main(argv: list[str] | None = None) -> int:
                         **({"threads": str(args.threads)} if args.threads else {}),
                         **({"realtime_margin": "1000", "max_sessions": str(n)}
                            if args.admit_all else {}),
-                        **variant,
+                        **server_variant,
                     }  # fmt: skip
                     module = "bench.random_weights" if args.random_weights else "server.cli"
                     base_ctx = launched(settings, Path(tmp), module=module)
                 with base_ctx as base:
                     info = model_info(base)
-                    row = asyncio.run(one_case(base, n, info, args))
+                    row = asyncio.run(one_case(base, n, info, args, instant))
                 row = {"bench": "serve", "variant": variant, "commit": git_commit(),
                        "model": info,
                        **row}  # fmt: skip
@@ -258,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                     if first
                     else None,
                     "client_deadline_misses": r["client"]["deadline_misses"],
+                    "prompt_to_visible_p50_s": r["client"]["prompt_to_visible_s"]["p50"],
                     "server_vs_budget": r["overhead"]["server_vs_budget"],
                     "refused": r["client"]["sessions_refused"],
                 }

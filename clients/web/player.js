@@ -73,6 +73,14 @@ export class MsePlayer {
     this.pump();
   }
 
+  /** A cut replaced the video from `pts` on: remove it from the buffer before the next
+   * segment (the new shot, which starts at `pts`) is appended. Frames before `pts` stay,
+   * so playback runs on into the new shot without a gap. */
+  withdraw(pts) {
+    this.ops.push({ kind: "remove", start: pts, end: Number.POSITIVE_INFINITY, cut: true });
+    this.pump();
+  }
+
   /** Play out what is buffered, then end. */
   end() {
     this.ending = true;
@@ -104,6 +112,11 @@ export class MsePlayer {
     return 0;
   }
 
+  /** The end of the buffered range holding the playhead (currentTime when starved). */
+  bufferedEnd() {
+    return this.video.currentTime + this.bufferAhead();
+  }
+
   /** Buffered ranges as [[start, end], ...] seconds. */
   ranges() {
     const b = this.video.buffered;
@@ -125,7 +138,7 @@ export class MsePlayer {
         this.lastAppendWasMedia = op.media;
         sb.appendBuffer(op.data);
       } else if (op.kind === "remove") {
-        this.trimPending = false;
+        if (!op.cut) this.trimPending = false;
         sb.remove(op.start, op.end);
       } else if (op.kind === "changeType") {
         sb.changeType(op.mime);

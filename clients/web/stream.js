@@ -11,14 +11,15 @@ export class StreamSocket {
   /**
    * @param {string} url  the session's stream_url
    * @param {string} token  the session's bearer token
-   * @param {{onMessage: Function, onState: Function, giveUpAfterMs?: number}} handlers
+   * @param {{onMessage: Function, onState: Function, giveUpAfterMs?: number, features?: string[]}} handlers
    *   onMessage(msg, data): every server message, with its binary payload for init/chunk.
    *   onState(state, detail): "connecting" | "open" | "reconnecting" | "closed".
    *   giveUpAfterMs: stop retrying after this long without a connection (the server's
    *   grace period ends the session anyway).
+   *   features: optional protocol features to ask for on every connection ("withdraw").
    */
-  constructor(url, token, { onMessage, onState, giveUpAfterMs = 30000 }) {
-    this.url = `${url}?token=${encodeURIComponent(token)}`;
+  constructor(url, token, { onMessage, onState, giveUpAfterMs = 30000, features = [] }) {
+    this.url = `${url}?token=${encodeURIComponent(token)}` + (features.length ? `&features=${features.join(",")}` : "");
     this.lastSeq = null; // the last chunk received whole: a resume asks for what follows it
     this.onMessage = onMessage;
     this.onState = onState;
@@ -47,6 +48,11 @@ export class StreamSocket {
     ws.onmessage = (ev) => this.receive(ev.data);
     ws.onclose = (ev) => this.closed(ws, ev);
     this.ws = ws;
+  }
+
+  /** A cut withdrew chunks we hold: a resume must not claim them. */
+  withdrawn(seqs) {
+    if (seqs.length && this.lastSeq !== null && this.lastSeq >= Math.min(...seqs)) this.lastSeq = Math.min(...seqs) - 1;
   }
 
   /** Send a client message if the socket is open; false when it is not. */

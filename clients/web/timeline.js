@@ -116,6 +116,21 @@ export class Timeline {
     this.dirty = true;
   }
 
+  /** withdraw: video from `msg.pts` on will not be shown; a shot that began there or later
+   * was replaced by the cut (a user prompt's gets its own prompt_dropped). */
+  withdraw(msg) {
+    for (const e of this.entries) {
+      if (e.pts !== null && e.pts >= msg.pts - FRAME_EPSILON && e.shotId !== msg.shot_id) {
+        if (e.status !== "dropped") {
+          e.status = "dropped";
+          e.reason = "replaced by a later cut before it was shown";
+        }
+        e.pts = null;
+      }
+    }
+    this.dirty = true;
+  }
+
   /** A chunk arrived: the first chunk of a shot gives the pts where that shot is shown. */
   chunk(msg) {
     const e = this.byShotId(msg.shot_id);

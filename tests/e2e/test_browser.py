@@ -11,6 +11,7 @@ new shot on screen) and one per test at teardown (its last state, useful when it
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -183,7 +184,10 @@ def test_page_plays_the_stream_and_shows_a_prompt_from_its_acked_chunk(page: Pag
     first = chunks[ack["starts_at_seq"]]
     # the server changed the shot exactly at the acked chunk...
     assert first["shot_id"] == ack["shot_id"]
-    assert chunks[ack["starts_at_seq"] - 1]["shot_id"] != ack["shot_id"]
+    # (the chunk before it, as received: with instant cuts seqs the cut withdrew before
+    # they were sent never arrive)
+    prev = max(seq for seq in chunks if seq < ack["starts_at_seq"])
+    assert chunks[prev]["shot_id"] != ack["shot_id"]
     assert any(
         m["shot_id"] == ack["shot_id"]
         and m["prompt"] == prompt
@@ -210,6 +214,53 @@ def test_page_plays_the_stream_and_shows_a_prompt_from_its_acked_chunk(page: Pag
     expect(page.locator("#start")).to_be_enabled()
     expect(page.locator("#shot-prompt")).to_be_disabled()
     assert snapshot(page)["state"] == "ended"
+
+
+def test_an_instant_cut_replaces_the_buffered_video_without_a_stall(page: Page):
+    """The page asks for instant cuts and reports its playhead: a cut typed mid-stream
+    withdraws the buffered video past the playhead (SourceBuffer.remove), the new shot's
+    first chunk starts exactly there, playback runs through the cut with no stall and no
+    gap, and the page shows the new shot well before the video it replaced would have
+    played out."""
+    start_session(page, "a red circle on a blue background")
+    wait_for(page, "s.bufferAhead > 0.5 && s.currentTime > 1.0")
+    assert snapshot(page)["features"] == ["withdraw"]
+    page.evaluate(
+        """() => { const v = document.getElementById("video"); window.__samples = [];
+            window.__sampler = setInterval(() => window.__samples.push({wall: performance.now() / 1000,
+              t: v.currentTime, ahead: window.shotstream.bufferAhead()}), 100); }"""
+    )
+    page.wait_for_timeout(1000)
+    before = snapshot(page)
+    buffered_end = before["ranges"][-1][1]
+    prompt = "close-up, the circle turns green"
+    page.fill("#shot-prompt", prompt)
+    page.press("#shot-prompt", "Enter")
+    item = page.locator("#timeline li", has_text=prompt)
+    expect(item).to_have_attribute("aria-current", "true", timeout=30_000)
+    page.wait_for_timeout(2500)  # play on past the cut
+    samples = page.evaluate("() => { clearInterval(window.__sampler); return window.__samples; }")
+    s = snapshot(page)
+    (w,) = [x for x in s["withdrawals"] if x["shot_id"] == s["acks"][-1]["shot_id"]][-1:]
+    ack = next(a for a in s["acks"] if a["shot_id"] == w["shot_id"])
+    first = next(c for c in s["chunks"] if c["seq"] == ack["starts_at_seq"])
+    # the cut landed inside the video buffered when it was typed, and the new shot starts
+    # there on the timeline
+    assert before["currentTime"] < w["pts"] < buffered_end
+    assert abs(first["pts"] - w["pts"]) < 1e-6
+    entry = next(e for e in s["timeline"] if e["prompt"] == prompt)
+    assert abs(entry["shownMediaTime"] - w["pts"]) <= FRAME_S + 1e-3
+    # no stall through the cut, and one buffered range: no gap where video was removed
+    assert_plays(samples, s, min_advance_s=2.5)
+    assert len(s["ranges"]) == 1 and s["ranges"][0][0] <= s["currentTime"] <= s["ranges"][0][1]
+    # the latency the page measured is the time to the new shot on screen
+    latency = s["promptLatenciesMs"][-1] / 1000
+    replaced = buffered_end - before["currentTime"]  # what the cut did not have to wait for
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "browser-instant-cut.json").write_text(
+        json.dumps({"prompt_to_visible_s": latency, "buffered_ahead_s": replaced})
+    )
+    assert latency < replaced + 1.0  # it did not wait for the buffered video to play out
 
 
 def test_page_reconnects_after_its_socket_drops_and_plays_on(page: Page):

@@ -40,8 +40,17 @@ SERVER_MESSAGES: list[tuple[BaseModel, set[str]]] = [
         p.HelloMessage(
             session_id="s1", mime='video/mp4; codecs="avc1.42C01E"', width=832, height=480, fps=16
         ),
-        {"type", "protocol", "session_id", "mime", "width", "height", "fps", "next_seq",
-         "features"},  # fmt: skip
+        {
+            "type",
+            "protocol",
+            "session_id",
+            "mime",
+            "width",
+            "height",
+            "fps",
+            "next_seq",
+            "features",
+        },  # fmt: skip
     ),
     (p.InitMessage(bytes=812), {"type", "bytes"}),
     (
