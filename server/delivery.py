@@ -148,6 +148,7 @@ class Outbox:
         self.video_sent = 0.0  # seconds of video delivered, over all connections
         self.last_delivered_seq = -1
         self.shown_shot = -1
+        self.seq_floor = 0  # no chunk before this seq will be sent (a cut withdrew them)
 
     def push_control(self, msg: dict[str, Any]) -> bool:
         """Queue a control message; False (dropped) past CONTROL_LIMIT queued."""
@@ -213,7 +214,9 @@ class Outbox:
     def first_media_seq(self) -> int:
         """The seq of the first chunk a new connection will carry."""
         first = next((x.seq for x in self.media if x.data is not None), None)
-        return first if first is not None else self.last_delivered_seq + 1
+        if first is not None:
+            return first
+        return max(self.last_delivered_seq + 1, self.seq_floor)
 
     def withdraw(self, seqs: set[int], tail: MediaItem | None, tail_frames: int,
                  fps: int) -> tuple[list[int], float]:  # fmt: skip

@@ -321,6 +321,7 @@ class SessionManager:
             tail_item = s.outbox.sent_item(w.partial.seq)
             tail_frames = w.partial.first_frame + w.partial.frames - w.cut_frame
         sent, seconds = s.outbox.withdraw(set(w.seqs), tail_item, tail_frames, fps)
+        s.outbox.seq_floor = w.prompt.starts_at_seq  # the withdrawn seqs are never sent
         s.clock.withdraw(seconds)
         self.metrics.chunks_withdrawn.inc(len(w.seqs))
         self.metrics.frames_withdrawn.inc(w.frames_withdrawn)

@@ -107,3 +107,59 @@ def test_a_cut_replaces_the_unplayed_video_and_the_file_holds_what_a_viewer_saw(
     # and the pixel probe reads the cut's colour there, the old one just before it
     assert read_chunk(new).colour == "yellow", read_chunk(new)
     assert read_chunk(frames[max(0, cut - 9) : cut]).colour == "red"
+
+
+def test_a_resume_across_a_withdrawal_is_told_again_and_goes_on_from_the_cut(server):
+    """The client's connection dies right after the `withdraw` arrived, before the client
+    acted on it: resuming with the last chunk it holds (a withdrawn one), it is told again
+    what was withdrawn, before the new shot's first chunk, and the stream goes on from the
+    cut. An impossible playhead is refused with an error, not believed."""
+    import websockets
+
+    d = server.create(prompt=GLOBAL, shots=[FIRST_SHOT], seed=4)
+    url = f"{d['stream_url']}?token={d['token']}&features=withdraw"
+
+    async def read(ws):
+        msg = json.loads(await ws.recv())
+        if msg["type"] in ("init", "chunk"):
+            await ws.recv()
+        return msg
+
+    async def go():
+        ws = await websockets.connect(url, max_size=None)
+        last = -1
+        while last < 2:
+            msg = await read(ws)
+            if msg["type"] == "hello":
+                assert msg["features"] == ["withdraw"]
+            last = msg["seq"] if msg["type"] == "chunk" else last
+        await ws.send(json.dumps({"type": "playhead", "pts": 1e6}))  # never sent that far
+        while (msg := await read(ws))["type"] != "error":
+            last = msg["seq"] if msg["type"] == "chunk" else last
+        bad = msg
+        await ws.send(json.dumps({"type": "playhead", "pts": 0.1}))
+        await ws.send(json.dumps({"type": "prompt", "prompt": CUT, "mode": "cut"}))
+        while (msg := await read(ws))["type"] != "withdraw":
+            last = msg["seq"] if msg["type"] == "chunk" else last
+        first_w = msg
+        ws.transport.abort()  # gone before acting on it
+        resumed = await websockets.connect(f"{url}&last_seq={last}", max_size=None)
+        seen = []
+        while not (
+            seen and seen[-1]["type"] == "chunk" and seen[-1]["shot_id"] == first_w["shot_id"]
+        ):
+            seen.append(await read(resumed))
+        await resumed.send(json.dumps({"type": "stop"}))
+        await resumed.close()
+        return bad, last, first_w, seen
+
+    bad, last, first_w, seen = asyncio.run(asyncio.wait_for(go(), 120))
+    assert bad["code"] == "bad_playhead" and not bad["fatal"]
+    assert first_w["seqs"] and min(first_w["seqs"]) <= last  # it held withdrawn video
+    kinds = [m["type"] for m in seen]
+    assert seen[0]["type"] == "hello" and seen[0]["next_seq"] > last
+    assert [m for m in seen if m["type"] == "withdraw"] == [first_w]  # told again
+    assert kinds.index("withdraw") < kinds.index("shot") < len(kinds) - 1
+    shot = next(m for m in seen if m["type"] == "shot")
+    assert shot["prompt"] == CUT and seen[-1]["seq"] == shot["starts_at_seq"]
+    assert abs(seen[-1]["pts"] - first_w["pts"]) < 1e-9
