@@ -70,9 +70,12 @@ def git_commit() -> str:
     wrote into the carried .device/commit."""
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()  # fmt: skip
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         carried = Path(__file__).resolve().parents[1] / ".device" / "commit"
         return carried.read_text().strip() if carried.is_file() else "unknown"

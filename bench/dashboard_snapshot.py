@@ -73,8 +73,11 @@ async def scenario(srv: ServerProcess) -> dict:
     got["frames"] = sum(c.message["frames"] for c in ca.stream.chunks + cb.stream.chunks)
     d = srv.create(prompt="a session deleted before anyone watched")
     await asyncio.sleep(2)
-    httpx.delete(f"{srv.base}/v1/sessions/{d['session_id']}",
-                 headers={"Authorization": f"Bearer {d['token']}"}, timeout=30)  # fmt: skip
+    httpx.delete(
+        f"{srv.base}/v1/sessions/{d['session_id']}",
+        headers={"Authorization": f"Bearer {d['token']}"},
+        timeout=30,
+    )
     srv.wait_metric("shotstream_sessions_ended_total", 1, timeout=60, labels={"reason": "idle"})
     srv.wait_metric("shotstream_pool_bytes", 0, timeout=60)
     return got
@@ -82,8 +85,11 @@ async def scenario(srv: ServerProcess) -> dict:
 
 def query_range(prom: str, expr: str, start: float, end: float, rate: str) -> list[dict]:
     q = expr.replace("$__rate_interval", rate).replace("$instance", ".*")
-    r = httpx.get(prom + "/api/v1/query_range",
-                  params={"query": q, "start": start, "end": end, "step": 1}, timeout=30)  # fmt: skip
+    r = httpx.get(
+        prom + "/api/v1/query_range",
+        params={"query": q, "start": start, "end": end, "step": 1},
+        timeout=30,
+    )
     r.raise_for_status()
     return r.json()["data"]["result"]
 
@@ -101,13 +107,31 @@ def draw(panels: list[dict], series: dict[str, list], start: float, out: Path, n
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
 
-    plt.rcParams.update({
-        "figure.facecolor": "#111217", "axes.facecolor": "#181b1f", "axes.edgecolor": "#2c3235",
-        "axes.labelcolor": "#ccccdc", "text.color": "#ccccdc", "xtick.color": "#8e8e99",
-        "ytick.color": "#8e8e99", "grid.color": "#2c3235", "font.size": 8,
-        "axes.prop_cycle": plt.cycler(color=["#73bf69", "#f2cc0c", "#5794f2", "#ff9830",
-                                             "#f2495c", "#b877d9", "#8ab8ff", "#fade2a"]),
-    })  # fmt: skip
+    plt.rcParams.update(
+        {
+            "figure.facecolor": "#111217",
+            "axes.facecolor": "#181b1f",
+            "axes.edgecolor": "#2c3235",
+            "axes.labelcolor": "#ccccdc",
+            "text.color": "#ccccdc",
+            "xtick.color": "#8e8e99",
+            "ytick.color": "#8e8e99",
+            "grid.color": "#2c3235",
+            "font.size": 8,
+            "axes.prop_cycle": plt.cycler(
+                color=[
+                    "#73bf69",
+                    "#f2cc0c",
+                    "#5794f2",
+                    "#ff9830",
+                    "#f2495c",
+                    "#b877d9",
+                    "#8ab8ff",
+                    "#fade2a",
+                ]
+            ),
+        }
+    )
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 5.2, rows * 2.9))
@@ -164,8 +188,9 @@ def main() -> int:
     if not args.all:
         panels = [p for title in MAIN_PANELS for p in panels if p["title"] == title]
     with tempfile.TemporaryDirectory() as tmp:
-        srv = ServerProcess(Path(tmp), chunks_per_shot=3, max_sessions=2, realtime_margin=50,
-                            session_grace_s=3).wait_ready()  # fmt: skip
+        srv = ServerProcess(
+            Path(tmp), chunks_per_shot=3, max_sessions=2, realtime_margin=50, session_grace_s=3
+        ).wait_ready()
         try:
             with prometheus(Path(tmp), f"127.0.0.1:{srv.port}") as prom:
                 time.sleep(3)  # a few scrapes of the idle server first
@@ -185,12 +210,19 @@ def main() -> int:
                     series[p["title"]] = lines
         finally:
             srv.stop()
-    note = (f"tiny preset on CPU, {end - start:.0f} s run, Prometheus scrape 1 s, "
-            f"$__rate_interval = {args.rate}")  # fmt: skip
+    note = f"tiny preset on CPU, {end - start:.0f} s run, Prometheus scrape 1 s, $__rate_interval = {args.rate}"
     draw(panels, series, start, args.out, note)
-    print(json.dumps({"bench": "dashboard_snapshot", "out": str(args.out),
-                      "seconds": round(end - start, 1), **got,
-                      "series": {k: len(v) for k, v in series.items()}}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "bench": "dashboard_snapshot",
+                "out": str(args.out),
+                "seconds": round(end - start, 1),
+                **got,
+                "series": {k: len(v) for k, v in series.items()},
+            }
+        )
+    )
     return 0
 
 

@@ -50,10 +50,28 @@ STAGES = ("env", "golden", "dit", "generate", "serve")
 BOXES = {"env": 45, "golden": 120, "dit": 200, "generate": 150, "serve": 230}
 DRY_BOXES = {"env": 120, "golden": 300, "dit": 300, "generate": 300, "serve": 300}
 PACKAGES = (
-    "torch", "triton", "numpy", "safetensors", "transformers", "diffusers", "huggingface_hub",
-    "tokenizers", "sentencepiece", "ftfy", "av", "fastapi", "starlette", "uvicorn", "pydantic",
-    "pydantic_settings", "websockets", "httpx", "prometheus_client", "xformers", "torchao",
-)  # fmt: skip
+    "torch",
+    "triton",
+    "numpy",
+    "safetensors",
+    "transformers",
+    "diffusers",
+    "huggingface_hub",
+    "tokenizers",
+    "sentencepiece",
+    "ftfy",
+    "av",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "pydantic",
+    "pydantic_settings",
+    "websockets",
+    "httpx",
+    "prometheus_client",
+    "xformers",
+    "torchao",
+)
 CARRIED_GOLDEN = REPO / ".device" / "golden"  # where bench/device_prepare.py copies them
 
 
@@ -79,8 +97,13 @@ class Context:
 
     def record(self, row: dict) -> None:
         """One JSON line, everywhere at once (a later kill loses nothing written)."""
-        full = {"bench": "device", "run": self.run_id, "stage": self.stage,
-                "dry_run": self.dry_run, **row}  # fmt: skip
+        full = {
+            "bench": "device",
+            "run": self.run_id,
+            "stage": self.stage,
+            "dry_run": self.dry_run,
+            **row,
+        }
         line = json.dumps(full, default=str)
         print(line, flush=True)
         targets = []
@@ -118,9 +141,15 @@ def _versions() -> dict[str, str | None]:
 def _driver() -> str | None:
     try:
         res = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit",
-             "--format=csv,noheader"], capture_output=True, text=True, timeout=20,
-        )  # fmt: skip
+            [
+                "nvidia-smi",
+                "--query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return res.stdout.strip() or None
@@ -133,15 +162,22 @@ def stage_env(ctx: Context) -> None:
     from bench.common import environment, peak_tflops, sync
 
     device = torch.device(ctx.device_name)
-    row = {"kind": "environment", **environment(device), "python": platform.python_version(),
-           "cuda": torch.version.cuda, "packages": _versions()}  # fmt: skip
+    row = {
+        "kind": "environment",
+        **environment(device),
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "packages": _versions(),
+    }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         row.update(
-            capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-            memory_gib=round(p.total_memory / 2**30, 1), cudnn=torch.backends.cudnn.version(),
+            capability=f"{p.major}.{p.minor}",
+            sms=p.multi_processor_count,
+            memory_gib=round(p.total_memory / 2**30, 1),
+            cudnn=torch.backends.cudnn.version(),
             driver=_driver(),
-        )  # fmt: skip
+        )
     ctx.record(row)
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -159,8 +195,15 @@ def stage_env(ctx: Context) -> None:
             times.append(time.perf_counter() - t0)
     copy = 2 * nbytes / sorted(times)[len(times) // 2] / 1e9  # bytes read + written
     (ctx.state / "peak.json").write_text(json.dumps([tflops, source]))
-    ctx.record({"kind": "ceilings", "matmul_tflops": round(tflops, 3), "matmul_source": source,
-                "copy_gb_s": round(copy, 1), "copy_bytes": nbytes})  # fmt: skip
+    ctx.record(
+        {
+            "kind": "ceilings",
+            "matmul_tflops": round(tflops, 3),
+            "matmul_source": source,
+            "copy_gb_s": round(copy, 1),
+            "copy_bytes": nbytes,
+        }
+    )
 
 
 def _peak(ctx: Context, device, dtype) -> tuple[float, str]:
@@ -211,8 +254,9 @@ def drift(cfg, device, chunks: int = 2, seed: int = 0) -> dict:
         outs = []
         for b in range(chunks):
             pass_ = chunk_pass(dit, kv, b, flags[:, -1] + 1, caption)
-            x0 = denoise_chunk(dit, schedule, pass_, noises[b].to(dtype),
-                               [d.to(dtype) for d in draws[b]])  # fmt: skip
+            x0 = denoise_chunk(
+                dit, schedule, pass_, noises[b].to(dtype), [d.to(dtype) for d in draws[b]]
+            )
             refresh_cache(dit, pass_, x0)
             outs.append(x0.float())
         del kv
@@ -221,23 +265,30 @@ def drift(cfg, device, chunks: int = 2, seed: int = 0) -> dict:
     def compare(ref, got) -> dict:
         rows = []
         for b, (r, g) in enumerate(zip(ref, got, strict=True)):
-            rows.append({
-                "chunk": b,
-                "rel_l2": float((g - r).norm() / r.norm()),
-                "max_abs": float((g - r).abs().max()),
-                "finite": bool(torch.isfinite(g).all()),
-                "ref_rms": float(r.pow(2).mean().sqrt()),
-            })  # fmt: skip
-        return {"chunks": rows, "finite": all(r["finite"] for r in rows),
-                "rel_l2_max": max(r["rel_l2"] for r in rows)}  # fmt: skip
+            rows.append(
+                {
+                    "chunk": b,
+                    "rel_l2": float((g - r).norm() / r.norm()),
+                    "max_abs": float((g - r).abs().max()),
+                    "finite": bool(torch.isfinite(g).all()),
+                    "ref_rms": float(r.pow(2).mean().sqrt()),
+                }
+            )
+        return {
+            "chunks": rows,
+            "finite": all(r["finite"] for r in rows),
+            "rel_l2_max": max(r["rel_l2"] for r in rows),
+        }
 
     with torch.inference_mode():
         ref = run(dit32, torch.float32)
         dit16 = copy.deepcopy(dit32).to(torch.bfloat16)
         del dit32
         _release_memory()
-        out = {"reference": "float32 (TF32 off)",
-               "bfloat16": compare(ref, run(dit16, torch.bfloat16))}  # fmt: skip
+        out = {
+            "reference": "float32 (TF32 off)",
+            "bfloat16": compare(ref, run(dit16, torch.bfloat16)),
+        }
         try:  # FP8 linears on the bf16 model: kept only within the bf16 drift (x a margin)
             quantize_dit_linears(dit16)
             out["fp8"] = compare(ref, run(dit16, torch.bfloat16))
@@ -259,29 +310,53 @@ def stage_golden(ctx: Context) -> None:
         torch.backends.cudnn.allow_tf32 = False
     files = sorted(ctx.golden_dir.glob("golden_*.safetensors"))
     if not files:
-        ctx.record({"kind": "golden-file", "error": f"no golden files in {ctx.golden_dir}",
-                    "ok": False})  # fmt: skip
+        ctx.record(
+            {"kind": "golden-file", "error": f"no golden files in {ctx.golden_dir}", "ok": False}
+        )
     for path in files:
         t0 = time.perf_counter()
         try:
             groups = run_selftest(path, device)
         except Exception as exc:  # one file's failure must not hide the others
-            ctx.record({"kind": "golden-file", "file": path.name, "ok": False,
-                        "error": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+            ctx.record(
+                {
+                    "kind": "golden-file",
+                    "file": path.name,
+                    "ok": False,
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            )
             continue
         for grp in groups:
-            ctx.record({"kind": "golden", "file": path.name, "device": str(device),
-                        "group": grp.group, "tensors": len(grp.checks), "max_abs": grp.max_abs,
-                        "tolerance": grp.tolerance, "reference_spread": grp.spread,
-                        "worst": grp.worst, "ok": grp.ok})  # fmt: skip
-        ctx.record({"kind": "golden-file", "file": path.name, "ok": all(g.ok for g in groups),
-                    "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
+            ctx.record(
+                {
+                    "kind": "golden",
+                    "file": path.name,
+                    "device": str(device),
+                    "group": grp.group,
+                    "tensors": len(grp.checks),
+                    "max_abs": grp.max_abs,
+                    "tolerance": grp.tolerance,
+                    "reference_spread": grp.spread,
+                    "worst": grp.worst,
+                    "ok": grp.ok,
+                }
+            )
+        ctx.record(
+            {
+                "kind": "golden-file",
+                "file": path.name,
+                "ok": all(g.ok for g in groups),
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
         _release_memory()
     cfg = get_preset(ctx.preset)
     t0 = time.perf_counter()
     row = drift(cfg, device)
-    ctx.record({"kind": "drift", "preset": cfg.name, **row,
-                "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
+    ctx.record(
+        {"kind": "drift", "preset": cfg.name, **row, "seconds": round(time.perf_counter() - t0, 2)}
+    )
 
 
 def dit_variants(dry_run: bool) -> list[dict]:
@@ -341,13 +416,17 @@ def stage_generate(ctx: Context) -> None:
             if not seen:  # the first chunk of the run: latents and pixels must be finite
                 seen.append(True)
                 (x,) = [v for k, v in gen.trace.items() if isinstance(k, tuple)]
-                ctx.record({
-                    "kind": "first-chunk", "preset": ctx.preset, "variant": extra,
-                    "x0_finite": bool(torch.isfinite(x["x0"]).all()),
-                    "pixels_finite": bool(torch.isfinite(x["pixels"]).all()),
-                    "pixels_std": float(x["pixels"].float().std()),
-                    "frames": list(chunk.frames.shape),
-                })  # fmt: skip
+                ctx.record(
+                    {
+                        "kind": "first-chunk",
+                        "preset": ctx.preset,
+                        "variant": extra,
+                        "x0_finite": bool(torch.isfinite(x["x0"]).all()),
+                        "pixels_finite": bool(torch.isfinite(x["pixels"]).all()),
+                        "pixels_std": float(x["pixels"].float().std()),
+                        "frames": list(chunk.frames.shape),
+                    }
+                )
             gen.trace.clear()
 
         try:
@@ -355,8 +434,9 @@ def stage_generate(ctx: Context) -> None:
             row.pop("bench", None)
             ctx.record({"kind": "generate", **row})
         except Exception as exc:
-            ctx.record({"kind": "generate", "variant": extra,
-                        "error": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+            ctx.record(
+                {"kind": "generate", "variant": extra, "error": f"{type(exc).__name__}: {exc}"}
+            )
         _release_memory()
     from model.config import get_preset
 
@@ -444,23 +524,57 @@ def decode_overlap(cfg, device, dtype, repeats: int = 2) -> dict:
         return time.perf_counter() - t0
 
     with torch.inference_mode():
-        prefill_context(dit, kv, torch.zeros(1, cfg.context_frames, *cfg.latent_shape,
-                        device=device, dtype=dtype), flags, flags, prompt)  # fmt: skip
+        prefill_context(
+            dit,
+            kv,
+            torch.zeros(1, cfg.context_frames, *cfg.latent_shape, device=device, dtype=dtype),
+            flags,
+            flags,
+            prompt,
+        )
         sequential()  # warm-up: graph captures, kernel choice
         seq = min(sequential() for _ in range(repeats))
         pipe = min(pipelined() for _ in range(repeats))
-    return {"chunks": cfg.chunks_per_shot, "sequential_s": round(seq, 4),
-            "pipelined_s": round(pipe, 4), "pipelined_vs_sequential": round(pipe / seq, 4),
-            "streams": 2 if cuda else 1}  # fmt: skip
+    return {
+        "chunks": cfg.chunks_per_shot,
+        "sequential_s": round(seq, 4),
+        "pipelined_s": round(pipe, 4),
+        "pipelined_vs_sequential": round(pipe / seq, 4),
+        "streams": 2 if cuda else 1,
+    }
 
 
 def serve_cases(dry_run: bool) -> list[list[str]]:
     """bench.serve invocations: batching on and off for 1-4 sessions, all admitted."""
     if dry_run:
-        return [["--preset", "tiny", "--device", "cpu", "--threads", "1", "--sessions", "1",
-                 "--duration", "3", "--prompt-every", "1.5"]]  # fmt: skip
-    base = ["--preset", "wan2.1-1.3b", "--device", "cuda", "--random-weights", "--duration",
-            "10", "--prompt-every", "3", "--admit-all"]  # fmt: skip
+        return [
+            [
+                "--preset",
+                "tiny",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--sessions",
+                "1",
+                "--duration",
+                "3",
+                "--prompt-every",
+                "1.5",
+            ]
+        ]
+    base = [
+        "--preset",
+        "wan2.1-1.3b",
+        "--device",
+        "cuda",
+        "--random-weights",
+        "--duration",
+        "10",
+        "--prompt-every",
+        "3",
+        "--admit-all",
+    ]
     return [
         base + ["--sessions", "1,2,3,4", "--compare", "max_batch=4"],  # batching on
         base + ["--sessions", "4", "--compare", "max_batch=1"],  # off, where it matters
@@ -469,8 +583,12 @@ def serve_cases(dry_run: bool) -> list[list[str]]:
 
 def stage_serve(ctx: Context) -> None:
     for argv in serve_cases(ctx.dry_run):
-        proc = subprocess.Popen([sys.executable, "-m", "bench.serve", *argv], cwd=REPO,
-                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.serve", *argv],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("{"):
@@ -483,9 +601,12 @@ def stage_serve(ctx: Context) -> None:
 
 
 STAGE_FUNCS: dict[str, Callable[[Context], None]] = {
-    "env": stage_env, "golden": stage_golden, "dit": stage_dit, "generate": stage_generate,
+    "env": stage_env,
+    "golden": stage_golden,
+    "dit": stage_dit,
+    "generate": stage_generate,
     "serve": stage_serve,
-}  # fmt: skip
+}
 
 
 # -- the parent: stages in order, each in its own time box ----------------------------
@@ -497,21 +618,39 @@ def _default_golden() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 1)[1],
-    )  # fmt: skip
+    )
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny preset, short boxes")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated, in this order")
-    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT")
-                    else None, help="folder for device.jsonl and stage logs (default: $OUT)")  # fmt: skip
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
+        help="folder for device.jsonl and stage logs (default: $OUT)",
+    )
     ap.add_argument("--save", default=None, help="also append to bench/results/NAME.jsonl")
-    ap.add_argument("--golden-dir", type=Path, default=None,
-                    help="golden_*.safetensors + .json (default: .device/golden if carried, "
-                         "else $SHOTSTREAM_GOLDEN_DIR or ../shared/golden)")  # fmt: skip
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="all stages together (default: 480 on a GPU, 900 dry run)")  # fmt: skip
-    ap.add_argument("--box", action="append", default=[], metavar="STAGE=S",
-                    help="override one stage's time box")  # fmt: skip
+    ap.add_argument(
+        "--golden-dir",
+        type=Path,
+        default=None,
+        help="golden_*.safetensors + .json (default: .device/golden if carried, "
+        "else $SHOTSTREAM_GOLDEN_DIR or ../shared/golden)",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="all stages together (default: 480 on a GPU, 900 dry run)",
+    )
+    ap.add_argument(
+        "--box",
+        action="append",
+        default=[],
+        metavar="STAGE=S",
+        help="override one stage's time box",
+    )
     ap.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--state", type=Path, default=None, help=argparse.SUPPRESS)
@@ -519,8 +658,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_child(args: argparse.Namespace, stage: str, box: float, state: Path) -> tuple[str, int]:
-    cmd = [sys.executable, "-m", "bench.device", "--child", stage, "--run-id", args.run_id,
-           "--state", str(state), "--golden-dir", str(args.golden_dir)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.device",
+        "--child",
+        stage,
+        "--run-id",
+        args.run_id,
+        "--state",
+        str(state),
+        "--golden-dir",
+        str(args.golden_dir),
+    ]
     if args.dry_run:
         cmd.append("--dry-run")
     if args.out is not None:
@@ -553,8 +703,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
     if args.child:
-        ctx = Context(args.child, args.dry_run, args.run_id, args.out, args.save,
-                      args.golden_dir, args.state or Path(tempfile.mkdtemp()))  # fmt: skip
+        ctx = Context(
+            args.child,
+            args.dry_run,
+            args.run_id,
+            args.out,
+            args.save,
+            args.golden_dir,
+            args.state or Path(tempfile.mkdtemp()),
+        )
         import torch
 
         torch.set_flush_denormal(True)
@@ -573,8 +730,9 @@ def main(argv: list[str] | None = None) -> int:
         boxes[name] = float(seconds)
     budget = args.budget_s or (900.0 if args.dry_run else 480.0)
     t_start = time.monotonic()
-    summary = Context("summary", args.dry_run, args.run_id, args.out, args.save,
-                      args.golden_dir, Path("."))  # fmt: skip
+    summary = Context(
+        "summary", args.dry_run, args.run_id, args.out, args.save, args.golden_dir, Path(".")
+    )
     statuses = {}
     with tempfile.TemporaryDirectory(prefix="bench-device-") as tmp:
         for stage in STAGES:
@@ -582,8 +740,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             left = budget - (time.monotonic() - t_start)
             box = min(boxes[stage], left)
-            rec = Context(stage, args.dry_run, args.run_id, args.out, args.save,
-                          args.golden_dir, Path(tmp))  # fmt: skip
+            rec = Context(
+                stage, args.dry_run, args.run_id, args.out, args.save, args.golden_dir, Path(tmp)
+            )
             if left < 10:
                 statuses[stage] = "skipped"
                 rec.record({"kind": "stage", "status": "skipped", "reason": "budget spent"})
@@ -591,10 +750,18 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             status, rc = _run_child(args, stage, box, Path(tmp))
             statuses[stage] = status
-            rec.record({"kind": "stage", "status": status, "rc": rc, "box_s": round(box),
-                        "seconds": round(time.monotonic() - t0, 1)})  # fmt: skip
-    summary.record({"kind": "summary", "stages": statuses,
-                    "seconds": round(time.monotonic() - t_start, 1)})  # fmt: skip
+            rec.record(
+                {
+                    "kind": "stage",
+                    "status": status,
+                    "rc": rc,
+                    "box_s": round(box),
+                    "seconds": round(time.monotonic() - t0, 1),
+                }
+            )
+    summary.record(
+        {"kind": "summary", "stages": statuses, "seconds": round(time.monotonic() - t_start, 1)}
+    )
     return 0 if all(s == "ok" for s in statuses.values()) else 1
 
 

@@ -30,8 +30,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = REPO / ".device"
 LIMIT = 64 * 2**20  # bytes one call may carry, working tree included
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux1_x86_64")  # fmt: skip
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
 
 # The GPU image's Python packages (python3 3.12, torch 2.11.0, transformers 5.17.0,
 # numpy 2.5.2, safetensors 0.8.0, huggingface_hub 1.33.0, tokenizers 0.23.2, sentencepiece
@@ -65,8 +70,14 @@ xxhash yarl zipp
 DEVICE_HAS = frozenset(_IMAGE_PACKAGES.split())
 # Versions the image holds (the resolution must fit them: a newer huggingface_hub would
 # pull packages of its own that the device does not need).
-DEVICE_PINS = ("torch==2.11.0", "transformers==5.17.0", "huggingface-hub==1.33.0",
-               "safetensors==0.8.0", "tokenizers==0.23.2", "sentencepiece==0.2.2")  # fmt: skip
+DEVICE_PINS = (
+    "torch==2.11.0",
+    "transformers==5.17.0",
+    "huggingface-hub==1.33.0",
+    "safetensors==0.8.0",
+    "tokenizers==0.23.2",
+    "sentencepiece==0.2.2",
+)
 # Carried although the image has a version: pydantic 2.14 needs typing-extensions >= 4.16,
 # newer than the image may hold (shadowing it with a newer one is harmless).
 ALWAYS = frozenset({"typing-extensions"})
@@ -132,8 +143,18 @@ def resolve(requirements: list[str]) -> dict[str, str]:
         report = Path(tmp) / "report.json"
         pins = Path(tmp) / "device-pins.txt"
         pins.write_text("\n".join(DEVICE_PINS) + "\n")
-        res = _pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report",
-                   str(report), "-c", str(pins), *_platform_args(), *requirements)  # fmt: skip
+        res = _pip(
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            "-c",
+            str(pins),
+            *_platform_args(),
+            *requirements,
+        )
         if res.returncode:
             raise SystemExit(f"pip could not resolve {requirements}:\n{res.stderr[-2000:]}")
         items = json.loads(report.read_text())["install"]
@@ -154,8 +175,12 @@ def fill(dest: Path, pins: dict[str, str]) -> int:
 
 def tree_bytes() -> int:
     """Bytes of what every call sends: tracked and untracked-not-ignored files."""
-    res = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         cwd=REPO, capture_output=True, check=True)  # fmt: skip
+    res = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    )
     paths = [REPO / p for p in res.stdout.decode().split("\0") if p]
     return sum(p.stat().st_size for p in paths if p.is_file())
 
@@ -182,35 +207,55 @@ def main(argv: list[str] | None = None) -> int:
     for f in files:
         shutil.copy2(f, golden / f.name)
         shutil.copy2(f.with_suffix(".json"), golden / f.with_suffix(".json").name)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                          capture_output=True, text=True).stdout.strip()  # fmt: skip
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     (DEVICE / "commit").write_text(head + ("-dirty" if dirty else "") + "\n")
 
     if not args.no_wheels:
         core_reqs, serve_reqs = missing_requirements()
         core = {n: v for n, v in resolve(core_reqs).items() if n not in DEVICE_HAS or n in ALWAYS}
         core.update({n: v for n, v in resolve(sorted(ALWAYS)).items() if n in ALWAYS})
-        serve = {n: v for n, v in resolve(serve_reqs).items()
-                 if (n not in DEVICE_HAS or n in ALWAYS) and n not in core}  # fmt: skip
+        serve = {
+            n: v
+            for n, v in resolve(serve_reqs).items()
+            if (n not in DEVICE_HAS or n in ALWAYS) and n not in core
+        }
         fill(DEVICE / "whl", core)
         fill(DEVICE / "whl-serve", serve)
         print(json.dumps({"whl": core, "whl-serve": serve}))
 
     tree = tree_bytes()
     ok = True
-    for label, command, carry in (("call 1", COMMAND, CARRY), ("call 2", COMMAND_SERVE,
-                                                                CARRY_SERVE)):  # fmt: skip
+    for label, command, carry in (
+        ("call 1", COMMAND, CARRY),
+        ("call 2", COMMAND_SERVE, CARRY_SERVE),
+    ):
         carried = sum(folder_bytes(REPO / c) for c in carry if (REPO / c).exists())
         total = tree + carried
         fits = total <= LIMIT and len(command) <= 2000
         ok &= fits
-        print(json.dumps({"call": label, "tree_mib": round(tree / 2**20, 1),
-                          "carried_mib": round(carried / 2**20, 1),
-                          "total_mib": round(total / 2**20, 1), "limit_mib": LIMIT / 2**20,
-                          "command_chars": len(command), "fits": fits, "carry": carry,
-                          "command": command}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "call": label,
+                    "tree_mib": round(tree / 2**20, 1),
+                    "carried_mib": round(carried / 2**20, 1),
+                    "total_mib": round(total / 2**20, 1),
+                    "limit_mib": LIMIT / 2**20,
+                    "command_chars": len(command),
+                    "fits": fits,
+                    "carry": carry,
+                    "command": command,
+                }
+            )
+        )
     return 0 if ok else 1
 
 

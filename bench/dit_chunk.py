@@ -26,13 +26,7 @@ from model.dit import CausalDiT
 from model.fp8 import quantize_dit_linears
 from model.graphs import ChunkGraphs
 from model.sampler import FlowSchedule
-from model.steps import (
-    ChunkRow,
-    batched_chunk_pass,
-    denoise_chunk,
-    prefill_context,
-    refresh_cache,
-)
+from model.steps import ChunkRow, batched_chunk_pass, denoise_chunk, prefill_context, refresh_cache
 
 MODES = ("eager", "graphs", "compiled")
 
@@ -92,8 +86,9 @@ def measure(
             ms = 0.0
             for kv in caches:
                 ctx = torch.randn(lat, device=device, dtype=dtype)
-                ms += timed(prefill_context, dit, kv, ctx, flags, flags.clamp(max=n_cap - 1),
-                            prompt)[1]  # fmt: skip
+                ms += timed(
+                    prefill_context, dit, kv, ctx, flags, flags.clamp(max=n_cap - 1), prompt
+                )[1]
             if shot:
                 prefill_ms.append(ms)
             for b in range(chunks_n):
@@ -122,10 +117,16 @@ def measure(
         d, r = statistics.median(denoise_ms[b]), statistics.median(refresh_ms[b])
         flops = batch * cfg.chunk_flops(b)
         tflops = flops / ((d + r) / 1e3) / 1e12
-        chunks.append({
-            "chunk": b, "keys": keys, "denoise_ms": round(d, 3), "refresh_ms": round(r, 3),
-            "tflops": round(tflops, 3), "mfu": round(tflops / peak_value, 4),
-        })  # fmt: skip
+        chunks.append(
+            {
+                "chunk": b,
+                "keys": keys,
+                "denoise_ms": round(d, 3),
+                "refresh_ms": round(r, 3),
+                "tflops": round(tflops, 3),
+                "mfu": round(tflops / peak_value, 4),
+            }
+        )
     total_ms = sum(c["denoise_ms"] + c["refresh_ms"] for c in chunks)
     shot_flops = sum(cfg.chunk_flops(b) for b in range(chunks_n))
     shot_flops = batch * (shot_flops + cfg.dit_flops(cfg.context_tokens, cfg.context_tokens))
@@ -173,7 +174,7 @@ def main() -> None:
     ap.add_argument(
         "--group-rows", action="store_true", help="one attention call per group of sessions in step"
     )
-    ap.add_argument("--fp8", action="store_true", help="the blocks' linear layers in FP8")  # fmt: skip
+    ap.add_argument("--fp8", action="store_true", help="the blocks' linear layers in FP8")
     ap.add_argument("--save", default=None, help="append the JSON line to bench/results/NAME.jsonl")
     args = ap.parse_args()
     if args.shots < 2:
@@ -186,8 +187,17 @@ def main() -> None:
         else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
     torch.set_flush_denormal(True)
-    row = measure(get_preset(args.preset), device, dtype, args.attention, args.shots,
-                  args.batch, args.mode, args.group_rows, fp8=args.fp8)  # fmt: skip
+    row = measure(
+        get_preset(args.preset),
+        device,
+        dtype,
+        args.attention,
+        args.shots,
+        args.batch,
+        args.mode,
+        args.group_rows,
+        fp8=args.fp8,
+    )
     emit(row, args.save)
 
 

@@ -82,7 +82,7 @@ def _profile_chunk(
                 "calls": e.count,
             }
             for e in events[:top]
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -96,12 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shots", type=int, default=3, help="shots measured (after the warm-up)")
     ap.add_argument("--warmup", type=int, default=1, help="shots run first and not counted")
     ap.add_argument("--chunks", type=int, default=None, help="chunks per shot (default: preset's)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: a shared 2-core host; 0 = torch default)")  # fmt: skip
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: a shared 2-core host; 0 = torch default)",
+    )
     ap.add_argument("--save", default=None, help="append the JSON line to bench/results/NAME.jsonl")
-    ap.add_argument("--profile", default=None, metavar="DIR",
-                    help="also trace one more steady chunk with torch.profiler: DIR/chunk_trace.json "
-                         "(chrome://tracing, Perfetto) and the top ops in the JSON line")  # fmt: skip
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="also trace one more steady chunk with torch.profiler: DIR/chunk_trace.json "
+        "(chrome://tracing, Perfetto) and the top ops in the JSON line",
+    )
     ap.add_argument(
         "--chunk-graphs",
         action="store_true",
@@ -110,8 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--fp8", action="store_true", help="the DiT blocks' linear layers in FP8 (model/fp8.py)"
     )
-    ap.add_argument("--group-rows", action="store_true",
-                    help="batched sessions: one attention call per group in step")  # fmt: skip
+    ap.add_argument(
+        "--group-rows",
+        action="store_true",
+        help="batched sessions: one attention call per group in step",
+    )
     return ap
 
 

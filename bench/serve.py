@@ -79,8 +79,13 @@ def launched(
     for key, value in settings.items():
         args += ["--" + key.replace("_", "-"), str(value)]
     log = open(log_dir / f"server-{port}.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_timeout
@@ -123,8 +128,9 @@ def scrape(base: str) -> dict[str, float]:
     return out
 
 
-def overhead(before: dict[str, float], after: dict[str, float], chunks: float,
-             chunk_s: float) -> dict[str, float | None]:  # fmt: skip
+def overhead(
+    before: dict[str, float], after: dict[str, float], chunks: float, chunk_s: float
+) -> dict[str, float | None]:
     """The server's own work per chunk (packaging: H.264 encode + fMP4 mux, and the socket
     sends) against the model's (every model verb), and against a chunk's real-time budget."""
 
@@ -134,8 +140,12 @@ def overhead(before: dict[str, float], after: dict[str, float], chunks: float,
     model_s = sum(spent(k) for k in after if k.startswith("verb:") and k != "verb:package")
     server_s = spent("verb:package") + spent("ws_send")
     if not chunks:
-        return {"model_ms_per_chunk": None, "server_ms_per_chunk": None,
-                "server_vs_model": None, "server_vs_budget": None}  # fmt: skip
+        return {
+            "model_ms_per_chunk": None,
+            "server_ms_per_chunk": None,
+            "server_vs_model": None,
+            "server_vs_budget": None,
+        }
     per_chunk = server_s / chunks
     return {
         "model_ms_per_chunk": round(1e3 * model_s / chunks, 3),
@@ -147,16 +157,26 @@ def overhead(before: dict[str, float], after: dict[str, float], chunks: float,
 
 def model_info(base: str) -> dict:
     r = httpx.get(base + "/v1/models", timeout=10).json()
-    keys = ("preset", "device", "dtype", "attention", "real_weights", "width", "height", "fps",
-            "chunk_frames")  # fmt: skip
+    keys = (
+        "preset",
+        "device",
+        "dtype",
+        "attention",
+        "real_weights",
+        "width",
+        "height",
+        "fps",
+        "chunk_frames",
+    )
     return {k: r.get(k) for k in keys}
 
 
 CLIENT_OPTIONS = ("instant_cuts",)  # --compare keys that choose the clients', not the server's
 
 
-async def one_case(base: str, sessions: int, info: dict, args: argparse.Namespace,
-                   instant_cuts: bool = False) -> dict:  # fmt: skip
+async def one_case(
+    base: str, sessions: int, info: dict, args: argparse.Namespace, instant_cuts: bool = False
+) -> dict:
     before = scrape(base)
     load = await run_load(
         LoadConfig(
@@ -169,11 +189,13 @@ async def one_case(base: str, sessions: int, info: dict, args: argparse.Namespac
             retry_refused=False,
             api_key=args.api_key,
             instant_cuts=instant_cuts,
-        )  # fmt: skip
+        )
     )
     after = scrape(base)
-    delta = {k.removeprefix("shotstream_").removesuffix("_total"): after.get(k, 0) - before.get(k, 0)
-             for k in SERVER_COUNTERS}  # fmt: skip
+    delta = {
+        k.removeprefix("shotstream_").removesuffix("_total"): after.get(k, 0) - before.get(k, 0)
+        for k in SERVER_COUNTERS
+    }
     gauges = {k.removeprefix("shotstream_"): after.get(k) for k in SERVER_GAUGES}
     wall = load["wall_s"]
     chunk_s = info["chunk_frames"] / info["fps"]
@@ -204,9 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server", help="benchmark this running server instead of starting one")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--weights", help="real weights folder (speed does not depend on them)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="any preset with random weights and a file-less tokenizer "
-                        "(bench/random_weights.py), e.g. wan2.1-1.3b on a GPU without weights")  # fmt: skip
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="any preset with random weights and a file-less tokenizer "
+        "(bench/random_weights.py), e.g. wan2.1-1.3b on a GPU without weights",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: the server's default)")
     p.add_argument("--sessions", default="1,2", help="comma-separated session counts")
@@ -215,11 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ramp", type=float, default=0.0, help="spread session starts over s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key")
-    p.add_argument("--admit-all", action="store_true",
-                   help="admit every session past the real-time capacity (throughput scaling; "
-                        "expect deadline misses)")  # fmt: skip
-    p.add_argument("--compare", action="append", type=parse_variant, default=[],
-                   help="a settings variant, e.g. max_batch=1 (repeat; each is its own case)")  # fmt: skip
+    p.add_argument(
+        "--admit-all",
+        action="store_true",
+        help="admit every session past the real-time capacity (throughput scaling; expect deadline misses)",
+    )
+    p.add_argument(
+        "--compare",
+        action="append",
+        type=parse_variant,
+        default=[],
+        help="a settings variant, e.g. max_batch=1 (repeat; each is its own case)",
+    )
     p.add_argument("--save", help="also append the lines to bench/results/NAME.jsonl")
     args = p.parse_args(argv)
     counts = [int(n) for n in args.sessions.split(",") if n.strip()]
@@ -238,22 +270,31 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 else:
                     settings = {
-                        "preset": args.preset, "device": args.device, "log_level": "warning",
+                        "preset": args.preset,
+                        "device": args.device,
+                        "log_level": "warning",
                         "max_sessions_per_client": str(max(n, 1)),
                         **({"weights": args.weights} if args.weights else {}),
                         **({"threads": str(args.threads)} if args.threads else {}),
-                        **({"realtime_margin": "1000", "max_sessions": str(n)}
-                           if args.admit_all else {}),
+                        **(
+                            {"realtime_margin": "1000", "max_sessions": str(n)}
+                            if args.admit_all
+                            else {}
+                        ),
                         **server_variant,
-                    }  # fmt: skip
+                    }
                     module = "bench.random_weights" if args.random_weights else "server.cli"
                     base_ctx = launched(settings, Path(tmp), module=module)
                 with base_ctx as base:
                     info = model_info(base)
                     row = asyncio.run(one_case(base, n, info, args, instant))
-                row = {"bench": "serve", "variant": variant, "commit": git_commit(),
-                       "model": info,
-                       **row}  # fmt: skip
+                row = {
+                    "bench": "serve",
+                    "variant": variant,
+                    "commit": git_commit(),
+                    "model": info,
+                    **row,
+                }
                 emit(row, args.save)
                 rows.append(row)
     first = rows[0]["throughput_video_s_per_s"] or None
@@ -273,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                     "refused": r["client"]["sessions_refused"],
                 }
                 for r in rows
-            ],  # fmt: skip
+            ],
         },
         args.save,
     )

@@ -68,9 +68,13 @@ class KVCache:
         self.batch = batch
         shape = (layout.num_layers, batch, layout.total_tokens, layout.num_heads, layout.head_dim)
         text_shape = (
-            layout.num_layers, batch, layout.max_captions, layout.text_len,
-            layout.num_heads, layout.head_dim,
-        )  # fmt: skip
+            layout.num_layers,
+            batch,
+            layout.max_captions,
+            layout.text_len,
+            layout.num_heads,
+            layout.head_dim,
+        )
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.text_k = torch.zeros(text_shape, dtype=dtype, device=device)

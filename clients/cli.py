@@ -96,8 +96,15 @@ class Console:
 
     def _draw(self) -> None:
         if self.live and self._status:
-            width = max(20, (os.get_terminal_size(self.stream.fileno()).columns
-                             if self.stream.isatty() else 120) - 1)  # fmt: skip
+            width = max(
+                20,
+                (
+                    os.get_terminal_size(self.stream.fileno()).columns
+                    if self.stream.isatty()
+                    else 120
+                )
+                - 1,
+            )
             self.stream.write(self._status[:width])
             self.stream.flush()
 
@@ -113,8 +120,13 @@ def _short(text: str, limit: int = 40) -> str:
 class Viewer:
     """Consumes a session's events: writes the video, keeps what was seen, shows status."""
 
-    def __init__(self, writer: FragmentWriter | None, console: Console,
-                 max_chunks: int | None = None, max_video_s: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        writer: FragmentWriter | None,
+        console: Console,
+        max_chunks: int | None = None,
+        max_video_s: float | None = None,
+    ) -> None:
         self.writer = writer
         self.console = console
         self.max_chunks = max_chunks
@@ -171,9 +183,17 @@ class Viewer:
             self.rate.add(ev.received, m.frames)
             self.frames += m.frames
             self.video_s += m.duration
-            self.chunks.append({"seq": m.seq, "shot": m.shot, "shot_id": m.shot_id,
-                                "first_frame": m.first_frame, "frames": m.frames, "pts": m.pts,
-                                "bytes": m.bytes})  # fmt: skip
+            self.chunks.append(
+                {
+                    "seq": m.seq,
+                    "shot": m.shot,
+                    "shot_id": m.shot_id,
+                    "first_frame": m.first_frame,
+                    "frames": m.frames,
+                    "pts": m.pts,
+                    "bytes": m.bytes,
+                }
+            )
             self.chunks_of[m.shot_id] = self.chunks_of.get(m.shot_id, 0) + 1
             sent = self.sent_at.pop(m.shot_id, None)
             if sent is not None:
@@ -185,8 +205,9 @@ class Viewer:
             s = ev.message
             self.shots.append(s.model_dump())
             self.shot_prompt, self.shot_index = s.prompt, s.shot
-            self.console.say(f"shot {s.shot} (id {s.shot_id}) from seq {s.starts_at_seq}: "
-                             f"{_short(s.prompt, 60)!r}")  # fmt: skip
+            self.console.say(
+                f"shot {s.shot} (id {s.shot_id}) from seq {s.starts_at_seq}: {_short(s.prompt, 60)!r}"
+            )
         elif isinstance(ev, PromptAck):
             for p in self.prompts:
                 if p["shot_id"] == ev.message.shot_id:
@@ -202,18 +223,21 @@ class Viewer:
             self.console.say(f"server error: {ev.message.code}: {ev.message.message}")
         elif isinstance(ev, Reconnected):
             self.reconnects += 1
-            self.console.say(f"connection dropped; resumed after {ev.downtime_s:.2f} s "
-                             f"({ev.attempts} attempts)")  # fmt: skip
+            self.console.say(
+                f"connection dropped; resumed after {ev.downtime_s:.2f} s ({ev.attempts} attempts)"
+            )
         elif isinstance(ev, Ended):
             self.ended = ev.reason
         self._status()
 
-    def prompt_sent(self, text: str, mode: str | None, sent_at: float, shot_id: int,
-                    starts_at_seq: int) -> None:  # fmt: skip
+    def prompt_sent(
+        self, text: str, mode: str | None, sent_at: float, shot_id: int, starts_at_seq: int
+    ) -> None:
         """Record a prompt the server acknowledged."""
         self.sent_at[shot_id] = sent_at
-        self.prompts.append({"prompt": text, "mode": mode, "shot_id": shot_id,
-                             "starts_at_seq": starts_at_seq})  # fmt: skip
+        self.prompts.append(
+            {"prompt": text, "mode": mode, "shot_id": shot_id, "starts_at_seq": starts_at_seq}
+        )
         self.console.say(f"prompt accepted: shot id {shot_id} starts at seq {starts_at_seq}")
 
     def _withdraw(self, ev: Withdraw) -> None:
@@ -253,8 +277,11 @@ class Viewer:
         parts = [f"seq {self.chunks[-1]['seq']}" if self.chunks else "waiting for video"]
         if self.shot_index is not None:
             parts.append(f"shot {self.shot_index} {_short(self.shot_prompt)!r}")
-        parts += [f"{self.rate.rate(now):4.1f} fps", f"buffer {self.playout.buffer_s(now):4.1f} s",
-                  f"{self.video_s:5.1f} s video"]  # fmt: skip
+        parts += [
+            f"{self.rate.rate(now):4.1f} fps",
+            f"buffer {self.playout.buffer_s(now):4.1f} s",
+            f"{self.video_s:5.1f} s video",
+        ]
         if self.playout.misses:
             parts.append(f"{self.playout.misses} stalls")
         if self.rtt is not None:
@@ -266,13 +293,22 @@ class Viewer:
     def report(self, session: Session, out: str | None) -> dict[str, Any]:
         """What was received, as JSON-ready data (`--report`)."""
         return {
-            "session_id": session.session_id, "out": out, "fps": self.fps,
-            "chunks": self.chunks, "frames": self.frames, "video_s": round(self.video_s, 4),
-            "shots": self.shots, "prompts": self.prompts, "dropped": self.dropped,
-            "errors": self.errors, "reconnects": self.reconnects, "ended": self.ended,
-            "stalls": self.playout.misses, "stalled_s": round(self.playout.stalled_s, 3),
+            "session_id": session.session_id,
+            "out": out,
+            "fps": self.fps,
+            "chunks": self.chunks,
+            "frames": self.frames,
+            "video_s": round(self.video_s, 4),
+            "shots": self.shots,
+            "prompts": self.prompts,
+            "dropped": self.dropped,
+            "errors": self.errors,
+            "reconnects": self.reconnects,
+            "ended": self.ended,
+            "stalls": self.playout.misses,
+            "stalled_s": round(self.playout.stalled_s, 3),
             "withdrawn_frames": self.withdrawn_frames,
-        }  # fmt: skip
+        }
 
 
 # ----------------------------------------------------------------------------- output
@@ -396,8 +432,7 @@ async def _pinger(session: Session, viewer: Viewer) -> None:
             viewer.rtt = await session.ping(timeout=5.0)
 
 
-async def _play(session: Session, viewer: Viewer, stop: asyncio.Event,
-                on_event=None) -> None:  # fmt: skip
+async def _play(session: Session, viewer: Viewer, stop: asyncio.Event, on_event=None) -> None:
     """Consume the stream until it ends, a limit is reached, or `stop` is set."""
 
     async def consume() -> None:
@@ -432,14 +467,21 @@ async def _finish_session(session: Session, viewer: Viewer, leave: bool) -> None
         except (ShotStreamError, TimeoutError, NotConnected) as exc:
             viewer.console.say(f"could not stop the session cleanly: {exc}")
     elif leave and viewer.ended is None:
-        viewer.console.say(f"left the session running; it ends unless a stream attaches within "
-                           f"its grace period: --session {session.session_id} "
-                           f"--token {session.token}")  # fmt: skip
+        viewer.console.say(
+            f"left the session running; it ends unless a stream attaches within "
+            f"its grace period: --session {session.session_id} "
+            f"--token {session.token}"
+        )
     await session.close()
 
 
-async def _open_session(args: argparse.Namespace, client: ShotStreamClient, prompt: str | None,
-                        shots: list[str] | None, console: Console) -> Session:  # fmt: skip
+async def _open_session(
+    args: argparse.Namespace,
+    client: ShotStreamClient,
+    prompt: str | None,
+    shots: list[str] | None,
+    console: Console,
+) -> Session:
     # Instant cuts need a file to cut back (not a pipe): on by default when writing one.
     cuts = args.instant_cuts if args.instant_cuts is not None else args.out != "-"
     features = ("withdraw",) if cuts else ()
@@ -449,10 +491,14 @@ async def _open_session(args: argparse.Namespace, client: ShotStreamClient, prom
         return client.attach(args.session, args.token, features=features)
     if not prompt:
         raise SystemExit(f"{PROG}: give a prompt (or --session ID --token T to attach)")
-    retry = RetryPolicy(on_retry=lambda e, d: console.say(f"{e}; retrying in {d:.0f} s")) \
-        if args.retry else False  # fmt: skip
-    session = await client.create_session(prompt, shots or None, args.seed, args.mode, retry,
-                                          features=features)  # fmt: skip
+    retry = (
+        RetryPolicy(on_retry=lambda e, d: console.say(f"{e}; retrying in {d:.0f} s"))
+        if args.retry
+        else False
+    )
+    session = await client.create_session(
+        prompt, shots or None, args.seed, args.mode, retry, features=features
+    )
     console.say(f"session {session.session_id}")
     return session
 
@@ -465,14 +511,17 @@ async def _watch(args: argparse.Namespace, script: dict[str, Any] | None = None)
     failures: list[ShotStreamError] = []  # from helper tasks (a timed script prompt refused)
     async with _client(args) as client:
         if script is not None:
-            session = await _open_session(args, client, script["global"], script["shots"][:1],
-                                          console)  # fmt: skip
+            session = await _open_session(
+                args, client, script["global"], script["shots"][:1], console
+            )
         else:
             session = await _open_session(args, client, args.prompt, args.shot, console)
         output = Output(args.out, args.fragmented)
         viewer = Viewer(output.writer, console, args.chunks, args.duration)
-        helpers = [asyncio.create_task(_pinger(session, viewer)),
-                   asyncio.create_task(_playhead_reporter(session, viewer))]  # fmt: skip
+        helpers = [
+            asyncio.create_task(_pinger(session, viewer)),
+            asyncio.create_task(_playhead_reporter(session, viewer)),
+        ]
         on_event = None
         try:
             if script is not None:
@@ -481,8 +530,9 @@ async def _watch(args: argparse.Namespace, script: dict[str, Any] | None = None)
                     failures.append(exc)
                     stop.set()
 
-                on_event = await _script_driver(args, client, session, viewer, script, helpers,
-                                                fail)  # fmt: skip
+                on_event = await _script_driver(
+                    args, client, session, viewer, script, helpers, fail
+                )
             elif args.interactive:
                 helpers.append(asyncio.create_task(_interactive(session, viewer, args.mode)))
             await _play(session, viewer, stop, on_event)
@@ -505,14 +555,17 @@ async def _watch(args: argparse.Namespace, script: dict[str, Any] | None = None)
     if failure is not None:
         print(f"{PROG}: error: {failure}", file=sys.stderr)
         if viewer.chunks and args.out != "-":
-            print(f"{PROG}: kept the {len(viewer.chunks)} chunks received in {where}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"{PROG}: kept the {len(viewer.chunks)} chunks received in {where}", file=sys.stderr
+            )
         return 1
     if problem:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 1
-    console.say(f"wrote {where}: {len(viewer.chunks)} chunks, {viewer.frames} frames, "
-                f"{viewer.video_s:.2f} s" + (f" (ended: {viewer.ended})" if viewer.ended else ""))  # fmt: skip
+    console.say(
+        f"wrote {where}: {len(viewer.chunks)} chunks, {viewer.frames} frames, "
+        f"{viewer.video_s:.2f} s" + (f" (ended: {viewer.ended})" if viewer.ended else "")
+    )
     return 0
 
 
@@ -536,9 +589,15 @@ def load_script(path: Path) -> dict[str, Any]:
     return {"global": data["global_caption"], "shots": [numbered[k] for k in sorted(numbered)]}
 
 
-async def _script_driver(args: argparse.Namespace, client: ShotStreamClient, session: Session,
-                         viewer: Viewer, script: dict[str, Any], helpers: list[asyncio.Task],
-                         fail: Callable[[ShotStreamError], None]):  # fmt: skip
+async def _script_driver(
+    args: argparse.Namespace,
+    client: ShotStreamClient,
+    session: Session,
+    viewer: Viewer,
+    script: dict[str, Any],
+    helpers: list[asyncio.Task],
+    fail: Callable[[ShotStreamError], None],
+):
     """Send the script's later shots (at boundaries, or every N s); finish after the last."""
     shots: list[str] = script["shots"]
     shot_chunks = args.shot_chunks or (await client.models()).chunks_per_shot
@@ -610,30 +669,55 @@ async def _script(args: argparse.Namespace) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=os.environ.get("SHOTSTREAM_SERVER", "http://127.0.0.1:8000"),
-                   help="server base URL (default: $SHOTSTREAM_SERVER or http://127.0.0.1:8000)")  # fmt: skip
-    p.add_argument("--api-key", default=os.environ.get("SHOTSTREAM_API_KEY"),
-                   help="API key for creating sessions (default: $SHOTSTREAM_API_KEY)")  # fmt: skip
+    p.add_argument(
+        "--server",
+        default=os.environ.get("SHOTSTREAM_SERVER", "http://127.0.0.1:8000"),
+        help="server base URL (default: $SHOTSTREAM_SERVER or http://127.0.0.1:8000)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("SHOTSTREAM_API_KEY"),
+        help="API key for creating sessions (default: $SHOTSTREAM_API_KEY)",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="HTTP and connect timeout, s")
 
 
 def _add_session(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: the server's)")
-    p.add_argument("--mode", choices=["cut", "queue"], default=None,
-                   help="default mode of new prompts (server default: cut)")  # fmt: skip
-    p.add_argument("--retry", action="store_true",
-                   help="when the server is busy (429/503), retry after its Retry-After")  # fmt: skip
-    p.add_argument("--fragmented", action="store_true",
-                   help="keep the fragmented MP4 as received instead of remuxing it")  # fmt: skip
-    p.add_argument("--leave", action="store_true",
-                   help="on exit, leave the session running (re-attach with --session/--token) "
-                   "instead of stopping it")  # fmt: skip
-    p.add_argument("--report", metavar="FILE.json",
-                   help="write what was received (chunks, shots, prompts) as JSON")  # fmt: skip
+    p.add_argument(
+        "--mode",
+        choices=["cut", "queue"],
+        default=None,
+        help="default mode of new prompts (server default: cut)",
+    )
+    p.add_argument(
+        "--retry",
+        action="store_true",
+        help="when the server is busy (429/503), retry after its Retry-After",
+    )
+    p.add_argument(
+        "--fragmented",
+        action="store_true",
+        help="keep the fragmented MP4 as received instead of remuxing it",
+    )
+    p.add_argument(
+        "--leave",
+        action="store_true",
+        help="on exit, leave the session running (re-attach with --session/--token) instead of stopping it",
+    )
+    p.add_argument(
+        "--report",
+        metavar="FILE.json",
+        help="write what was received (chunks, shots, prompts) as JSON",
+    )
     p.add_argument("--quiet", action="store_true", help="no status line or event lines")
-    p.add_argument("--instant-cuts", action=argparse.BooleanOptionalAction, default=None,
-                   help="a cut replaces the video received but not yet played (the file is "
-                   "cut back to it); default: on when writing a file, off on stdout")  # fmt: skip
+    p.add_argument(
+        "--instant-cuts",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a cut replaces the video received but not yet played (the file is "
+        "cut back to it); default: on when writing a file, off on stdout",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -641,59 +725,86 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
-        "watch", help="stream a session into an MP4 file or stdout",
+        "watch",
+        help="stream a session into an MP4 file or stdout",
         description="Create a session (or attach to one) and write its video as it streams, "
         "with a live status line on stderr. Stops after --duration or --chunks, when the "
         "session ends, or on Ctrl-C (which stops the session unless --leave).",
-    )  # fmt: skip
+    )
     _add_common(p)
     p.add_argument("prompt", nargs="?", help="global caption of the video")
-    p.add_argument("--shot", action="append", metavar="TEXT",
-                   help="a first shot prompt; repeat for several, played in order")  # fmt: skip
+    p.add_argument(
+        "--shot",
+        action="append",
+        metavar="TEXT",
+        help="a first shot prompt; repeat for several, played in order",
+    )
     p.add_argument("--session", metavar="ID", help="attach to an existing session instead")
     p.add_argument("--token", metavar="T", help="the session's token (with --session)")
-    p.add_argument("--out", default="shotstream.mp4", metavar="FILE.mp4",
-                   help="MP4 file to write, or - for fragmented MP4 on stdout "
-                   "(pipe into ffplay - or mpv -)")  # fmt: skip
-    p.add_argument("--duration", type=float, metavar="SECONDS",
-                   help="stop after this many seconds of video")  # fmt: skip
+    p.add_argument(
+        "--out",
+        default="shotstream.mp4",
+        metavar="FILE.mp4",
+        help="MP4 file to write, or - for fragmented MP4 on stdout (pipe into ffplay - or mpv -)",
+    )
+    p.add_argument(
+        "--duration", type=float, metavar="SECONDS", help="stop after this many seconds of video"
+    )
     p.add_argument("--chunks", type=int, metavar="N", help="stop after N chunks")
-    p.add_argument("--interactive", action="store_true",
-                   help="read new prompts from stdin, one per line (a leading + queues it)")  # fmt: skip
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="read new prompts from stdin, one per line (a leading + queues it)",
+    )
     _add_session(p)
     p.set_defaults(func=lambda a: asyncio.run(_watch(a)))
 
     p = sub.add_parser(
-        "script", help="play a multi-shot script (demo JSON format) into an MP4",
+        "script",
+        help="play a multi-shot script (demo JSON format) into an MP4",
         description='Play {"global_caption": ..., "shot1": ..., "shot2": ...}: the caption '
         "is the session prompt, shot1 starts the session, and each later shot is queued at "
         "the start of the one before (so each plays its full length) or, with --every, sent "
         "every SECONDS. Finishes once the last shot has played.",
-    )  # fmt: skip
+    )
     _add_common(p)
     p.add_argument("file", metavar="FILE.json", help="the script")
-    p.add_argument("--out", default=None, metavar="FILE.mp4",
-                   help="MP4 to write (default: the script's name .mp4), - for stdout")  # fmt: skip
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE.mp4",
+        help="MP4 to write (default: the script's name .mp4), - for stdout",
+    )
     when = p.add_mutually_exclusive_group()
-    when.add_argument("--on-boundary", action="store_true",
-                      help="queue each shot to start at the next shot boundary (default)")  # fmt: skip
-    when.add_argument("--every", type=float, metavar="SECONDS",
-                      help="send each later shot SECONDS after the previous (mode --mode, "
-                      "default cut), counted from the first chunk")  # fmt: skip
-    p.add_argument("--shot-chunks", type=int, metavar="N",
-                   help="chunks of the last shot to play before finishing "
-                   "(default: the server's chunks per shot)")  # fmt: skip
+    when.add_argument(
+        "--on-boundary",
+        action="store_true",
+        help="queue each shot to start at the next shot boundary (default)",
+    )
+    when.add_argument(
+        "--every",
+        type=float,
+        metavar="SECONDS",
+        help="send each later shot SECONDS after the previous (mode --mode, default cut), counted from the first chunk",
+    )
+    p.add_argument(
+        "--shot-chunks",
+        type=int,
+        metavar="N",
+        help="chunks of the last shot to play before finishing (default: the server's chunks per shot)",
+    )
     _add_session(p)
     p.set_defaults(func=lambda a: asyncio.run(_script(a)))
 
     from clients.load import add_load_arguments, main_load
 
     p = sub.add_parser(
-        "load", help="N concurrent sessions for T seconds; prints one JSON line",
+        "load",
+        help="N concurrent sessions for T seconds; prints one JSON line",
         description="Load generator (loopback servers only unless --allow-remote): N "
         "concurrent sessions for T seconds with prompts at random (seeded) times; prints one "
         "JSON line of client-side measurements.",
-    )  # fmt: skip
+    )
     add_load_arguments(p)
     p.set_defaults(func=main_load)
     return parser

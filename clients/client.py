@@ -141,11 +141,17 @@ _BY_CODE: dict[str, type[ShotStreamError]] = {
             _C.TOO_MANY_SHOTS,
         ),
         InvalidRequest,
-    ),  # fmt: skip
+    ),
 }
 # Fatal codes that say "not this session / not now" rather than "the session broke".
-_REFUSAL_CODES = {_C.UNAUTHORIZED, _C.UNKNOWN_SESSION, _C.ALREADY_CONNECTED, _C.REPLACED,
-                  _C.OVER_CAPACITY, _C.DRAINING}  # fmt: skip
+_REFUSAL_CODES = {
+    _C.UNAUTHORIZED,
+    _C.UNKNOWN_SESSION,
+    _C.ALREADY_CONNECTED,
+    _C.REPLACED,
+    _C.OVER_CAPACITY,
+    _C.DRAINING,
+}
 _CLOSE_CODES = {int(c): c for c in P.CloseCode}
 
 
@@ -175,8 +181,12 @@ def error_from_response(resp: httpx.Response) -> ShotStreamError:
     cls = _BY_STATUS.get(resp.status_code)
     if cls is None:
         cls = ServerError if resp.status_code >= 500 else ShotStreamError
-    return cls(detail, status=resp.status_code, code=code,
-               retry_after=parse_retry_after(resp.headers.get("retry-after")))  # fmt: skip
+    return cls(
+        detail,
+        status=resp.status_code,
+        code=code,
+        retry_after=parse_retry_after(resp.headers.get("retry-after")),
+    )
 
 
 def error_from_message(msg: P.ErrorMessage) -> ShotStreamError:
@@ -444,10 +454,14 @@ class Session:
         body: dict[str, Any] = {"prompt": text} | ({"mode": mode} if mode else {})
         if self.connected:
             ack = await self._request("prompt", [{"type": "prompt", **body}], timeout)
-            return P.PromptAccepted(shot_id=ack.shot_id, starts_at_seq=ack.starts_at_seq,
-                                    truncated_tokens=ack.truncated_tokens)  # fmt: skip
-        data = await self._client._request("POST", self._path() + "/prompts", token=self.token,
-                                           json=body)  # fmt: skip
+            return P.PromptAccepted(
+                shot_id=ack.shot_id,
+                starts_at_seq=ack.starts_at_seq,
+                truncated_tokens=ack.truncated_tokens,
+            )
+        data = await self._client._request(
+            "POST", self._path() + "/prompts", token=self.token, json=body
+        )
         return P.PromptAccepted.model_validate(data)
 
     async def ping(self, timeout: float | None = 10.0) -> float:
@@ -482,12 +496,15 @@ class Session:
         await self.delete()
 
     async def _request(
-        self, kind: Literal["prompt", "ping", "barrier"], messages: list[dict[str, Any]],
+        self,
+        kind: Literal["prompt", "ping", "barrier"],
+        messages: list[dict[str, Any]],
         timeout: float | None,
-    ) -> Any:  # fmt: skip
+    ) -> Any:
         if not self.connected:
-            raise NotConnected(f"{messages[0]['type']} needs the stream connection; "
-                               "call connect() or iterate stream() first")  # fmt: skip
+            raise NotConnected(
+                f"{messages[0]['type']} needs the stream connection; call connect() or iterate stream() first"
+            )
         assert self._ws is not None
         self._refs += 1
         ref = f"c{self._refs}"
@@ -595,15 +612,25 @@ class Session:
         try:
             ws = await connect(
                 url,
-                additional_headers={**self._client.headers, "Authorization": f"Bearer {self.token}"},
-                max_size=MAX_FRAME_BYTES, compression=None, open_timeout=timeout,
-                ping_interval=5, ping_timeout=10, close_timeout=2,
-            )  # fmt: skip
+                additional_headers={
+                    **self._client.headers,
+                    "Authorization": f"Bearer {self.token}",
+                },
+                max_size=MAX_FRAME_BYTES,
+                compression=None,
+                open_timeout=timeout,
+                ping_interval=5,
+                ping_timeout=10,
+                close_timeout=2,
+            )
         except InvalidStatus as exc:  # refused before the upgrade (e.g. by a proxy)
             r = exc.response
             cls = _BY_STATUS.get(r.status_code, ServerError)
-            raise cls(f"stream refused: HTTP {r.status_code}", status=r.status_code,
-                      retry_after=parse_retry_after(r.headers.get("Retry-After"))) from exc  # fmt: skip
+            raise cls(
+                f"stream refused: HTTP {r.status_code}",
+                status=r.status_code,
+                retry_after=parse_retry_after(r.headers.get("Retry-After")),
+            ) from exc
         try:
             raw = await asyncio.wait_for(ws.recv(), timeout)
             msg = P.parse_server_message(raw) if isinstance(raw, str) else None
@@ -612,8 +639,9 @@ class Session:
             if not isinstance(msg, P.HelloMessage):
                 raise ProtocolViolation(f"expected hello, got {str(raw)[:80]!r}")
             if msg.protocol != P.PROTOCOL_VERSION:
-                raise ProtocolViolation(f"server speaks protocol {msg.protocol}; "
-                                        f"this client speaks {P.PROTOCOL_VERSION}")  # fmt: skip
+                raise ProtocolViolation(
+                    f"server speaks protocol {msg.protocol}; this client speaks {P.PROTOCOL_VERSION}"
+                )
             self.features = tuple(msg.features)
         except ConnectionClosed as exc:
             raise ConnectionLost(f"stream closed before hello: {exc}") from exc
@@ -720,18 +748,26 @@ class Session:
             return  # after `ended`, a fatal error or close(): nothing more to read
         code = exc.rcvd.code if exc.rcvd else None
         reason = exc.rcvd.reason if exc.rcvd else ""
-        final = {P.CloseCode.UNAUTHORIZED: Unauthorized, P.CloseCode.UNKNOWN_SESSION: NotFound,
-                 P.CloseCode.BAD_MESSAGE: SessionFailed, P.CloseCode.SESSION_FAILED: SessionFailed,
-                 P.CloseCode.DRAINING: Overloaded, P.CloseCode.REPLACED: Conflict,
-                 P.CloseCode.RATE_LIMITED: RateLimited}  # fmt: skip
+        final = {
+            P.CloseCode.UNAUTHORIZED: Unauthorized,
+            P.CloseCode.UNKNOWN_SESSION: NotFound,
+            P.CloseCode.BAD_MESSAGE: SessionFailed,
+            P.CloseCode.SESSION_FAILED: SessionFailed,
+            P.CloseCode.DRAINING: Overloaded,
+            P.CloseCode.REPLACED: Conflict,
+            P.CloseCode.RATE_LIMITED: RateLimited,
+        }
         if code in _CLOSE_CODES and _CLOSE_CODES[code] in final:
             cls = final[_CLOSE_CODES[code]]
             self._finish(cls(reason or f"stream closed with code {code}", code=str(code)))
             return
         # Dropped (no close frame, or a close without `ended` such as 4408 slow reader):
         # the session lives on for its grace period, so resume it.
-        self._fail_waiters(ConnectionLost("the stream dropped before the server answered; "
-                                          "the request may or may not have been applied"))  # fmt: skip
+        self._fail_waiters(
+            ConnectionLost(
+                "the stream dropped before the server answered; the request may or may not have been applied"
+            )
+        )
         if not self.reconnect_policy.enabled:
             self._finish(ConnectionLost(f"the stream dropped (close code {code})"))
             return
@@ -747,14 +783,25 @@ class Session:
             attempts += 1
             try:
                 ws, hello = await self._open()
-            except (OSError, TimeoutError, InvalidHandshake, ConnectionLost, Conflict,
-                    Overloaded, ServerError) as exc:  # fmt: skip
+            except (
+                OSError,
+                TimeoutError,
+                InvalidHandshake,
+                ConnectionLost,
+                Conflict,
+                Overloaded,
+                ServerError,
+            ) as exc:
                 # Transient: the network, a restarting server, or one that has not yet
                 # noticed the old connection is gone (409/4009 already connected).
                 last: BaseException = exc
             except ShotStreamError as exc:  # the session ended meanwhile, or is not ours
-                self._finish(ConnectionLost(f"the stream dropped and the session cannot be "
-                                            f"resumed: {exc.message}", code=exc.code))  # fmt: skip
+                self._finish(
+                    ConnectionLost(
+                        f"the stream dropped and the session cannot be resumed: {exc.message}",
+                        code=exc.code,
+                    )
+                )
                 return
             else:
                 if self._finished is not None:  # closed while connecting
@@ -768,8 +815,11 @@ class Session:
                 return
             elapsed = time.monotonic() - started
             if elapsed + delay > window:
-                self._finish(ConnectionLost(f"the stream dropped and {attempts} reconnect attempts "
-                                            f"in {elapsed:.1f} s failed; last: {last}"))  # fmt: skip
+                self._finish(
+                    ConnectionLost(
+                        f"the stream dropped and {attempts} reconnect attempts in {elapsed:.1f} s failed; last: {last}"
+                    )
+                )
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, policy.max_delay_s)
@@ -793,8 +843,9 @@ class ShotStreamClient:
         self.api_key = api_key
         self.timeout = timeout
         self.reconnect = reconnect or ReconnectPolicy()
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
-                                       headers=headers or {})  # fmt: skip
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, headers=headers or {}
+        )
         self.headers = dict(headers or {})
 
     async def __aenter__(self) -> ShotStreamClient:
@@ -842,19 +893,31 @@ class ShotStreamClient:
                 waited += delay
         info = P.CreateSessionResponse.model_validate(data)
         # The session lives this long without a stream: the window to resume a dropped one.
-        return Session(self, info.session_id, info.token, info.stream_url, info, self.reconnect,
-                       grace_s=info.grace_s, features=features)  # fmt: skip
+        return Session(
+            self,
+            info.session_id,
+            info.token,
+            info.stream_url,
+            info,
+            self.reconnect,
+            grace_s=info.grace_s,
+            features=features,
+        )
 
-    def attach(self, session_id: str, token: str, stream_url: str | None = None,
-               features: tuple[str, ...] = ()) -> Session:  # fmt: skip
+    def attach(
+        self,
+        session_id: str,
+        token: str,
+        stream_url: str | None = None,
+        features: tuple[str, ...] = (),
+    ) -> Session:
         """A handle on an existing session (its id and token), e.g. to resume watching it."""
         if stream_url is None:
             parts = urlsplit(self.base_url)
             scheme = "wss" if parts.scheme == "https" else "ws"
             path = f"{parts.path}/v1/sessions/{quote(session_id, safe='')}/stream"
             stream_url = urlunsplit((scheme, parts.netloc, path, "", ""))
-        return Session(self, session_id, token, stream_url, None, self.reconnect,
-                       features=features)  # fmt: skip
+        return Session(self, session_id, token, stream_url, None, self.reconnect, features=features)
 
     async def models(self) -> P.ModelInfo:
         """`GET /v1/models`: the loaded preset, its sizes and fps."""
@@ -868,9 +931,14 @@ class ShotStreamClient:
             return False
 
     async def _request(
-        self, method: str, path: str, *, token: str | None = None, json: Any = None,
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        json: Any = None,
         api_key: bool = False,
-    ) -> Any:  # fmt: skip
+    ) -> Any:
         headers = {}
         bearer = token if token is not None else (self.api_key if api_key else None)
         if bearer is not None:
@@ -878,11 +946,13 @@ class ShotStreamClient:
         try:
             resp = await self._http.request(method, path, json=json, headers=headers)
         except httpx.TimeoutException as exc:
-            raise ShotStreamError(f"{method} {path}: no reply in {self.timeout} s",
-                                  code="timeout") from exc  # fmt: skip
+            raise ShotStreamError(
+                f"{method} {path}: no reply in {self.timeout} s", code="timeout"
+            ) from exc
         except httpx.TransportError as exc:
-            raise ShotStreamError(f"{method} {path}: cannot reach {self.base_url}: {exc}",
-                                  code="unreachable") from exc  # fmt: skip
+            raise ShotStreamError(
+                f"{method} {path}: cannot reach {self.base_url}: {exc}", code="unreachable"
+            ) from exc
         if resp.status_code >= 400:
             raise error_from_response(resp)
         return resp.json() if resp.content else None

@@ -98,8 +98,10 @@ class LoadConfig:
         if self.prompt_every_s < 0 or self.ramp_s < 0:
             raise ValueError("prompt_every_s and ramp_s must not be negative")
         if not self.allow_remote and not is_loopback(self.server):
-            raise ValueError(f"{self.server} is not a loopback address; pass --allow-remote "
-                             "(allow_remote=True) only for a server you run")  # fmt: skip
+            raise ValueError(
+                f"{self.server} is not a loopback address; pass --allow-remote "
+                "(allow_remote=True) only for a server you run"
+            )
 
 
 def is_loopback(url: str) -> bool:
@@ -140,17 +142,26 @@ class _Totals:
     errors: Counter = field(default_factory=Counter)
 
 
-async def _create(i: int, cfg: LoadConfig, client: ShotStreamClient, rng: random.Random,
-                  end: float, totals: _Totals) -> tuple[Session, float] | None:  # fmt: skip
+async def _create(
+    i: int,
+    cfg: LoadConfig,
+    client: ShotStreamClient,
+    rng: random.Random,
+    end: float,
+    totals: _Totals,
+) -> tuple[Session, float] | None:
     """A session and when its successful request was sent, retrying refusals after their
     Retry-After while the run lasts."""
     while time.monotonic() < end:
         sent = time.monotonic()
         try:
             session = await client.create_session(
-                rng.choice(CAPTIONS), shots=[rng.choice(SHOTS)], seed=rng.randrange(2**31),
-                mode=cfg.mode, features=("withdraw",) if cfg.instant_cuts else (),
-            )  # fmt: skip
+                rng.choice(CAPTIONS),
+                shots=[rng.choice(SHOTS)],
+                seed=rng.randrange(2**31),
+                mode=cfg.mode,
+                features=("withdraw",) if cfg.instant_cuts else (),
+            )
             return session, sent
         except (RateLimited, Overloaded) as exc:
             totals.refused[str(exc.status)] += 1
@@ -166,8 +177,9 @@ async def _create(i: int, cfg: LoadConfig, client: ShotStreamClient, rng: random
     return None
 
 
-async def _run_session(i: int, cfg: LoadConfig, client: ShotStreamClient, end: float,
-                       totals: _Totals) -> None:  # fmt: skip
+async def _run_session(
+    i: int, cfg: LoadConfig, client: ShotStreamClient, end: float, totals: _Totals
+) -> None:
     rng = random.Random(cfg.seed * 1_000_003 + i)  # one stream of choices per session
     await asyncio.sleep(cfg.ramp_s * i / cfg.sessions)
     got = await _create(i, cfg, client, rng, end, totals)
@@ -242,8 +254,11 @@ async def _run_session(i: int, cfg: LoadConfig, client: ShotStreamClient, end: f
     tasks: list[asyncio.Task] = []
     try:
         await session.connect()
-        tasks += [asyncio.create_task(consume()), asyncio.create_task(prompter()),
-                  asyncio.create_task(reporter())]  # fmt: skip
+        tasks += [
+            asyncio.create_task(consume()),
+            asyncio.create_task(prompter()),
+            asyncio.create_task(reporter()),
+        ]
         done, _ = await asyncio.wait(tasks[:1], timeout=max(0.0, end - time.monotonic()))
         if done:
             tasks[0].result()  # ended early: raises the stream's error, if any
@@ -279,8 +294,9 @@ async def run_load(cfg: LoadConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     end = t0 + cfg.duration_s
     async with ShotStreamClient(cfg.server, api_key=cfg.api_key, timeout=cfg.timeout_s) as client:
-        await asyncio.gather(*(_run_session(i, cfg, client, end, totals)
-                               for i in range(cfg.sessions)))  # fmt: skip
+        await asyncio.gather(
+            *(_run_session(i, cfg, client, end, totals) for i in range(cfg.sessions))
+        )
     ra = totals.retry_after
     return {
         **{k: v for k, v in asdict(cfg).items() if k not in ("api_key", "allow_remote")},
@@ -309,38 +325,76 @@ async def run_load(cfg: LoadConfig) -> dict[str, Any]:
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
     """The load generator's flags (shared by `python -m clients.load` and the CLI)."""
     d = LoadConfig()
-    p.add_argument("--server", default=os.environ.get("SHOTSTREAM_SERVER", d.server),
-                   help=f"server base URL (default: $SHOTSTREAM_SERVER or {d.server})")  # fmt: skip
-    p.add_argument("--api-key", default=os.environ.get("SHOTSTREAM_API_KEY"),
-                   help="API key for creating sessions (default: $SHOTSTREAM_API_KEY)")  # fmt: skip
-    p.add_argument("--sessions", type=int, default=d.sessions,
-                   help=f"concurrent sessions (1..{MAX_SESSIONS})")  # fmt: skip
-    p.add_argument("--duration", type=float, default=d.duration_s,
-                   help=f"seconds to run (at most {MAX_DURATION_S:g})")  # fmt: skip
-    p.add_argument("--prompt-every", type=float, default=d.prompt_every_s, metavar="SECONDS",
-                   help="mean seconds between a session's prompts (random, seeded); 0: none")  # fmt: skip
+    p.add_argument(
+        "--server",
+        default=os.environ.get("SHOTSTREAM_SERVER", d.server),
+        help=f"server base URL (default: $SHOTSTREAM_SERVER or {d.server})",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("SHOTSTREAM_API_KEY"),
+        help="API key for creating sessions (default: $SHOTSTREAM_API_KEY)",
+    )
+    p.add_argument(
+        "--sessions", type=int, default=d.sessions, help=f"concurrent sessions (1..{MAX_SESSIONS})"
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=d.duration_s,
+        help=f"seconds to run (at most {MAX_DURATION_S:g})",
+    )
+    p.add_argument(
+        "--prompt-every",
+        type=float,
+        default=d.prompt_every_s,
+        metavar="SECONDS",
+        help="mean seconds between a session's prompts (random, seeded); 0: none",
+    )
     p.add_argument("--mode", choices=["cut", "queue"], default=d.mode, help="prompt mode")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of prompt times and texts")
-    p.add_argument("--ramp", type=float, default=d.ramp_s, metavar="SECONDS",
-                   help="spread session starts over this many seconds")  # fmt: skip
-    p.add_argument("--no-retry", action="store_true",
-                   help="a refused session (429/503) is not retried after its Retry-After")  # fmt: skip
-    p.add_argument("--allow-remote", action="store_true",
-                   help="allow a server that is not on this machine (only one you run)")  # fmt: skip
+    p.add_argument(
+        "--ramp",
+        type=float,
+        default=d.ramp_s,
+        metavar="SECONDS",
+        help="spread session starts over this many seconds",
+    )
+    p.add_argument(
+        "--no-retry",
+        action="store_true",
+        help="a refused session (429/503) is not retried after its Retry-After",
+    )
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a server that is not on this machine (only one you run)",
+    )
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="HTTP timeout, s")
-    p.add_argument("--instant-cuts", action="store_true",
-                   help="ask for instant cuts (feature withdraw): report the modelled "
-                   "player's position; a cut replaces the buffered video past it")  # fmt: skip
+    p.add_argument(
+        "--instant-cuts",
+        action="store_true",
+        help="ask for instant cuts (feature withdraw): report the modelled "
+        "player's position; a cut replaces the buffered video past it",
+    )
 
 
 def main_load(args: argparse.Namespace) -> int:
     """Run from parsed arguments; print one JSON line."""
     cfg = LoadConfig(
-        server=args.server, sessions=args.sessions, duration_s=args.duration,
-        prompt_every_s=args.prompt_every, mode=args.mode, seed=args.seed, ramp_s=args.ramp,
-        retry_refused=not args.no_retry, api_key=args.api_key, allow_remote=args.allow_remote,
-        timeout_s=args.timeout, instant_cuts=args.instant_cuts,
-    )  # fmt: skip
+        server=args.server,
+        sessions=args.sessions,
+        duration_s=args.duration,
+        prompt_every_s=args.prompt_every,
+        mode=args.mode,
+        seed=args.seed,
+        ramp_s=args.ramp,
+        retry_refused=not args.no_retry,
+        api_key=args.api_key,
+        allow_remote=args.allow_remote,
+        timeout_s=args.timeout,
+        instant_cuts=args.instant_cuts,
+    )
     try:
         cfg.validate()
     except ValueError as exc:

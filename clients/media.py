@@ -92,8 +92,10 @@ def remux_faststart(src: Path, dst: Path) -> int:
     tmp = dst.with_name(dst.name + ".remux")
     packets, offset = 0, None
     try:
-        with av.open(str(src)) as inp, av.open(str(tmp), "w", format="mp4",
-                                              options={"movflags": "+faststart"}) as out:  # fmt: skip
+        with (
+            av.open(str(src)) as inp,
+            av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out,
+        ):
             ins = inp.streams.video[0]
             outs = out.add_stream_from_template(ins)
             for packet in inp.demux(ins):

@@ -18,12 +18,7 @@ from safetensors import safe_open
 from model.config import ModelConfig
 from model.dit import build_dit
 from model.layout import WeightsLayout
-from model.text import (
-    _check_hf_config,
-    build_umt5,
-    load_tokenizer,
-    original_t5_shapes,
-)
+from model.text import _check_hf_config, build_umt5, load_tokenizer, original_t5_shapes
 from model.vae import _check_diffusers_config, build_autoencoder, original_vae_shapes
 from model.weights import (
     GENERATOR_PREFIX,
@@ -68,9 +63,11 @@ def check_weights(cfg: ModelConfig, layout: WeightsLayout) -> list[FileCheck]:
 
 
 def _run(component: str, path: Path, check) -> FileCheck:
-    size = path.stat().st_size if path.is_file() else sum(
-        f.stat().st_size for f in path.rglob("*") if f.is_file()
-    )  # fmt: skip
+    size = (
+        path.stat().st_size
+        if path.is_file()
+        else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    )
     try:
         return FileCheck(component, path, size, check())
     except WeightsError as exc:

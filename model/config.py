@@ -18,13 +18,41 @@ from cache.kv import KVLayout
 
 # Per-channel latent statistics of the Wan2.1 VAE (docs/design/vae-and-text.md §3).
 WAN_LATENT_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-)  # fmt: skip
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
 WAN_LATENT_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
-)  # fmt: skip
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 
 
 @dataclass(frozen=True)
@@ -234,7 +262,7 @@ def _wan_1_3b() -> ModelConfig:
             num_heads=64,
             text_len=512,
             tokenizer="umt5",
-        ),  # fmt: skip
+        ),
         vae=VAEConfig(base_dim=96),
         height=480,
         width=832,
@@ -255,7 +283,7 @@ def _tiny() -> ModelConfig:
             num_heads=2,
             text_len=128,
             tokenizer="byt5",
-        ),  # fmt: skip
+        ),
         vae=VAEConfig(base_dim=8),
         height=64,
         width=96,
@@ -286,7 +314,7 @@ def _demo() -> ModelConfig:
             num_heads=4,
             text_len=32,
             tokenizer="umt5",  # a word-level tokenizer shipped in the weights' tokenizer/ folder
-        ),  # fmt: skip
+        ),
         # latent statistics are folded into the VAE's quant convs: unit-scale by construction
         vae=VAEConfig(base_dim=8, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
         sampler=SamplerConfig(
@@ -338,7 +366,7 @@ def config_from_golden(meta: dict[str, Any]) -> ModelConfig:
             out_dim=dit["out_dim"],
             patch_size=tuple(dit["patch_size"]),
             eps=dit["eps"],
-        ),  # fmt: skip
+        ),
         text=TextConfig(
             vocab_size=t5["vocab"],
             d_model=t5["dim"],
@@ -349,7 +377,7 @@ def config_from_golden(meta: dict[str, Any]) -> ModelConfig:
             text_len=dit["text_len"],
             num_buckets=t5["num_buckets"],
             tokenizer="recorded",
-        ),  # fmt: skip
+        ),
         vae=VAEConfig(
             base_dim=vae["base_dim"],
             z_dim=vae["z_dim"],
@@ -358,13 +386,13 @@ def config_from_golden(meta: dict[str, Any]) -> ModelConfig:
             temperal_downsample=tuple(vae["temperal_downsample"]),
             latents_mean=tuple(c["vae_latent_mean"]),
             latents_std=tuple(c["vae_latent_std"]),
-        ),  # fmt: skip
+        ),
         sampler=SamplerConfig(
             num_train_timesteps=sch["num_train_timesteps"],
             shift=sch["shift"],
             denoising_step_list=tuple(sch["denoising_step_list_config"]),
             warp_denoising_step=sch["warp_denoising_step"],
-        ),  # fmt: skip
+        ),
         height=der["pixel_h"],
         width=der["pixel_w"],
         chunk_frames=pipe["num_frame_per_block"],

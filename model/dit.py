@@ -107,12 +107,7 @@ class DiTBlock(nn.Module):
         )
 
     def forward(
-        self,
-        x: torch.Tensor,
-        e0: torch.Tensor,
-        pass_: Pass,
-        layer: int,
-        need_output: bool = True,
+        self, x: torch.Tensor, e0: torch.Tensor, pass_: Pass, layer: int, need_output: bool = True
     ) -> torch.Tensor:
         b, length, dim = x.shape
         n_frames = e0.shape[1]
@@ -210,8 +205,16 @@ class Pass:
     """
 
     __slots__ = (
-        "cos", "sin", "caption_index", "text_k", "text_v", "rows", "mask", "backend", "group_rows",
-    )  # fmt: skip
+        "cos",
+        "sin",
+        "caption_index",
+        "text_k",
+        "text_v",
+        "rows",
+        "mask",
+        "backend",
+        "group_rows",
+    )
 
     def __init__(
         self,

@@ -105,17 +105,20 @@ def load_model(
     if weights is None:
         if not cfg.random_weights_ok:
             raise WeightsError(
-                f"preset {cfg.name} needs real weights: pass --weights DIR "
-                "(fetch them with `shotstream download`)"
+                f"preset {cfg.name} needs real weights: pass --weights DIR (fetch them with `shotstream download`)"
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             dit = build_dit(cfg).to(device=dev, dtype=dt).eval().requires_grad_(False)
         vae = WanVAE.random(cfg, seed=seed + 1, device=dev, dtype=dt)
         text = TextEncoder.random(
-            cfg, seed=seed + 2, device=dev, dtype=dt, tokenizer=load_tokenizer(cfg.text),
+            cfg,
+            seed=seed + 2,
+            device=dev,
+            dtype=dt,
+            tokenizer=load_tokenizer(cfg.text),
             policy=prompt_overflow,
-        )  # fmt: skip
+        )
         source, real = f"random (seed {seed})", False
     else:
         from model.layout import load_weights, read_vocabulary
@@ -280,8 +283,12 @@ class ShotStreamGenerator:
         self.shot_texts.append(shot_text)
         self.shot, self.chunk, self._frames_in_shot = s, 0, 0
         if self.trace is not None:
-            self.trace[s] = {"context_indices": [p.index for p in picks], "context_latents": latents,
-                             "flags": flags, "prompt_embeds": prompt}  # fmt: skip
+            self.trace[s] = {
+                "context_indices": [p.index for p in picks],
+                "context_latents": latents,
+                "flags": flags,
+                "prompt_embeds": prompt,
+            }
         if m.device.type == "cuda":
             torch.cuda.current_stream(m.device).synchronize()
         return ShotStart(

@@ -316,9 +316,14 @@ def replay_dit_chain(g: Golden, dit: CausalDiT, schedule: FlowSchedule) -> Itera
         ins = prefill["inputs"]
         flags = g[ins["shot_flags"]].long()[None]
         latents = run_shot(
-            dit, schedule, g[ins["x"]], flags, g[ins["prompt_embeds"]][None],
-            g[f"shot{shot}.noise"], recorded_renoise(g, shot),
-        )  # fmt: skip
+            dit,
+            schedule,
+            g[ins["x"]],
+            flags,
+            g[ins["prompt_embeds"]][None],
+            g[f"shot{shot}.noise"],
+            recorded_renoise(g, shot),
+        )
         name = f"shot{shot}.latents"
         err = max_abs(latents, g[name])
         yield Check("latents (chain)", name, err, g.tolerance("latents (chain)", g.chain_tol))
@@ -503,9 +508,13 @@ def replay_loop(g: Golden) -> Iterator[Check]:
     script = g.meta["config"]["script"]
     trace: dict = {}
     gen = ShotStreamGenerator(
-        model, lease, script["global_caption"], noise=RecordedNoise(g),  # type: ignore[arg-type]
-        encode_captions=recorded_caption_encoder(g, text), trace=trace,
-    )  # fmt: skip
+        model,
+        lease,
+        script["global_caption"],
+        noise=RecordedNoise(g),  # type: ignore[arg-type]
+        encode_captions=recorded_caption_encoder(g, text),
+        trace=trace,
+    )
     try:
         for s in range(g.num_shots):
             start = gen.start_shot(script["shots"][s])

@@ -142,14 +142,21 @@ def fetch(source: HubSource, root: Path, token: str | None = None, recheck: bool
         ) from exc
     files = {f.filename: f.file_size for f in plan}
     short = [
-        n for n, size in files.items()
+        n
+        for n, size in files.items()
         if not (folder / n).is_file() or (size is not None and (folder / n).stat().st_size != size)
-    ]  # fmt: skip
+    ]
     if short:
-        raise DownloadError(f"{source.repo_id}: files missing or of the wrong size after download: {', '.join(short)}")  # fmt: skip
-    record = {"repo_id": source.repo_id, "patterns": list(source.patterns),
-              "commit": plan[0].commit_hash, "files": files,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        raise DownloadError(
+            f"{source.repo_id}: files missing or of the wrong size after download: {', '.join(short)}"
+        )
+    record = {
+        "repo_id": source.repo_id,
+        "patterns": list(source.patterns),
+        "commit": plan[0].commit_hash,
+        "files": files,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     (folder / RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return True
 
@@ -210,8 +217,9 @@ def report_weights(
     checks = check_weights(cfg, layout)
     for c in checks:
         tensors = f", {c.tensors} tensors" if c.tensors else ""
-        print(f"  {'ok' if c.ok else 'BAD':<4} {c.component:<12} {c.path} "
-              f"({human_bytes(c.nbytes)}{tensors})")  # fmt: skip
+        print(
+            f"  {'ok' if c.ok else 'BAD':<4} {c.component:<12} {c.path} ({human_bytes(c.nbytes)}{tensors})"
+        )
         if not c.ok:
             print(f"       {c.error}")
     bad = [c.component for c in checks if not c.ok]

@@ -81,8 +81,7 @@ def parse_script(obj: Any, where: str = "script") -> Script:
     numbers.sort()
     if unknown:
         problems.append(
-            f"unknown keys {', '.join(map(json.dumps, unknown))} "
-            '(expected "global_caption" and "shot1", "shot2", ...)'
+            f'unknown keys {", ".join(map(json.dumps, unknown))} (expected "global_caption" and "shot1", "shot2", ...)'
         )
     if not numbers:
         problems.append('no shots: add "shot1": "...", "shot2": "...", ...')
@@ -128,9 +127,14 @@ class MP4Writer:
     """
 
     def __init__(
-        self, path: str | Path, width: int, height: int, fps: int, crf: float = 18.0,
+        self,
+        path: str | Path,
+        width: int,
+        height: int,
+        fps: int,
+        crf: float = 18.0,
         preset: str = "veryfast",
-    ) -> None:  # fmt: skip
+    ) -> None:
         if width % 2 or height % 2:
             raise ValueError(f"yuv420p needs even sizes, got {width}x{height}")
         self.path = Path(path)
@@ -158,8 +162,7 @@ class MP4Writer:
         array = np.ascontiguousarray(frames.numpy() if hasattr(frames, "numpy") else frames)
         if array.dtype != np.uint8 or array.shape[1:] != (self.height, self.width, 3):
             raise ValueError(
-                f"frames must be uint8 (n, {self.height}, {self.width}, 3), "
-                f"got {array.dtype} {array.shape}"
+                f"frames must be uint8 (n, {self.height}, {self.width}, 3), got {array.dtype} {array.shape}"
             )
         for rgb in array:
             frame = self._reformatter.reformat(
@@ -235,15 +238,23 @@ def generate_video(
         gen = ShotStreamGenerator(model, lease, script.global_caption, seed=seed)
         n = len(script.shots)
         for i, text in enumerate(script.shots):
-            with tqdm(total=cfg.chunks_per_shot, desc=f"shot {i + 1}/{n}", unit="chunk",
-                      file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip
+            with tqdm(
+                total=cfg.chunks_per_shot,
+                desc=f"shot {i + 1}/{n}",
+                unit="chunk",
+                file=sys.stderr,
+                disable=not progress,
+                dynamic_ncols=True,
+            ) as bar:
                 start = gen.start_shot(text)
                 _add(report.verb_ms, start.timings)
                 if start.truncated_tokens:
                     report.truncated[i + 1] = start.truncated_tokens
                     cut = " (the shot's own text was cut)" if start.shot_text_cut else ""
-                    _note(f"shot{i + 1}: caption over {cfg.text.text_len} tokens, "
-                          f"{start.truncated_tokens} dropped{cut}", progress)  # fmt: skip
+                    _note(
+                        f"shot{i + 1}: caption over {cfg.text.text_len} tokens, {start.truncated_tokens} dropped{cut}",
+                        progress,
+                    )
                 report.shots += 1
                 for _ in range(cfg.chunks_per_shot):
                     chunk = gen.next_chunk()
@@ -321,8 +332,7 @@ def run_generate(args: Any) -> int:
                 raise WeightsError("; ".join(str(c.error) for c in bad))
         elif not cfg.random_weights_ok:
             raise WeightsError(
-                f"preset {cfg.name} needs real weights: pass --weights DIR "
-                "(fetch them with `shotstream download`)"
+                f"preset {cfg.name} needs real weights: pass --weights DIR (fetch them with `shotstream download`)"
             )
     except WeightsError as exc:
         return fail(str(exc))
@@ -346,9 +356,14 @@ def run_generate(args: Any) -> int:
     t0 = time.perf_counter()
     try:
         model = load_model(
-            cfg, weights=weights, device=args.device, dtype=args.dtype,
-            attention=args.attention, seed=args.seed, prompt_overflow=args.prompt_overflow,
-        )  # fmt: skip
+            cfg,
+            weights=weights,
+            device=args.device,
+            dtype=args.dtype,
+            attention=args.attention,
+            seed=args.seed,
+            prompt_overflow=args.prompt_overflow,
+        )
     except (WeightsError, RuntimeError, ValueError) as exc:
         return fail(f"loading the model failed: {exc}")
     print(

@@ -98,9 +98,15 @@ def batched_chunk_pass(dit: CausalDiT, rows: Sequence[ChunkRow]) -> Pass:
     captions = torch.zeros(len(rows), f, dtype=torch.long, device=device)
     caches = [(r.kv, *r.kv.layout.chunk_range(r.chunk_index)) for r in rows]
     return Pass(
-        cos, sin, captions, text_k, text_v, rows=caches, backend=dit.attn_backend,
+        cos,
+        sin,
+        captions,
+        text_k,
+        text_v,
+        rows=caches,
+        backend=dit.attn_backend,
         group_rows=dit.group_rows,
-    )  # fmt: skip
+    )
 
 
 def denoise_chunk(

@@ -69,9 +69,7 @@ def strip_prefix(
 
 
 def check_state_dict(
-    expected: Mapping[str, torch.Size | tuple[int, ...]],
-    got: Mapping[str, torch.Tensor],
-    what: str,
+    expected: Mapping[str, torch.Size | tuple[int, ...]], got: Mapping[str, torch.Tensor], what: str
 ) -> None:
     """Raise a WeightsError naming every missing, unexpected and mis-shaped key."""
     missing = sorted(set(expected) - set(got))

@@ -109,9 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         "past tolerance.",
     )
     p.add_argument(
-        "--golden", action="extend", nargs="+", required=True, metavar="FILE",
+        "--golden",
+        action="extend",
+        nargs="+",
+        required=True,
+        metavar="FILE",
         help="golden .safetensors files (each with its .json sidecar beside it); repeatable",
-    )  # fmt: skip
+    )
     p.set_defaults(func=cmd_selftest)
 
     p = sub.add_parser(
@@ -125,21 +129,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--script", required=True, metavar="FILE.json", help="the shot script (JSON)")
     p.add_argument("--out", required=True, metavar="VIDEO.mp4", help="the MP4 file to write")
-    p.add_argument("--preset", default=None,
-                   help="model preset (default: wan2.1-1.3b with --weights, demo without)")  # fmt: skip
-    p.add_argument("--weights", default=None, metavar="DIR",
-                   help="weights folder (see `shotstream download`); none = the preset's bundled "
-                   "weights (demo) or random ones (tiny)")  # fmt: skip
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="model preset (default: wan2.1-1.3b with --weights, demo without)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="DIR",
+        help="weights folder (see `shotstream download`); none = the preset's bundled "
+        "weights (demo) or random ones (tiny)",
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed (and random weights' seed)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cuda, cuda:N or cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
     p.add_argument("--attention", default="auto", help="attention backend: auto, sdpa or xformers")
-    p.add_argument("--chunks-per-shot", type=_positive_int, default=None, metavar="N",
-                   help="chunks per shot (default: the preset's, 7 = 81 frames)")  # fmt: skip
-    p.add_argument("--prompt-overflow", default="truncate", choices=["truncate", "reject", "fit"],
-                   help="captions over the text length: cut the end (as the original), "
-                   "refuse, or shorten the global caption first")  # fmt: skip
+    p.add_argument(
+        "--chunks-per-shot",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="chunks per shot (default: the preset's, 7 = 81 frames)",
+    )
+    p.add_argument(
+        "--prompt-overflow",
+        default="truncate",
+        choices=["truncate", "reject", "fit"],
+        help="captions over the text length: cut the end (as the original), "
+        "refuse, or shorten the global caption first",
+    )
     p.add_argument("--crf", type=float, default=18.0, help="H.264 quality (0-51, lower is better)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -153,15 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
         "Interrupted downloads resume; completed repos are skipped.",
     )
     p.add_argument("--dir", default="weights", help="weights folder to fill (default: ./weights)")
-    p.add_argument("--layout", default="original", choices=["original", "diffusers"],
-                   help="original: Wan-AI/Wan2.1-T2V-1.3B files, ~12 GB (bf16 text encoder); "
-                   "diffusers: Wan-AI/Wan2.1-T2V-1.3B-Diffusers, ~23 GB (fp32 text encoder)")  # fmt: skip
+    p.add_argument(
+        "--layout",
+        default="original",
+        choices=["original", "diffusers"],
+        help="original: Wan-AI/Wan2.1-T2V-1.3B files, ~12 GB (bf16 text encoder); "
+        "diffusers: Wan-AI/Wan2.1-T2V-1.3B-Diffusers, ~23 GB (fp32 text encoder)",
+    )
     p.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or login)")
-    p.add_argument("--recheck", action="store_true",
-                   help="ask the hub again even for repos recorded as complete")  # fmt: skip
+    p.add_argument(
+        "--recheck",
+        action="store_true",
+        help="ask the hub again even for repos recorded as complete",
+    )
     p.add_argument("--preset", default="wan2.1-1.3b", help="preset to check the folder for")
-    p.add_argument("--skip-check", action="store_true",
-                   help="only locate the files afterwards; do not read their headers")  # fmt: skip
+    p.add_argument(
+        "--skip-check",
+        action="store_true",
+        help="only locate the files afterwards; do not read their headers",
+    )
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser(
@@ -175,8 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="wan2.1-1.3b", help="preset the weights are for")
     p.add_argument("--load", action="store_true", help="also load every component strictly")
     p.add_argument("--device", default="cpu", help="device for --load (default cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="dtype for --load (auto: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="dtype for --load (auto: bfloat16 on CUDA, float32 on CPU)",
+    )
     p.set_defaults(func=cmd_check_weights)
 
     p = sub.add_parser(
@@ -187,42 +225,94 @@ def build_parser() -> argparse.ArgumentParser:
         "then whole shots at every level; checkpoints go to --work, the weights to --out. "
         "Seeded: the same seed and step counts give the same batches, resumed or not.",
     )
-    p.add_argument("--work", default="artifacts/demo-train", metavar="DIR",
-                   help="checkpoints and logs (default: artifacts/demo-train)")  # fmt: skip
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="weights folder to write (default: WORK/export; the shipped "
-                   "weights live in model/demo_weights)")  # fmt: skip
+    p.add_argument(
+        "--work",
+        default="artifacts/demo-train",
+        metavar="DIR",
+        help="checkpoints and logs (default: artifacts/demo-train)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="weights folder to write (default: WORK/export; the shipped weights live in model/demo_weights)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of data, noise and initial weights")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
-    p.add_argument("--recipe", choices=["quick", "full"], default="quick",
-                   help="quick: under an hour on 2 CPU cores (57 minutes measured); full: the "
-                   "shipped weights' recipe, longer phases and better adherence (164 minutes)")  # fmt: skip
-    p.add_argument("--vae-steps", type=int, default=None, metavar="N",
-                   help="VAE optimiser steps (default 1000, both recipes)")  # fmt: skip
-    p.add_argument("--dit-steps", type=int, default=None, metavar="N",
-                   help="steps of the teacher-forced DiT phase over every level and chunk "
-                   "(default 0: quick starts with the placement phase; full 1000)")  # fmt: skip
+    p.add_argument(
+        "--recipe",
+        choices=["quick", "full"],
+        default="quick",
+        help="quick: under an hour on 2 CPU cores (57 minutes measured); full: the "
+        "shipped weights' recipe, longer phases and better adherence (164 minutes)",
+    )
+    p.add_argument(
+        "--vae-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="VAE optimiser steps (default 1000, both recipes)",
+    )
+    p.add_argument(
+        "--dit-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the teacher-forced DiT phase over every level and chunk "
+        "(default 0: quick starts with the placement phase; full 1000)",
+    )
     p.add_argument("--dit-batch", type=int, default=None, metavar="N", help="DiT shots per step")
-    p.add_argument("--dit-unroll", type=float, default=None, metavar="P",
-                   help="chance a later sampler level is noised from the model's own x0 of the "
-                   "level before (default 0)")  # fmt: skip
-    p.add_argument("--start-steps", type=int, default=None, metavar="N",
-                   help="steps of the phase that teaches a shot's first chunk to place the "
-                   "object where its noise says (default 800; full 1500)")  # fmt: skip
-    p.add_argument("--follow-steps", type=int, default=None, metavar="N",
-                   help="steps of the phase that keeps that object through the sampler's "
-                   "later steps and later chunks (default 0; full 800)")  # fmt: skip
-    p.add_argument("--polish-steps", type=int, default=None, metavar="N",
-                   help="steps of the phase that repeats the one before with the object's "
-                   "pixels weighted up (default 900; full 1500)")  # fmt: skip
-    p.add_argument("--carry-steps", type=int, default=None, metavar="N",
-                   help="steps of the last phase, the one before on longer stories with more "
-                   "colour changes (default 450; full 1000)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads of the DiT phases (default 1: they prefetch "
-                   "batches on another core)")  # fmt: skip
-    p.add_argument("--vae-threads", type=int, default=0,
-                   help="torch CPU threads of the VAE phase, which runs alone (0 = every core)")  # fmt: skip
+    p.add_argument(
+        "--dit-unroll",
+        type=float,
+        default=None,
+        metavar="P",
+        help="chance a later sampler level is noised from the model's own x0 of the level before (default 0)",
+    )
+    p.add_argument(
+        "--start-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the phase that teaches a shot's first chunk to place the "
+        "object where its noise says (default 800; full 1500)",
+    )
+    p.add_argument(
+        "--follow-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the phase that keeps that object through the sampler's "
+        "later steps and later chunks (default 0; full 800)",
+    )
+    p.add_argument(
+        "--polish-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the phase that repeats the one before with the object's "
+        "pixels weighted up (default 900; full 1500)",
+    )
+    p.add_argument(
+        "--carry-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the last phase, the one before on longer stories with more "
+        "colour changes (default 450; full 1000)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads of the DiT phases (default 1: they prefetch batches on another core)",
+    )
+    p.add_argument(
+        "--vae-threads",
+        type=int,
+        default=0,
+        help="torch CPU threads of the VAE phase, which runs alone (0 = every core)",
+    )
     p.set_defaults(func=cmd_train_demo)
 
     p = sub.add_parser(
@@ -233,12 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
         "shape and motion adherence, consistency across cuts, and the first chunk after "
         "a switch.",
     )
-    p.add_argument("--weights", default=None, metavar="DIR",
-                   help="weights folder (default: the bundled demo weights)")  # fmt: skip
-    p.add_argument("--random-weights", action="store_true",
-                   help="the baseline: the demo preset with random weights (at chance)")  # fmt: skip
-    p.add_argument("--stories", type=_positive_int, default=None, metavar="N",
-                   help="evaluate the first N held-out stories (default: all)")  # fmt: skip
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="DIR",
+        help="weights folder (default: the bundled demo weights)",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="the baseline: the demo preset with random weights (at chance)",
+    )
+    p.add_argument(
+        "--stories",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate the first N held-out stories (default: all)",
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed of the stories")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")

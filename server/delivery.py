@@ -218,8 +218,9 @@ class Outbox:
             return first
         return max(self.last_delivered_seq + 1, self.seq_floor)
 
-    def withdraw(self, seqs: set[int], tail: MediaItem | None, tail_frames: int,
-                 fps: int) -> tuple[list[int], float]:  # fmt: skip
+    def withdraw(
+        self, seqs: set[int], tail: MediaItem | None, tail_frames: int, fps: int
+    ) -> tuple[list[int], float]:
         """A cut withdrew chunks `seqs` and the last `tail_frames` of `tail`: drop them from
         the lane (unsent) and from the sent ones (uncounting them: the client will not play
         them). Returns the sent seqs withdrawn and the seconds of sent video withdrawn."""
@@ -297,27 +298,38 @@ class Packager:
             if work.starts_shot:
                 report = result.new_shot or shot.report
                 shot_msg = P.ShotMessage(
-                    shot_id=shot.shot_id, shot=result.shot, prompt=shot.text, starts_at_seq=seq,
+                    shot_id=shot.shot_id,
+                    shot=result.shot,
+                    prompt=shot.text,
+                    starts_at_seq=seq,
                     truncated_tokens=report.truncated_tokens,
-                )  # fmt: skip
+                )
                 s.outbox.media.append(
                     MediaItem(shot_msg.model_dump(mode="json"), seq=seq, ready=now)
                 )
             t = result.timings
             msg = P.ChunkMessage(
-                seq=seq, shot=result.shot, shot_id=shot.shot_id,
-                first_frame=seg.first_frame, frames=seg.frames, pts=seg.pts, duration=seg.duration,
+                seq=seq,
+                shot=result.shot,
+                shot_id=shot.shot_id,
+                first_frame=seg.first_frame,
+                frames=seg.frames,
+                pts=seg.pts,
+                duration=seg.duration,
                 bytes=len(seg.data),
                 timings=P.ChunkTimings(
-                    denoise_ms=t.get("denoise_ms", 0.0), refresh_ms=t.get("refresh_ms", 0.0),
-                    decode_ms=t.get("decode_ms", 0.0), encode_ms=encode_s * 1e3,
+                    denoise_ms=t.get("denoise_ms", 0.0),
+                    refresh_ms=t.get("refresh_ms", 0.0),
+                    decode_ms=t.get("decode_ms", 0.0),
+                    encode_ms=encode_s * 1e3,
                 ),
-            )  # fmt: skip
+            )
             shows = shot if work.starts_shot and not shot.auto else None
             s.outbox.media.append(
-                MediaItem(msg.model_dump(mode="json"), seg.data, seq, seg.frames, seg.duration,
-                          now, shows)
-            )  # fmt: skip
+                MediaItem(
+                    msg.model_dump(mode="json"), seg.data, seq, seg.frames, seg.duration, now, shows
+                )
+            )
             if s.conn is not None:
                 s.conn.wake.set()
             return True

@@ -172,26 +172,57 @@ class Engine:
         active = m.active
         pool = self.runner.pool
         out = [
-            gauge("shotstream_active_sessions", "Sessions with a connected stream.",
-                  sum(1 for s in active if s.conn is not None)),
-            gauge("shotstream_waiting_sessions", "Sessions alive with no stream connected.",
-                  sum(1 for s in active if s.conn is None)),
-            gauge("shotstream_realtime_factor", "Video seconds produced per wall second (30 s window).",
-                  self.realtime_factor()),
-            gauge("shotstream_chunk_cost_seconds", "Worker time per chunk (moving average).", self.chunk_cost),
-            gauge("shotstream_capacity_sessions", "Sessions this replica can keep real time.",
-                  self.capacity() if m.ready else 0),
-            gauge("shotstream_free_slots", "Real-time session slots free for new sessions.",
-                  self.free_slots()),
-            gauge("shotstream_cache_bytes", "Per-session device state in use, by kind.",
-                  labels={k: float(v) for k, v in pool.breakdown().items()}),
-            gauge("shotstream_pool_bytes", "All per-session device state in use.", pool.bytes_in_use),
-            gauge("shotstream_outbox_bytes",
-                  "Video segments held for streams: queued, and kept for resumes (ended sessions included).",
-                  sum(x.outbox.bytes_held for x in (*m.sessions.values(), *m.ended.values()))),
-        ]  # fmt: skip
+            gauge(
+                "shotstream_active_sessions",
+                "Sessions with a connected stream.",
+                sum(1 for s in active if s.conn is not None),
+            ),
+            gauge(
+                "shotstream_waiting_sessions",
+                "Sessions alive with no stream connected.",
+                sum(1 for s in active if s.conn is None),
+            ),
+            gauge(
+                "shotstream_realtime_factor",
+                "Video seconds produced per wall second (30 s window).",
+                self.realtime_factor(),
+            ),
+            gauge(
+                "shotstream_chunk_cost_seconds",
+                "Worker time per chunk (moving average).",
+                self.chunk_cost,
+            ),
+            gauge(
+                "shotstream_capacity_sessions",
+                "Sessions this replica can keep real time.",
+                self.capacity() if m.ready else 0,
+            ),
+            gauge(
+                "shotstream_free_slots",
+                "Real-time session slots free for new sessions.",
+                self.free_slots(),
+            ),
+            gauge(
+                "shotstream_cache_bytes",
+                "Per-session device state in use, by kind.",
+                labels={k: float(v) for k, v in pool.breakdown().items()},
+            ),
+            gauge(
+                "shotstream_pool_bytes", "All per-session device state in use.", pool.bytes_in_use
+            ),
+            gauge(
+                "shotstream_outbox_bytes",
+                "Video segments held for streams: queued, and kept for resumes (ended sessions included).",
+                sum(x.outbox.bytes_held for x in (*m.sessions.values(), *m.ended.values())),
+            ),
+        ]
         mem = self.runner.memory_stats()
         if mem:
-            out.append(gauge("shotstream_gpu_memory_bytes", "CUDA memory of this process.",
-                             labels={k: float(v) for k, v in mem.items()}))  # fmt: skip
+            out.append(
+                gauge(
+                    "shotstream_gpu_memory_bytes",
+                    "CUDA memory of this process.",
+                    labels={k: float(v) for k, v in mem.items()},
+                )
+            )
         return out

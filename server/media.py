@@ -399,8 +399,7 @@ class H264Encoder:
             # No B-frames means decode order == display order; anything else would need
             # composition offsets this packager does not write.
             raise RuntimeError(
-                f"unexpected packet timing pts={packet.pts} dts={packet.dts}, "
-                f"expected {expected_pts}"
+                f"unexpected packet timing pts={packet.pts} dts={packet.dts}, expected {expected_pts}"
             )
         nals = split_annexb(bytes(packet))
         data = b"".join(struct.pack(">I", len(n)) + n for n in nals)

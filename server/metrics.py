@@ -67,10 +67,20 @@ REFUSE_REASONS = ("capacity", "quota", "draining", "not_ready")
 END_REASONS = ("deleted", "stopped", "idle", "expired", "failed", "draining", "shutdown")
 ERROR_KINDS = ("step", "oom", "encode", "engine", "slow_reader", "flood") + tuple(
     "client_" + code  # bad client input (protocol.ErrorCode), counted per message
-    for code in ("bad_json", "bad_message", "unknown_type", "message_too_large",
-                 "binary_not_allowed", "prompt_too_long", "prompt_too_many_tokens",
-                 "too_many_shots", "invalid_state", "rate_limited", "bad_playhead")
-)  # fmt: skip
+    for code in (
+        "bad_json",
+        "bad_message",
+        "unknown_type",
+        "message_too_large",
+        "binary_not_allowed",
+        "prompt_too_long",
+        "prompt_too_many_tokens",
+        "too_many_shots",
+        "invalid_state",
+        "rate_limited",
+        "bad_playhead",
+    )
+)
 DROP_REASONS = ("superseded", "session")  # a later cut; the session ended
 CONNECTION_CLOSE_REASONS = ("request_timeout", "over_limit")  # server/connections.py
 
@@ -83,35 +93,43 @@ class Metrics:
         self.ttff = Histogram(
             "shotstream_time_to_first_frame_seconds",
             "Stream connection to the first chunk sent on it.",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inter_chunk_gap = Histogram(
             "shotstream_inter_chunk_gap_seconds",
             "Time between consecutive chunks sent to one stream.",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_to_visible = Histogram(
             "shotstream_prompt_to_visible_seconds",
             "A prompt received to the first chunk of its shot sent.",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.verb_duration = Histogram(
             "shotstream_verb_duration_seconds",
             "Duration of one hot-path verb for one chunk or shot boundary.",
-            ["verb"], buckets=VERB_BUCKETS, registry=r,
-        )  # fmt: skip
+            ["verb"],
+            buckets=VERB_BUCKETS,
+            registry=r,
+        )
         self.ws_send = Histogram(
             "shotstream_ws_send_seconds",
             "Time to send one chunk (message and media segment) on a WebSocket.",
-            buckets=SEND_BUCKETS, registry=r,
-        )  # fmt: skip
+            buckets=SEND_BUCKETS,
+            registry=r,
+        )
         self.sessions_created = Counter(
             "shotstream_sessions_created_total", "Sessions created.", registry=r
         )
         self.sessions_refused = Counter(
-            "shotstream_sessions_refused_total", "Session creations refused, by reason.",
-            ["reason"], registry=r,
-        )  # fmt: skip
+            "shotstream_sessions_refused_total",
+            "Session creations refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.sessions_ended = Counter(
             "shotstream_sessions_ended_total", "Sessions ended, by reason.", ["reason"], registry=r
         )
@@ -127,8 +145,9 @@ class Metrics:
         )
         self.deadline_misses = Counter(
             "shotstream_deadline_misses_total",
-            "Chunks sent after the client's player would have run dry.", registry=r,
-        )  # fmt: skip
+            "Chunks sent after the client's player would have run dry.",
+            registry=r,
+        )
         self.prompts_received = Counter(
             "shotstream_prompts_received_total",
             "Shot prompts accepted (at creation or mid-stream).",
@@ -140,9 +159,11 @@ class Metrics:
             registry=r,
         )
         self.prompts_dropped = Counter(
-            "shotstream_prompts_dropped_total", "Accepted prompts that never became a shot, by reason.",
-            ["reason"], registry=r,
-        )  # fmt: skip
+            "shotstream_prompts_dropped_total",
+            "Accepted prompts that never became a shot, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.chunks_withdrawn = Counter(
             "shotstream_chunks_withdrawn_total",
             "Chunks withdrawn by instant cuts before they were played (sent or not).",
@@ -157,8 +178,9 @@ class Metrics:
         self.connections_closed = Counter(
             "shotstream_connections_closed_total",
             "HTTP connections the server closed before a complete request, by reason.",
-            ["reason"], registry=r,
-        )  # fmt: skip
+            ["reason"],
+            registry=r,
+        )
         for labelled, values in (
             (self.verb_duration, VERBS),
             (self.sessions_refused, REFUSE_REASONS),
@@ -197,8 +219,13 @@ class _Sampled:
         return []
 
 
-def gauge(name: str, doc: str, value: float | None = None, labels: dict[str, float] | None = None,
-          label: str = "kind") -> GaugeMetricFamily:  # fmt: skip
+def gauge(
+    name: str,
+    doc: str,
+    value: float | None = None,
+    labels: dict[str, float] | None = None,
+    label: str = "kind",
+) -> GaugeMetricFamily:
     """A gauge family with one value, or one value per label."""
     if labels is None:
         return GaugeMetricFamily(name, doc, value=value or 0.0)

@@ -286,10 +286,11 @@ class HelloMessage(_Schema):
     height: int
     fps: int
     next_seq: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="seq of the first chunk this connection carries; on a resume, chunks "
         "between the client's last one and this were not kept (or were withdrawn)",
-    )  # fmt: skip
+    )
     features: list[str] = Field(
         default_factory=list,
         description="optional protocol features enabled on this connection (asked for with "
@@ -394,9 +395,10 @@ class PongMessage(_Schema):
 
 class _ClientMessage(_Schema):
     ref: str | None = Field(
-        default=None, max_length=64,
+        default=None,
+        max_length=64,
         description="client correlation id, echoed in the `prompt_ack` or `error` answering it",
-    )  # fmt: skip
+    )
 
 
 class PromptMessage(_ClientMessage):
@@ -467,14 +469,7 @@ SERVER_MESSAGE_TYPES: dict[str, type[BaseModel]] = {
 }
 CLIENT_MESSAGE_TYPES: dict[str, type[BaseModel]] = {
     m.model_fields["type"].default: m
-    for m in (
-        PromptMessage,
-        PauseMessage,
-        ResumeMessage,
-        StopMessage,
-        PingMessage,
-        PlayheadMessage,
-    )  # fmt: skip
+    for m in (PromptMessage, PauseMessage, ResumeMessage, StopMessage, PingMessage, PlayheadMessage)
 }
 
 server_message_adapter: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)

@@ -92,8 +92,18 @@ class ModelRunner:
         self._executor.submit(self._refresh_device_facts).result()
 
     @classmethod
-    def load(cls, cfg: ModelConfig, weights: str | None, device: str, dtype: str, attention: str,
-             seed: int, prompt_overflow: str, threads: int, compile_mode: str = "off") -> ModelRunner:  # fmt: skip
+    def load(
+        cls,
+        cfg: ModelConfig,
+        weights: str | None,
+        device: str,
+        dtype: str,
+        attention: str,
+        seed: int,
+        prompt_overflow: str,
+        threads: int,
+        compile_mode: str = "off",
+    ) -> ModelRunner:
         model = load_model(cfg, weights, device, dtype, attention, seed, prompt_overflow)
         return cls(model, threads, compile_mode)
 
@@ -243,10 +253,15 @@ class ModelRunner:
         self._raise_injected(sid)
         out = gen.next_chunk()
         return StepResult(
-            frames=out.frames.numpy(), shot=out.shot, chunk=out.chunk,
-            last_in_shot=out.last_in_shot, timings=out.timings,
-            worker_s=time.perf_counter() - t0, new_shot=report, shot_timings=shot_timings,
-        )  # fmt: skip
+            frames=out.frames.numpy(),
+            shot=out.shot,
+            chunk=out.chunk,
+            last_in_shot=out.last_in_shot,
+            timings=out.timings,
+            worker_s=time.perf_counter() - t0,
+            new_shot=report,
+            shot_timings=shot_timings,
+        )
 
     def _step_batch(self, sids: list[str]) -> list[StepResult]:
         t0 = time.perf_counter()
@@ -266,7 +281,7 @@ class ModelRunner:
                 last_in_shot=o.last_in_shot,
                 timings=o.timings,
                 worker_s=per,
-            )  # fmt: skip
+            )
             for o in outs
         ]
 

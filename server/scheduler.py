@@ -309,8 +309,14 @@ class Scheduler:
             if s.queue:
                 start = s.queue.popleft()
             elif s.current is not None and self.settings.on_shot_end == "continue":
-                start = Prompt(s.next_shot_id, s.current.text, "queue", time.monotonic(),
-                               s.current.report, auto=True)  # fmt: skip
+                start = Prompt(
+                    s.next_shot_id,
+                    s.current.text,
+                    "queue",
+                    time.monotonic(),
+                    s.current.report,
+                    auto=True,
+                )
                 s.next_shot_id += 1
             else:
                 s.state = "paused"
@@ -335,8 +341,9 @@ class Scheduler:
         plan.moved += [(s, p) for p in assign_starts(s, per_shot)]
         assert s.current is not None
         init = None if s.opened else (s.global_prompt, s.seed)
-        return ChunkWork(s, seq, s.current, start is not None, init, record.first_frame,
-                         frames, truncate_to)  # fmt: skip
+        return ChunkWork(
+            s, seq, s.current, start is not None, init, record.first_frame, frames, truncate_to
+        )
 
     def _withdraw(self, s: Session, cut: Prompt, now: float) -> Withdrawal | None:
         """Where a cut lands for a viewer that takes instant cuts: the current shot's video

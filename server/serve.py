@@ -74,8 +74,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ann = field.annotation
         args = typing.get_args(ann)
         if ann is bool:
-            p.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction,
-                           help=field.description)  # fmt: skip
+            p.add_argument(
+                flag,
+                dest=name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=field.description,
+            )
         elif typing.get_origin(ann) is list:
             p.add_argument(flag, dest=name, default=None, action="append", help=field.description)
         else:
@@ -105,22 +110,39 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     state = app.state.shotstream
     max_connections = connection_limit(settings.max_connections)
-    http = guarded_http(settings.http_request_timeout_s, max_connections,
-                        lambda reason: state.metrics.connections_closed.labels(reason).inc())  # fmt: skip
+    http = guarded_http(
+        settings.http_request_timeout_s,
+        max_connections,
+        lambda reason: state.metrics.connections_closed.labels(reason).inc(),
+    )
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, http=http,
-        log_level=uvicorn_log_level(settings.log_level), ws_max_size=max(1 << 20, 4 * settings.max_ws_message_bytes),
-        ws_ping_interval=settings.ws_ping_interval_s, ws_ping_timeout=settings.ws_ping_timeout_s,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        http=http,
+        log_level=uvicorn_log_level(settings.log_level),
+        ws_max_size=max(1 << 20, 4 * settings.max_ws_message_bytes),
+        ws_ping_interval=settings.ws_ping_interval_s,
+        ws_ping_timeout=settings.ws_ping_timeout_s,
         timeout_graceful_shutdown=2,  # after the drain: what is left is keep-alive sockets
-        proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None,
-    )  # fmt: skip
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies or None,
+    )
     server = DrainingServer(config, state)
     host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
     url = f"http://{host}:{settings.port}/"
-    log.info(f"ShotStream server ({settings.preset} preset) at {url} — open it in a browser; "
-             "API docs at /docs", extra={"url": url})  # fmt: skip
-    log.info("connection limit", extra={"max_connections": max_connections,
-                                        "http_request_timeout_s": settings.http_request_timeout_s})  # fmt: skip
+    log.info(
+        f"ShotStream server ({settings.preset} preset) at {url} — open it in a browser; API docs at /docs",
+        extra={"url": url},
+    )
+    log.info(
+        "connection limit",
+        extra={
+            "max_connections": max_connections,
+            "http_request_timeout_s": settings.http_request_timeout_s,
+        },
+    )
     if settings.weights is None and not get_preset(settings.preset).bundled_weights:
         log.warning(f"no --weights given: the {settings.preset} preset runs with RANDOM weights")
     sockets = None

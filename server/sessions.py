@@ -79,8 +79,17 @@ class TokenBucket:
 class Session:
     """One session: its prompts and shots (planned by the scheduler), its stream and outbox."""
 
-    def __init__(self, sid: str, token: str, client: str, prompt: str, seed: int, mode: str,
-                 settings: Settings, encoder: H264Encoder) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sid: str,
+        token: str,
+        client: str,
+        prompt: str,
+        seed: int,
+        mode: str,
+        settings: Settings,
+        encoder: H264Encoder,
+    ) -> None:
         self.id, self.token, self.client = sid, token, client
         self.global_prompt, self.seed, self.mode = prompt, seed, mode
         self.encoder = encoder
@@ -132,8 +141,14 @@ class Session:
 class SessionManager:
     """Creates, finds, feeds and ends sessions; owns admission and their connections."""
 
-    def __init__(self, settings: Settings, runner: ModelRunner, metrics: Metrics,
-                 encode_pool=None, text_pool=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        runner: ModelRunner,
+        metrics: Metrics,
+        encode_pool=None,
+        text_pool=None,
+    ) -> None:
         self.settings, self.runner, self.metrics = settings, runner, metrics
         self.text_pool = text_pool  # caption cleaning and tokenizing, off the event loop
         self.cfg = runner.cfg
@@ -176,25 +191,30 @@ class SessionManager:
         if self.draining or not self.ready:
             reason = "draining" if self.draining else "not_ready"
             self.metrics.sessions_refused.labels(reason).inc()
-            raise Refused(503, P.ErrorCode.DRAINING if self.draining else P.ErrorCode.OVER_CAPACITY,
-                          f"server is {'draining' if self.draining else 'warming up'}; try another replica or later",
-                          retry_after=5)  # fmt: skip
+            raise Refused(
+                503,
+                P.ErrorCode.DRAINING if self.draining else P.ErrorCode.OVER_CAPACITY,
+                f"server is {'draining' if self.draining else 'warming up'}; try another replica or later",
+                retry_after=5,
+            )
         mine = sum(1 for s in self.active if s.client == client)
         if mine >= self.settings.max_sessions_per_client:
             self.metrics.sessions_refused.labels("quota").inc()
             raise Refused(
-                429, P.ErrorCode.RATE_LIMITED,
+                429,
+                P.ErrorCode.RATE_LIMITED,
                 f"{mine} sessions open for this client; the limit is {self.settings.max_sessions_per_client}",
                 retry_after=self.retry_after(),
-            )  # fmt: skip
+            )
         cap = self.capacity()
         if len(self.active) >= cap:
             self.metrics.sessions_refused.labels("capacity").inc()
             raise Refused(
-                503, P.ErrorCode.OVER_CAPACITY,
+                503,
+                P.ErrorCode.OVER_CAPACITY,
                 f"all {cap} real-time session slots are in use",
                 retry_after=self.retry_after(),
-            )  # fmt: skip
+            )
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely free: the soonest idle expiry, else a few chunks."""
@@ -216,8 +236,16 @@ class SessionManager:
             raise Refused(503, P.ErrorCode.DRAINING, "server is draining", retry_after=5)
         sid = f"{self.settings.replica_id}.{secrets.token_hex(12)}"
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        s = Session(sid, secrets.token_urlsafe(32), client, req.prompt, seed, req.mode,
-                    self.settings, new_encoder(self.cfg))  # fmt: skip
+        s = Session(
+            sid,
+            secrets.token_urlsafe(32),
+            client,
+            req.prompt,
+            seed,
+            req.mode,
+            self.settings,
+            new_encoder(self.cfg),
+        )
         now = time.monotonic()
         for text, report in zip(shots, reports, strict=True):
             p = Prompt(s.next_shot_id, text, "queue", now, report)
@@ -228,8 +256,10 @@ class SessionManager:
         self._arm_timer(s)
         self.metrics.sessions_created.inc()
         self.metrics.prompts_received.inc(len(shots))  # so received >= applied + dropped
-        log.info("session created", extra={"session_id": sid, "client": client, "seed": seed,
-                                           "shots": len(shots)})  # fmt: skip
+        log.info(
+            "session created",
+            extra={"session_id": sid, "client": client, "seed": seed, "shots": len(shots)},
+        )
         self._wake_engine()
         return s, sum(r.truncated_tokens for r in reports)
 
@@ -258,13 +288,20 @@ class SessionManager:
             raise Refused(409, P.ErrorCode.INVALID_STATE, f"session is {s.state}")
         P.validate_prompt(P.PromptRequest(prompt=text), self.limits)
         if not s.prompt_bucket.take():
-            raise Refused(429, P.ErrorCode.RATE_LIMITED,
-                          f"more than {self.settings.prompt_rate:g} prompts per second", retry_after=1)  # fmt: skip
+            raise Refused(
+                429,
+                P.ErrorCode.RATE_LIMITED,
+                f"more than {self.settings.prompt_rate:g} prompts per second",
+                retry_after=1,
+            )
         mode = mode or s.mode
         if mode == "queue" and len(s.queue) >= self.settings.max_queued_prompts:
-            raise Refused(429, P.ErrorCode.RATE_LIMITED,
-                          f"{len(s.queue)} prompts queued; the limit is {self.settings.max_queued_prompts}",
-                          retry_after=self.cfg.chunk_seconds)  # fmt: skip
+            raise Refused(
+                429,
+                P.ErrorCode.RATE_LIMITED,
+                f"{len(s.queue)} prompts queued; the limit is {self.settings.max_queued_prompts}",
+                retry_after=self.cfg.chunk_seconds,
+            )
         expected_shot = s.shot_index + 1 + (len(s.queue) if mode == "queue" else 0)
         (report,) = await self._check_captions(s.global_prompt, [(max(expected_shot, 0), text)])
         if not s.alive:  # ended while its caption was checked
@@ -279,9 +316,16 @@ class SessionManager:
         else:
             s.queue.append(p)
         self._replan(s, acked=p)
-        log.info("prompt accepted", extra={"session_id": s.id, "shot_id": p.shot_id, "mode": mode,
-                                           "starts_at_seq": p.starts_at_seq,
-                                           **({"prompt": text} if self.settings.log_prompts else {})})  # fmt: skip
+        log.info(
+            "prompt accepted",
+            extra={
+                "session_id": s.id,
+                "shot_id": p.shot_id,
+                "mode": mode,
+                "starts_at_seq": p.starts_at_seq,
+                **({"prompt": text} if self.settings.log_prompts else {}),
+            },
+        )
         self._wake_engine()
         return p
 
@@ -292,8 +336,15 @@ class SessionManager:
                 self._ack(s, p)
 
     def _ack(self, s: Session, p: Prompt, ref: str | None = None) -> None:
-        self.send_control(s, P.PromptAckMessage(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
-                                                truncated_tokens=p.report.truncated_tokens, ref=ref))  # fmt: skip
+        self.send_control(
+            s,
+            P.PromptAckMessage(
+                shot_id=p.shot_id,
+                starts_at_seq=p.starts_at_seq,
+                truncated_tokens=p.report.truncated_tokens,
+                ref=ref,
+            ),
+        )
 
     def _drop(self, s: Session, p: Prompt, reason: str) -> None:
         self.metrics.prompts_dropped.labels(reason.split(" ")[0]).inc()
@@ -339,8 +390,14 @@ class SessionManager:
                 s.conn.wake.set()
         if w.replaced is not None:
             self._drop(s, w.replaced, "superseded by a later cut before it was shown")
-        log.info("cut at the playhead", extra={"session_id": s.id, "cut_frame": w.cut_frame,
-                                              "withdrawn_frames": w.frames_withdrawn})  # fmt: skip
+        log.info(
+            "cut at the playhead",
+            extra={
+                "session_id": s.id,
+                "cut_frame": w.cut_frame,
+                "withdrawn_frames": w.frames_withdrawn,
+            },
+        )
 
     def on_chunk(self, work: ChunkWork, result: StepResult) -> None:
         """A chunk came back from the worker: package it into the outbox, in order."""
@@ -356,8 +413,11 @@ class SessionManager:
         code = P.ErrorCode.OUT_OF_MEMORY if oom else P.ErrorCode.SESSION_FAILED
         self.metrics.errors.labels("oom" if oom else "step").inc()
         log.error("session step failed", extra={"session_id": s.id, "error": repr(exc)})
-        msg = ("out of device memory; the session was ended and its memory freed" if oom
-               else f"generation failed: {type(exc).__name__}: {exc}")  # fmt: skip
+        msg = (
+            "out of device memory; the session was ended and its memory freed"
+            if oom
+            else f"generation failed: {type(exc).__name__}: {exc}"
+        )
         self.end(s, "failed", error=(code, msg))
 
     # -- delivery ------------------------------------------------------------------------
@@ -403,8 +463,10 @@ class SessionManager:
         """The viewer's player is at `pts` (feature `withdraw`). A playhead past what this
         connection was sent cannot be true: refused (LimitError), not believed."""
         if not conn.withdraw:
-            raise P.LimitError(P.ErrorCode.BAD_MESSAGE,
-                               "playhead reports need the `withdraw` feature (?features=withdraw)")  # fmt: skip
+            raise P.LimitError(
+                P.ErrorCode.BAD_MESSAGE,
+                "playhead reports need the `withdraw` feature (?features=withdraw)",
+            )
         if pts > conn.sent_end_pts + 1.0 / self.cfg.fps:
             raise P.LimitError(
                 P.ErrorCode.BAD_PLAYHEAD,
@@ -506,8 +568,13 @@ class SessionManager:
             self._arm_timer(s)
 
     # -- the end ------------------------------------------------------------------------------
-    def end(self, s: Session, reason: str, error: tuple[str, str] | None = None,
-            close_code: int | None = None) -> None:  # fmt: skip
+    def end(
+        self,
+        s: Session,
+        reason: str,
+        error: tuple[str, str] | None = None,
+        close_code: int | None = None,
+    ) -> None:
         """End a session for good: tell its stream, drop its prompts, free its state."""
         if not s.alive:
             return
@@ -515,8 +582,10 @@ class SessionManager:
         s.end_reason = reason
         s.error = error[1] if error else None
         self.metrics.sessions_ended.labels(reason).inc()
-        log.info("session ended", extra={"session_id": s.id, "reason": reason,
-                                         **({"error": error[1]} if error else {})})  # fmt: skip
+        log.info(
+            "session ended",
+            extra={"session_id": s.id, "reason": reason, **({"error": error[1]} if error else {})},
+        )
         if s.timer:
             s.timer.cancel()
             s.timer = None
@@ -561,7 +630,12 @@ class SessionManager:
 
     def status(self, s: Session) -> P.SessionStatus:
         return P.SessionStatus(
-            session_id=s.id, state=s.state, shot=max(0, s.outbox.shown_shot), chunk_seq=s.next_seq,
-            frames_sent=s.outbox.frames_sent, queued_prompts=len(s.waiting_prompts()),
-            created_at=s.created_at, error=s.error,
-        )  # fmt: skip
+            session_id=s.id,
+            state=s.state,
+            shot=max(0, s.outbox.shown_shot),
+            chunk_seq=s.next_seq,
+            frames_sent=s.outbox.frames_sent,
+            queued_prompts=len(s.waiting_prompts()),
+            created_at=s.created_at,
+            error=s.error,
+        )

@@ -202,8 +202,9 @@ class Settings(BaseSettings):
         # send latin-1, curl the terminal's UTF-8, httpx refuses) and a Bearer value ends at
         # a space: any other key would lock every client out.
         if value is not None and not all("!" <= c <= "~" for c in value):
-            raise ValueError("must be visible ASCII characters (`!` to `~`): no spaces, no "
-                             "non-ASCII; e.g. `openssl rand -hex 32`")  # fmt: skip
+            raise ValueError(
+                "must be visible ASCII characters (`!` to `~`): no spaces, no non-ASCII; e.g. `openssl rand -hex 32`"
+            )
         return value
 
     @model_validator(mode="after")
@@ -228,8 +229,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         prog="python -m server.settings", description="The server's settings, documented."
     )
-    parser.add_argument("--markdown", action="store_true",
-                        help="print the settings as the README's Markdown table")  # fmt: skip
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the settings as the README's Markdown table"
+    )
     if parser.parse_args().markdown:
         print(settings_table())
     else:

@@ -67,27 +67,46 @@ class AppState:
                 if s.chunks_per_shot:
                     cfg = cfg.replace(chunks_per_shot=s.chunks_per_shot)
                 self.runner = await asyncio.to_thread(
-                    ModelRunner.load, cfg, s.weights, s.device, s.dtype,
-                    s.attention, s.seed, s.prompt_overflow, _threads(s), s.compile,
-                )  # fmt: skip
+                    ModelRunner.load,
+                    cfg,
+                    s.weights,
+                    s.device,
+                    s.dtype,
+                    s.attention,
+                    s.seed,
+                    s.prompt_overflow,
+                    _threads(s),
+                    s.compile,
+                )
             runner = self.runner
             self.manager = SessionManager(s, runner, self.metrics, self.encode_pool, self.text_pool)
             self.engine = Engine(self.manager)
             self.engine.start()
-            self.metrics.build_info.info({
-                "version": VERSION, "preset": runner.cfg.name, "device": runner.device_name,
-                "torch": runner.torch_version, "attention": runner.model.attention_backend,
-                "dtype": str(runner.model.dtype).removeprefix("torch."),
-                "weights": "real" if runner.model.real_weights else "random",
-            })  # fmt: skip
+            self.metrics.build_info.info(
+                {
+                    "version": VERSION,
+                    "preset": runner.cfg.name,
+                    "device": runner.device_name,
+                    "torch": runner.torch_version,
+                    "attention": runner.model.attention_backend,
+                    "dtype": str(runner.model.dtype).removeprefix("torch."),
+                    "weights": "real" if runner.model.real_weights else "random",
+                }
+            )
             if s.warmup:
                 result = await runner.warmup()
                 self.engine.seed_cost(result)
                 await self._warm_encoder(result.frames)
             self.manager.ready = True
-            log.info("ready", extra={"preset": runner.cfg.name, "device": runner.device_name,
-                                     "capacity": self.engine.capacity(),
-                                     "chunk_cost_s": round(self.engine.chunk_cost, 4)})  # fmt: skip
+            log.info(
+                "ready",
+                extra={
+                    "preset": runner.cfg.name,
+                    "device": runner.device_name,
+                    "capacity": self.engine.capacity(),
+                    "chunk_cost_s": round(self.engine.chunk_cost, 4),
+                },
+            )
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             log.critical("bring-up failed", extra={"error": self.error})
@@ -138,8 +157,13 @@ class AppState:
             await self.engine.stop()
         if self.runner:
             await asyncio.to_thread(self.runner.shutdown)
-            log.info("stopped", extra={"pool_bytes": self.runner.pool.bytes_in_use,
-                                       "open_sessions": self.runner.open_sessions})  # fmt: skip
+            log.info(
+                "stopped",
+                extra={
+                    "pool_bytes": self.runner.pool.bytes_in_use,
+                    "open_sessions": self.runner.open_sessions,
+                },
+            )
         self.encode_pool.shutdown(wait=False, cancel_futures=True)
         self.text_pool.shutdown(wait=False, cancel_futures=True)
 

@@ -50,8 +50,11 @@ def source_files() -> tuple[Path, ...]:
     try:
         out = subprocess.run(
             ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=REPO, capture_output=True, check=True, timeout=60,
-        ).stdout.decode()  # fmt: skip
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout.decode()
         paths = [REPO / p for p in out.split("\0") if p]
     except (OSError, subprocess.SubprocessError):  # no git (e.g. an unpacked sdist)
         paths = [p for p in REPO.rglob("*") if not SKIPPED_DIRS & set(p.relative_to(REPO).parts)]

@@ -32,10 +32,7 @@ ALLOWED = {
 }
 PROJECT = set(ALLOWED) | {"tests", "bench"}
 # the only imports of training from the other packages: (file, enclosing function)
-TRAINING_ENTRY_POINTS = {
-    ("server/cli.py", "cmd_train_demo"),
-    ("server/cli.py", "cmd_eval_demo"),
-}
+TRAINING_ENTRY_POINTS = {("server/cli.py", "cmd_train_demo"), ("server/cli.py", "cmd_eval_demo")}
 
 
 def _imports(source: str, module: str) -> list[tuple[str, int, str | None]]:

@@ -43,6 +43,8 @@ def latency(hist: str) -> list[tuple[str, str]]:
 
 # Rows of panels, three to a line: (title, description, unit, stacked, [(expr, legend)]).
 # Units are Grafana's: s, bytes, Bps, short.
+# A table: one line per panel field reads better than the formatter's layout.
+# fmt: off
 ROWS: list[tuple[str, list[tuple[str, str, str, bool, list[tuple[str, str]]]]]] = [
     ("Sessions and real time", [
         ("Sessions", "Streaming (a stream connected) and waiting (none connected) sessions, "
@@ -158,11 +160,20 @@ ROWS: list[tuple[str, list[tuple[str, str, str, bool, list[tuple[str, str]]]]]] 
             (per_minute("shotstream_errors_total", "kind"), "{{kind}}"),
         ]),
     ]),
-]  # fmt: skip
+]
+# fmt: on
 
 
-def timeseries(pid: int, x: int, y: int, title: str, description: str, unit: str,
-               stacked: bool, queries: list[tuple[str, str]]) -> dict:  # fmt: skip
+def timeseries(
+    pid: int,
+    x: int,
+    y: int,
+    title: str,
+    description: str,
+    unit: str,
+    stacked: bool,
+    queries: list[tuple[str, str]],
+) -> dict:
     return {
         "id": pid,
         "type": "timeseries",
@@ -201,8 +212,7 @@ def build_panel(pid: int, y: int) -> dict:
         "id": pid,
         "type": "table",
         "title": "Build",
-        "description": "Version, preset, device, torch, attention backend, dtype and weights "
-        "of each replica.",
+        "description": "Version, preset, device, torch, attention backend, dtype and weights of each replica.",
         "datasource": DS,
         "gridPos": {"x": 0, "y": y, "w": 24, "h": 4},
         "targets": [
@@ -212,13 +222,13 @@ def build_panel(pid: int, y: int) -> dict:
                 "expr": f"shotstream_build_info{SEL}",
                 "instant": True,
                 "format": "table",
-            }  # fmt: skip
+            }
         ],
         "transformations": [
             {
                 "id": "organize",
                 "options": {"excludeByName": {"Time": True, "Value": True, "__name__": True}},
-            }  # fmt: skip
+            }
         ],
     }
 
@@ -227,8 +237,16 @@ def dashboard() -> dict:
     panels: list[dict] = []
     pid, y = 1, 0
     for row_title, row in ROWS:
-        panels.append({"id": pid, "type": "row", "title": row_title, "collapsed": False,
-                       "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}, "panels": []})  # fmt: skip
+        panels.append(
+            {
+                "id": pid,
+                "type": "row",
+                "title": row_title,
+                "collapsed": False,
+                "gridPos": {"x": 0, "y": y, "w": 24, "h": 1},
+                "panels": [],
+            }
+        )
         pid, y = pid + 1, y + 1
         for i, spec in enumerate(row):
             panels.append(timeseries(pid, 8 * (i % 3), y + 8 * (i // 3), *spec))

@@ -41,13 +41,17 @@ async def capacity(state: State):
     """Free real-time session slots of this replica (for a proxy or an autoscaler)."""
     m, engine, replica = state.manager, state.engine, state.settings.replica_id
     if m is None or engine is None:
-        return P.CapacityInfo(replica_id=replica, ready=False, draining=False,
-                              capacity=0, sessions=0, free_slots=0)  # fmt: skip
+        return P.CapacityInfo(
+            replica_id=replica, ready=False, draining=False, capacity=0, sessions=0, free_slots=0
+        )
     return P.CapacityInfo(
-        replica_id=replica, ready=state.ready, draining=m.draining,
-        capacity=engine.capacity() if m.ready else 0, sessions=len(m.active),
+        replica_id=replica,
+        ready=state.ready,
+        draining=m.draining,
+        capacity=engine.capacity() if m.ready else 0,
+        sessions=len(m.active),
         free_slots=engine.free_slots() if state.ready else 0,
-    )  # fmt: skip
+    )
 
 
 @router.get("/metrics")
@@ -64,18 +68,27 @@ async def models(state: State):
         raise Refused(503, P.ErrorCode.OVER_CAPACITY, "model is loading", retry_after=5)
     cfg, model = runner.cfg, runner.model
     return P.ModelInfo(
-        preset=cfg.name, description=cfg.description, width=cfg.width, height=cfg.height,
-        fps=cfg.fps, chunk_frames=cfg.chunk_pixel_frames(1), first_chunk_frames=cfg.chunk_pixel_frames(0),
-        chunks_per_shot=cfg.chunks_per_shot, max_prompt_tokens=cfg.text.text_len,
-        max_prompt_chars=settings.max_prompt_chars, max_shots=settings.max_shots_per_request,
+        preset=cfg.name,
+        description=cfg.description,
+        width=cfg.width,
+        height=cfg.height,
+        fps=cfg.fps,
+        chunk_frames=cfg.chunk_pixel_frames(1),
+        first_chunk_frames=cfg.chunk_pixel_frames(0),
+        chunks_per_shot=cfg.chunks_per_shot,
+        max_prompt_tokens=cfg.text.text_len,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_shots=settings.max_shots_per_request,
         real_weights=model.real_weights,
         weights=weights_name(settings.weights, cfg.name, model.weights, model.real_weights),
-        device=runner.device_name, dtype=str(model.dtype).removeprefix("torch."),
+        device=runner.device_name,
+        dtype=str(model.dtype).removeprefix("torch."),
         attention=model.attention_backend,
-        notice=None if model.real_weights else
-        f"preset {cfg.name} runs with RANDOM weights: the video is noise, not a trained model",
+        notice=None
+        if model.real_weights
+        else f"preset {cfg.name} runs with RANDOM weights: the video is noise, not a trained model",
         vocabulary=model.vocabulary,
-    )  # fmt: skip
+    )
 
 
 def weights_name(folder: str | None, preset: str, source: str, real: bool) -> str:

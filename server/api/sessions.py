@@ -26,9 +26,15 @@ def check_api_key(state: State, request: Request) -> None:
 
 
 @router.post(
-    "", status_code=201, response_model=P.CreateSessionResponse,
-    responses={422: {"model": P.ErrorBody}, 429: {"model": P.ErrorBody}, 503: {"model": P.ErrorBody}},
-)  # fmt: skip
+    "",
+    status_code=201,
+    response_model=P.CreateSessionResponse,
+    responses={
+        422: {"model": P.ErrorBody},
+        429: {"model": P.ErrorBody},
+        503: {"model": P.ErrorBody},
+    },
+)
 async def create_session(req: P.CreateSessionRequest, request: Request, state: State, m: Manager):
     check_api_key(state, request)
     client = client_key(request)
@@ -38,10 +44,17 @@ async def create_session(req: P.CreateSessionRequest, request: Request, state: S
     ws_base = base.replace("https://", "wss://").replace("http://", "ws://")
     cfg = m.cfg
     return P.CreateSessionResponse(
-        session_id=s.id, token=s.token, stream_url=f"{ws_base}/v1/sessions/{s.id}/stream",
-        expires_at=m.expires_at(s), grace_s=state.settings.session_grace_s, preset=cfg.name,
-        width=cfg.width, height=cfg.height, fps=cfg.fps, truncated_tokens=cut,
-    )  # fmt: skip
+        session_id=s.id,
+        token=s.token,
+        stream_url=f"{ws_base}/v1/sessions/{s.id}/stream",
+        expires_at=m.expires_at(s),
+        grace_s=state.settings.session_grace_s,
+        preset=cfg.name,
+        width=cfg.width,
+        height=cfg.height,
+        fps=cfg.fps,
+        truncated_tokens=cut,
+    )
 
 
 @router.get("/{sid}", response_model=P.SessionStatus, responses=AUTH_ERRORS)
@@ -50,17 +63,25 @@ async def get_session(s: OwnedSession, m: Manager):
 
 
 @router.post(
-    "/{sid}/prompts", status_code=202, response_model=P.PromptAccepted,
-    responses={**AUTH_ERRORS, 409: {"model": P.ErrorBody}, 422: {"model": P.ErrorBody},
-               429: {"model": P.ErrorBody}},
-)  # fmt: skip
+    "/{sid}/prompts",
+    status_code=202,
+    response_model=P.PromptAccepted,
+    responses={
+        **AUTH_ERRORS,
+        409: {"model": P.ErrorBody},
+        422: {"model": P.ErrorBody},
+        429: {"model": P.ErrorBody},
+    },
+)
 async def post_prompt(req: P.PromptRequest, s: OwnedSession, m: Manager):
     p = await m.add_prompt(s, req.prompt, req.mode)
-    ack = P.PromptAckMessage(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
-                             truncated_tokens=p.report.truncated_tokens)  # fmt: skip
+    ack = P.PromptAckMessage(
+        shot_id=p.shot_id, starts_at_seq=p.starts_at_seq, truncated_tokens=p.report.truncated_tokens
+    )
     m.send_control(s, ack)  # the stream's timeline learns of it too
-    return P.PromptAccepted(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
-                            truncated_tokens=p.report.truncated_tokens)  # fmt: skip
+    return P.PromptAccepted(
+        shot_id=p.shot_id, starts_at_seq=p.starts_at_seq, truncated_tokens=p.report.truncated_tokens
+    )
 
 
 @router.delete("/{sid}", status_code=204, responses=AUTH_ERRORS)

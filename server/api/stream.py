@@ -102,8 +102,15 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
     box = s.outbox
     try:
         features = [P.FEATURE_WITHDRAW] if conn.withdraw else []
-        hello = P.HelloMessage(session_id=s.id, mime=enc.mime, width=cfg.width, height=cfg.height,
-                               fps=cfg.fps, next_seq=conn.next_seq, features=features)  # fmt: skip
+        hello = P.HelloMessage(
+            session_id=s.id,
+            mime=enc.mime,
+            width=cfg.width,
+            height=cfg.height,
+            fps=cfg.fps,
+            next_seq=conn.next_seq,
+            features=features,
+        )
         await _send_json(ws, hello.model_dump(), timeout)
         await _send_json(ws, P.InitMessage(bytes=len(init)).model_dump(), timeout)
         await asyncio.wait_for(ws.send_bytes(init), timeout)
@@ -174,15 +181,26 @@ async def _receiver(
             conn.dropped += 1
             if conn.dropped == 1:
                 state.metrics.errors.labels("client_rate_limited").inc()
-                m.send_control(s, P.ErrorMessage(code=P.ErrorCode.RATE_LIMITED, fatal=False,
-                                                 message=f"more than {settings.ws_message_rate:g} "
-                                                 "messages per second: the excess is dropped unanswered"))  # fmt: skip
+                m.send_control(
+                    s,
+                    P.ErrorMessage(
+                        code=P.ErrorCode.RATE_LIMITED,
+                        fatal=False,
+                        message=f"more than {settings.ws_message_rate:g} "
+                        "messages per second: the excess is dropped unanswered",
+                    ),
+                )
             if conn.dropped >= settings.ws_flood_limit:
                 state.metrics.errors.labels("flood").inc()
                 log.warning("stream flood closed", extra={"session_id": s.id})
-                m.send_control(s, P.ErrorMessage(code=P.ErrorCode.RATE_LIMITED, fatal=True,
-                                                 message=f"more than {settings.ws_message_rate:g} "
-                                                 "messages per second; closing this connection"))  # fmt: skip
+                m.send_control(
+                    s,
+                    P.ErrorMessage(
+                        code=P.ErrorCode.RATE_LIMITED,
+                        fatal=True,
+                        message=f"more than {settings.ws_message_rate:g} messages per second; closing this connection",
+                    ),
+                )
                 conn.close_after_flush(int(P.CloseCode.RATE_LIMITED), "too many messages")
             continue
         data = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
@@ -194,8 +212,15 @@ async def _receiver(
         try:
             if isinstance(parsed, P.PromptMessage):
                 p = await m.add_prompt(s, parsed.prompt, parsed.mode)
-                m.send_control(s, P.PromptAckMessage(shot_id=p.shot_id, starts_at_seq=p.starts_at_seq,
-                                                     truncated_tokens=p.report.truncated_tokens, ref=ref))  # fmt: skip
+                m.send_control(
+                    s,
+                    P.PromptAckMessage(
+                        shot_id=p.shot_id,
+                        starts_at_seq=p.starts_at_seq,
+                        truncated_tokens=p.report.truncated_tokens,
+                        ref=ref,
+                    ),
+                )
             elif isinstance(parsed, P.PauseMessage):
                 m.pause(s)
             elif isinstance(parsed, P.ResumeMessage):
@@ -231,8 +256,15 @@ def _last_seq(text: str) -> int | None:
     return int(text)
 
 
-def _client_error(state: AppState, s: Session, conn: Connection, code: str, message: str,
-                  counts: bool = True, ref: str | None = None) -> None:  # fmt: skip
+def _client_error(
+    state: AppState,
+    s: Session,
+    conn: Connection,
+    code: str,
+    message: str,
+    counts: bool = True,
+    ref: str | None = None,
+) -> None:
     """A non-fatal error for one bad message; past the abuse limit, close the connection."""
     m = state.manager
     assert m is not None
@@ -240,8 +272,14 @@ def _client_error(state: AppState, s: Session, conn: Connection, code: str, mess
     if counts:
         conn.errors += 1
     if counts and conn.errors >= state.settings.abuse_limit:
-        m.send_control(s, P.ErrorMessage(code=P.ErrorCode.TOO_MANY_ERRORS, fatal=True,
-                                         message=f"{conn.errors} bad messages; closing this connection"))  # fmt: skip
+        m.send_control(
+            s,
+            P.ErrorMessage(
+                code=P.ErrorCode.TOO_MANY_ERRORS,
+                fatal=True,
+                message=f"{conn.errors} bad messages; closing this connection",
+            ),
+        )
         conn.close_after_flush(int(P.CloseCode.BAD_MESSAGE), "too many bad messages")
         return
     m.send_control(s, P.ErrorMessage(code=code, message=message, fatal=False, ref=ref))

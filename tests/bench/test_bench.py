@@ -14,8 +14,9 @@ from tests.support.server import REPO
 
 
 def run_bench(*args: str, timeout: float = 300) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
-                         text=True, timeout=timeout)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
@@ -30,10 +31,23 @@ def test_generate_reports_every_verb_and_fps():
 
 def test_serve_runs_a_real_server_under_load_and_compares_variants():
     rows = run_bench(
-        "bench.serve", "--preset", "tiny", "--threads", "1", "--sessions", "2",
-        "--duration", "4", "--prompt-every", "2", "--admit-all",
-        "--compare", "max_batch=1", "--compare", "max_batch=2",
-    )  # fmt: skip
+        "bench.serve",
+        "--preset",
+        "tiny",
+        "--threads",
+        "1",
+        "--sessions",
+        "2",
+        "--duration",
+        "4",
+        "--prompt-every",
+        "2",
+        "--admit-all",
+        "--compare",
+        "max_batch=1",
+        "--compare",
+        "max_batch=2",
+    )
     *cases, summary = rows
     assert [c["variant"] for c in cases] == [{"max_batch": "1"}, {"max_batch": "2"}]
     for c in cases:

@@ -18,10 +18,22 @@ from tests.support.server import REPO
 
 def run_device(tmp_path, *args: str, timeout: float = 900) -> tuple[int, list[dict]]:
     out = subprocess.run(
-        [sys.executable, "-m", "bench.device", "--dry-run", "--out", str(tmp_path),
-         "--golden-dir", str(GOLDEN_DIR), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench.device",
+            "--dry-run",
+            "--out",
+            str(tmp_path),
+            "--golden-dir",
+            str(GOLDEN_DIR),
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     printed = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     written = [json.loads(line) for line in (tmp_path / "device.jsonl").read_text().splitlines()]
     assert printed == written  # what $OUT brings back is what was printed
@@ -102,8 +114,11 @@ def test_generator_and_first_chunk(dry_run):
     assert [f["variant"] for f in firsts] == [[], ["--chunk-graphs"], ["--chunk-graphs", "--fp8"]]
     assert all(f["x0_finite"] and f["pixels_finite"] and f["pixels_std"] > 0 for f in firsts)
     gens = by_kind(rows, "generate")
-    assert [(g["chunk_graphs"], g["fp8"]) for g in gens] == [(False, False), (True, False),
-                                                             (True, True)]  # fmt: skip
+    assert [(g["chunk_graphs"], g["fp8"]) for g in gens] == [
+        (False, False),
+        (True, False),
+        (True, True),
+    ]
     for g in gens:
         assert g["fps"] > 0 and g["first_frame_ms"] > 0 and g["frames"] == 9 + 12
         assert set(g["verb_ms"]) == {"text", "context", "prefill", "denoise", "decode", "refresh"}
@@ -157,7 +172,8 @@ def test_random_weights_launcher_makes_the_real_preset_runnable():
         "print(c.random_weights_ok, c.text.tokenizer, c.text.text_len,"
         " getattr(run.load_model, '_on_device', False))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "byt5", "512", "True"]

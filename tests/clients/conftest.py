@@ -17,9 +17,15 @@ API_KEY = "client-tests-key"
 def _servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("servers")
     main = ServerProcess(
-        tmp, chunks_per_shot=3, max_sessions=4, max_sessions_per_client=8, realtime_margin=50,
-        session_grace_s=5, fault_injection=True, api_key=API_KEY,
-    )  # fmt: skip
+        tmp,
+        chunks_per_shot=3,
+        max_sessions=4,
+        max_sessions_per_client=8,
+        realtime_margin=50,
+        session_grace_s=5,
+        fault_injection=True,
+        api_key=API_KEY,
+    )
     limits = ServerProcess(tmp, max_sessions=1, max_sessions_per_client=1, session_grace_s=2)
     yield main, limits
     for srv in (main, limits):

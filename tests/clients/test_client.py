@@ -94,8 +94,7 @@ def test_admission_refusals_carry_retry_after(limits_server):
                     await client2.create_session("a blue square")
                 t0 = time.monotonic()
                 with pytest.raises(Overloaded):  # retrying would overrun max_wait_s: no wait
-                    await client2.create_session("a blue square",
-                                                 retry=RetryPolicy(max_wait_s=0.5))  # fmt: skip
+                    await client2.create_session("a blue square", retry=RetryPolicy(max_wait_s=0.5))
                 waited = time.monotonic() - t0
             finally:
                 await first.delete()

@@ -14,16 +14,31 @@ from tests.clients.conftest import API_KEY
 from tests.support.server import REPO
 
 KEYS = {
-    "sessions_started", "sessions_refused", "refused_by_status", "retry_after_s", "chunks",
-    "frames", "video_s", "ttff_s", "inter_chunk_gap_s", "deadline_misses", "stalled_s",
-    "prompts_sent", "prompts_visible", "prompts_dropped", "prompt_to_visible_s", "reconnects",
-    "errors", "wall_s",
-}  # fmt: skip
+    "sessions_started",
+    "sessions_refused",
+    "refused_by_status",
+    "retry_after_s",
+    "chunks",
+    "frames",
+    "video_s",
+    "ttff_s",
+    "inter_chunk_gap_s",
+    "deadline_misses",
+    "stalled_s",
+    "prompts_sent",
+    "prompts_visible",
+    "prompts_dropped",
+    "prompt_to_visible_s",
+    "reconnects",
+    "errors",
+    "wall_s",
+}
 
 
 def test_short_load_run_reports_sane_numbers(server):
-    cfg = LoadConfig(server=server.base, sessions=2, duration_s=6, prompt_every_s=1.5, seed=1,
-                     api_key=API_KEY)  # fmt: skip
+    cfg = LoadConfig(
+        server=server.base, sessions=2, duration_s=6, prompt_every_s=1.5, seed=1, api_key=API_KEY
+    )
     result = asyncio.run(run_load(cfg))
     assert set(result) >= KEYS
     assert result["errors"] == {} and result["sessions_refused"] == 0
@@ -53,8 +68,11 @@ def test_load_refuses_remote_servers_and_unbounded_runs():
     LoadConfig(server="http://10.1.2.3:8000", allow_remote=True).validate()
     r = subprocess.run(
         [sys.executable, "-m", "clients.load", "--server", "http://10.1.2.3:8000"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "loopback" in r.stderr and not r.stdout
 
 

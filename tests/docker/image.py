@@ -30,9 +30,8 @@ def pip_settings() -> dict[tuple[str, str], str]:
     """This machine's pip configuration (files and PIP_* variables; variables win), as
     {(section, key): value}."""
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "list"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True
+    )
     files: dict[tuple[str, str], str] = {}
     env: dict[tuple[str, str], str] = {}
     for line in out.stdout.splitlines():

@@ -26,13 +26,7 @@ from datetime import datetime
 import httpx
 import pytest
 
-from tests.docker.image import (
-    LocalFiles,
-    build_pip_conf,
-    ca_bundle,
-    docker_cli,
-    pip_settings,
-)
+from tests.docker.image import LocalFiles, build_pip_conf, ca_bundle, docker_cli, pip_settings
 from tests.support.server import REPO, StreamClient, ffprobe_frames
 
 BASE_IMAGE = os.environ.get("SHOTSTREAM_TEST_BASE_IMAGE", "shotstream-ci/debian:bookworm")
@@ -100,9 +94,21 @@ def image(docker, tmp_path_factory):
     tag = f"shotstream-test:{uuid.uuid4().hex[:12]}"
     tmp = tmp_path_factory.mktemp("build")
     settings = pip_settings()
-    args = ["build", "--network", "host", "--progress", "plain", "-t", tag,
-            "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", "EXTRAS=",
-            "--build-arg", f"TORCH_INDEX_URL={torch_index(settings)}"]  # fmt: skip
+    args = [
+        "build",
+        "--network",
+        "host",
+        "--progress",
+        "plain",
+        "-t",
+        tag,
+        "--build-arg",
+        f"BASE_IMAGE={BASE_IMAGE}",
+        "--build-arg",
+        "EXTRAS=",
+        "--build-arg",
+        f"TORCH_INDEX_URL={torch_index(settings)}",
+    ]
     ca = ca_bundle(settings)
     if ca is not None:
         args += ["--secret", f"id=ca,src={ca}"]
@@ -184,8 +190,15 @@ def test_cpu_image_serves_a_stream_as_a_non_root_pid_1(docker, image, tmp_path):
             assert time.monotonic() < deadline, c.inspect("{{json .State.Health}}")
             time.sleep(0.2)
         check_s = time.monotonic() - c.started
-        print(json.dumps({"healthz_s": round(healthy_s, 1), "readyz_s": round(ready_s, 1),
-                          "docker_healthy_s": round(check_s, 1)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "healthz_s": round(healthy_s, 1),
+                    "readyz_s": round(ready_s, 1),
+                    "docker_healthy_s": round(check_s, 1),
+                }
+            )
+        )
 
         # the server itself is PID 1 (signals reach it), as uid/gid 10001
         status = docker("exec", c.id, "cat", "/proc/1/status").stdout

@@ -54,9 +54,15 @@ def test_manifests_pass_the_kubernetes_schemas(version):
             continue
         kubernetes_validate.validate(doc, version, strict=True)  # raises on any error
         checked.append(doc["kind"])
-    assert sorted(set(checked)) == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler",
-                                    "NetworkPolicy", "PodDisruptionBudget", "Service",
-                                    "StatefulSet"]  # fmt: skip
+    assert sorted(set(checked)) == [
+        "ConfigMap",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Service",
+        "StatefulSet",
+    ]
 
 
 def test_the_schema_check_catches_mistakes():
@@ -220,12 +226,22 @@ def exported_gauges() -> set[str]:
 
     runner = SimpleNamespace(
         pool=SimpleNamespace(breakdown=lambda: {"kv": 0}, bytes_in_use=0),
-        memory_stats=lambda: {}, bytes_per_session=lambda: 1, free_device_bytes=lambda: 8,
-    )  # fmt: skip
+        memory_stats=lambda: {},
+        bytes_per_session=lambda: 1,
+        free_device_bytes=lambda: 8,
+    )
     metrics = Metrics()
-    manager = SimpleNamespace(runner=runner, settings=Settings(), cfg=get_preset("tiny"),
-                              metrics=metrics, active=[], sessions={}, ended={}, ready=True,
-                              draining=False)  # fmt: skip
+    manager = SimpleNamespace(
+        runner=runner,
+        settings=Settings(),
+        cfg=get_preset("tiny"),
+        metrics=metrics,
+        active=[],
+        sessions={},
+        ended={},
+        ready=True,
+        draining=False,
+    )
     Engine(manager)
     return {f.name for f in text_string_to_metric_families(metrics.render().decode())}
 
@@ -239,7 +255,7 @@ def nginx_test(tmp: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
         f"pid {tmp}/nginx.pid;\nerror_log {tmp}/error.log;\nevents {{}}\n"
         f"http {{\n client_body_temp_path {tmp}/body;\n proxy_temp_path {tmp}/proxy;\n"
         f" include {tmp}/shotstream.conf;\n}}\n"
-    )  # fmt: skip
+    )
     return run(
         tool("nginx"),
         "-t",

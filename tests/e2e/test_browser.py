@@ -46,9 +46,12 @@ def server(tmp_path_factory):
     # realtime_margin: admission must not refuse a session on a slow shared CPU;
     # fault_injection: the last test makes the server fail a session.
     srv = ServerProcess(
-        tmp_path_factory.mktemp("srv"), chunks_per_shot=3, max_sessions=2, realtime_margin=50,
+        tmp_path_factory.mktemp("srv"),
+        chunks_per_shot=3,
+        max_sessions=2,
+        realtime_margin=50,
         fault_injection=True,
-    ).wait_ready()  # fmt: skip
+    ).wait_ready()
     yield srv
     assert srv.stop() == 0, srv.log()[-3000:]
 

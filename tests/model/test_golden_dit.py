@@ -82,8 +82,10 @@ def test_every_shot_free_running(golden):
 def test_selftest_cli_passes(golden_path):
     out = subprocess.run(
         [sys.executable, "-m", "server.cli", "selftest", "--golden", str(golden_path)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert '"ok": true' in out.stdout and '"ok": false' not in out.stdout
 
@@ -105,8 +107,10 @@ def test_selftest_cli_fails_on_a_corrupted_file(golden_dir, tmp_path):
     shutil.copy(src.with_suffix(".json"), dst.with_suffix(".json"))
     out = subprocess.run(
         [sys.executable, "-m", "server.cli", "selftest", "--golden", str(dst)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 1
     assert '"ok": false' in out.stdout
 
@@ -154,9 +158,16 @@ def test_dropping_captions_of_shots_without_context_frames_changes_nothing():
                 kv = new_cache(g.cfg, captions=prompt.shape[1])
                 with torch.inference_mode():
                     latents = run_shot(
-                        dit, schedule, g[prefill["x"]], flags, embeds, g[f"shot{shot}.noise"],
-                        recorded_renoise(g, shot), captions=captions, kv=kv,
-                    )  # fmt: skip
+                        dit,
+                        schedule,
+                        g[prefill["x"]],
+                        flags,
+                        embeds,
+                        g[f"shot{shot}.noise"],
+                        recorded_renoise(g, shot),
+                        captions=captions,
+                        kv=kv,
+                    )
                 runs.append((latents, kv.k.clone(), kv.v.clone()))
             (lat_all, k_all, v_all), (lat_kept, k_kept, v_kept) = runs
             assert torch.equal(lat_all, lat_kept)

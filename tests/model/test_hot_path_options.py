@@ -54,12 +54,20 @@ def _story(model, n_sessions: int, steps) -> list[torch.Tensor]:
 
 
 STORY = [
-    ("shot", 0, "one"), ("shot", 1, "two"), ("shot", 2, "three"),
-    [0, 1], [0, 1, 2], [0, 1],  # sessions 0 and 1 in step, 2 behind
-    ("shot", 0, "four"), ("shot", 1, "five"),
+    ("shot", 0, "one"),
+    ("shot", 1, "two"),
+    ("shot", 2, "three"),
+    [0, 1],
+    [0, 1, 2],
+    [0, 1],  # sessions 0 and 1 in step, 2 behind
+    ("shot", 0, "four"),
+    ("shot", 1, "five"),
     [0, 1],  # the first step's caches and chunk indices again: its graph is reused
-    [0, 1, 2], [2], ("shot", 2, "six"), [0, 1, 2],
-]  # fmt: skip
+    [0, 1, 2],
+    [2],
+    ("shot", 2, "six"),
+    [0, 1, 2],
+]
 STEPS, DISTINCT_STEPS = 7, 6
 
 

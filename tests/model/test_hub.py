@@ -19,7 +19,12 @@ from server.cli import main
 from tests.model.tiny_weights import GENERATOR, WAN_FOLDER, write_weights
 
 TINY = get_preset("tiny")
-TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # fmt: skip
+TOKENIZER_FILES = (
+    "spiece.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def _hub_repos(tmp: Path) -> dict[str, dict[str, bytes]]:
@@ -37,23 +42,21 @@ def _hub_repos(tmp: Path) -> dict[str, dict[str, bytes]]:
         },
         "Wan-AI/Wan2.1-T2V-1.3B": {
             "Wan2.1_VAE.pth": (orig / "Wan2.1_VAE.pth").read_bytes(),
-            "models_t5_umt5-xxl-enc-bf16.pth": (orig / "models_t5_umt5-xxl-enc-bf16.pth").read_bytes(),
+            "models_t5_umt5-xxl-enc-bf16.pth": (
+                orig / "models_t5_umt5-xxl-enc-bf16.pth"
+            ).read_bytes(),
             **{f"google/umt5-xxl/{n}": b"{}" for n in TOKENIZER_FILES},
             "diffusion_pytorch_model.safetensors": b"the 5.7 GB base DiT we do not need",
             "config.json": b"{}",
             "README.md": b"# Wan\n",
         },
         "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": {
-            **{
-                str(p.relative_to(diff)): p.read_bytes()
-                for p in diff.rglob("*")
-                if p.is_file()
-            },
+            **{str(p.relative_to(diff)): p.read_bytes() for p in diff.rglob("*") if p.is_file()},
             **{f"tokenizer/{n}": b"{}" for n in TOKENIZER_FILES},
             "transformer/diffusion_pytorch_model.safetensors": b"not needed",
             "model_index.json": b"{}",
         },
-    }  # fmt: skip
+    }
 
 
 class FakeHub:
@@ -68,8 +71,9 @@ class FakeHub:
         self.tokens: list[str | None] = []
         self.fail: str | None = None
 
-    def snapshot_download(self, repo_id, *, allow_patterns=None, local_dir=None, token=None,
-                          dry_run=False, **kwargs):  # fmt: skip
+    def snapshot_download(
+        self, repo_id, *, allow_patterns=None, local_dir=None, token=None, dry_run=False, **kwargs
+    ):
         self.calls.append((repo_id, dry_run))
         self.tokens.append(token)
         files = self.repos[repo_id]
@@ -84,7 +88,7 @@ class FakeHub:
                     local_path=str(local / n),
                     is_cached=(local / n).is_file(),
                     will_download=not (local / n).is_file(),
-                )  # fmt: skip
+                )
                 for n in names
             ]
         for i, name in enumerate(names):
@@ -123,11 +127,17 @@ def test_download_lands_in_the_layout_find_weights_accepts(tmp_path, hub, capsys
     # only the files we asked for: no base DiT, no demo assets, no READMEs
     got = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
     got = {p for p in got if not p.endswith(RECORD)}
-    expected = {"ShotStream/shotstream_merged.pt", "ShotStream/shotstream.yaml",
-                "ShotStream/default_config.yaml"}  # fmt: skip
+    expected = {
+        "ShotStream/shotstream_merged.pt",
+        "ShotStream/shotstream.yaml",
+        "ShotStream/default_config.yaml",
+    }
     repo = hub.repos[f"Wan-AI/{wan}"]
-    wanted = [n for n in repo if n.split("/")[0] in ("vae", "text_encoder", "tokenizer", "google")
-              or n.endswith(".pth")]  # fmt: skip
+    wanted = [
+        n
+        for n in repo
+        if n.split("/")[0] in ("vae", "text_encoder", "tokenizer", "google") or n.endswith(".pth")
+    ]
     assert got == expected | {f"{wan}/{n}" for n in wanted}
     # the real preset finds every component, tokenizer included
     layout_found = find_weights(root, get_preset("wan2.1-1.3b"))

@@ -39,7 +39,9 @@ def copy_of(folders, tmp_path):
 
 
 def _first_chunk(model):
-    pool = StatePool(KVLayout.for_config(model.cfg), model.vae.new_decoder_state, model.dtype, model.device)  # fmt: skip
+    pool = StatePool(
+        KVLayout.for_config(model.cfg), model.vae.new_decoder_state, model.dtype, model.device
+    )
     lease = pool.acquire("test")
     try:
         gen = ShotStreamGenerator(model, lease, "a lighthouse on a cliff", seed=5)
@@ -78,12 +80,20 @@ def test_header_check_passes_on_whole_folders(folders, layout):
     ("layout", "remove", "named"),
     [
         ("original", GENERATOR, "shotstream_merged.pt"),
-        ("original", f"{WAN_FOLDER['original']}/models_t5_umt5-xxl-enc-bf16.pth", "models_t5_umt5-xxl-enc-bf16.pth"),
+        (
+            "original",
+            f"{WAN_FOLDER['original']}/models_t5_umt5-xxl-enc-bf16.pth",
+            "models_t5_umt5-xxl-enc-bf16.pth",
+        ),
         ("original", f"{WAN_FOLDER['original']}/Wan2.1_VAE.pth", "Wan2.1_VAE.pth"),
-        ("diffusers", f"{WAN_FOLDER['diffusers']}/text_encoder/config.json", "text_encoder/config.json"),
+        (
+            "diffusers",
+            f"{WAN_FOLDER['diffusers']}/text_encoder/config.json",
+            "text_encoder/config.json",
+        ),
         ("diffusers", f"{WAN_FOLDER['diffusers']}/vae", "vae/config.json"),
     ],
-)  # fmt: skip
+)
 def test_missing_files_are_named_before_loading(copy_of, layout, remove, named):
     root = copy_of(layout)
     target = root / remove

@@ -30,12 +30,24 @@ SCRIPT = {
 def ffprobe(path: Path) -> dict:
     """Stream facts with every frame decoded and counted."""
     out = subprocess.run(
-        ["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-of", "json",
-         "-show_entries", "stream=codec_name,pix_fmt,width,height,r_frame_rate,avg_frame_rate,"
-         "nb_read_frames,nb_frames,duration,color_space:format=format_name,duration",
-         str(path)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+            "-of",
+            "json",
+            "-show_entries",
+            "stream=codec_name,pix_fmt,width,height,r_frame_rate,avg_frame_rate,"
+            "nb_read_frames,nb_frames,duration,color_space:format=format_name,duration",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     probe = json.loads(out)
     return {**probe["streams"][0], "format": probe["format"]}
 
@@ -49,8 +61,20 @@ def _write_script(tmp_path: Path, obj, name: str = "script.json") -> Path:
 @needs_ffprobe
 def test_generate_tiny_two_shots_gives_42_frames_at_16_fps(tmp_path, capsys):
     out = tmp_path / "video.mp4"
-    code = main(["generate", "--script", str(_write_script(tmp_path, SCRIPT)), "--out", str(out),
-                 "--preset", "tiny", "--chunks-per-shot", "2", "--quiet"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--script",
+            str(_write_script(tmp_path, SCRIPT)),
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--chunks-per-shot",
+            "2",
+            "--quiet",
+        ]
+    )
     assert code == 0
     probe = ffprobe(out)
     assert int(probe["nb_read_frames"]) == 2 * (9 + 12) == int(probe["nb_frames"])
@@ -74,18 +98,30 @@ def test_generate_tiny_two_shots_gives_42_frames_at_16_fps(tmp_path, capsys):
     ("script", "message"),
     [
         ({"shot1": "a"}, 'missing "global_caption"'),
-        ({"global_caption": "g", "shot1": "a", "shot2": 3}, '"shot2" must be non-empty text, found a JSON int'),
-        ({"global_caption": "g", "shot1": ["a"]}, '"shot1" must be non-empty text, found a JSON list'),
-        ({"global_caption": "g", "shot1": "  "}, '"shot1" must be non-empty text, found an empty string'),
+        (
+            {"global_caption": "g", "shot1": "a", "shot2": 3},
+            '"shot2" must be non-empty text, found a JSON int',
+        ),
+        (
+            {"global_caption": "g", "shot1": ["a"]},
+            '"shot1" must be non-empty text, found a JSON list',
+        ),
+        (
+            {"global_caption": "g", "shot1": "  "},
+            '"shot1" must be non-empty text, found an empty string',
+        ),
         ({"global_caption": "g"}, "no shots"),
         ({"global_caption": "g", "shot1": "a", "shot3": "c"}, "missing shot2"),
         ({"global_caption": "g", "shot0": "a", "Shot1": "b"}, 'unknown keys "shot0", "Shot1"'),
-        ({"global_caption": None, "shot1": "a"}, '"global_caption" must be non-empty text, found null'),
+        (
+            {"global_caption": None, "shot1": "a"},
+            '"global_caption" must be non-empty text, found null',
+        ),
         (["g", "a"], "expected a JSON object"),
         ('{"global_caption": "g", "shot1": "a",}', "not valid JSON"),
         ("", "not valid JSON"),
     ],
-)  # fmt: skip
+)
 def test_bad_scripts_fail_clearly_before_loading(tmp_path, capsys, monkeypatch, script, message):
     monkeypatch.setattr("model.generator.load_model", _must_not_load)
     out = tmp_path / "video.mp4"
@@ -130,8 +166,20 @@ def test_weights_problems_are_named_before_loading(tmp_path, capsys, monkeypatch
 def test_generate_with_a_weights_folder_checks_it_first(tmp_path, capsys, monkeypatch):
     root = write_weights(tmp_path / "w", get_preset("tiny"), "original")
     script, out = str(_write_script(tmp_path, SCRIPT)), tmp_path / "v.mp4"
-    args = ["generate", "--script", script, "--out", str(out), "--weights", str(root),
-            "--preset", "tiny", "--chunks-per-shot", "1", "--quiet"]  # fmt: skip
+    args = [
+        "generate",
+        "--script",
+        script,
+        "--out",
+        str(out),
+        "--weights",
+        str(root),
+        "--preset",
+        "tiny",
+        "--chunks-per-shot",
+        "1",
+        "--quiet",
+    ]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "RANDOM" not in captured.err and f"weights: {root}" in captured.err
@@ -147,8 +195,20 @@ def test_generate_with_a_weights_folder_checks_it_first(tmp_path, capsys, monkey
 def test_overlong_caption_is_refused_before_generating_under_reject(tmp_path, capsys):
     long_shot = {**SCRIPT, "shot2": "the keeper climbs the stairs " * 20}  # > 128 byt5 tokens
     out = tmp_path / "v.mp4"
-    code = main(["generate", "--script", str(_write_script(tmp_path, long_shot)), "--out", str(out),
-                 "--chunks-per-shot", "1", "--prompt-overflow", "reject", "--quiet"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--script",
+            str(_write_script(tmp_path, long_shot)),
+            "--out",
+            str(out),
+            "--chunks-per-shot",
+            "1",
+            "--prompt-overflow",
+            "reject",
+            "--quiet",
+        ]
+    )
     assert code == 2 and "shot2: prompt is" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("*.part"))
 

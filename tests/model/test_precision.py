@@ -26,10 +26,14 @@ def test_bf16_drift_against_float32(golden_path):
             draws = recorded_renoise(g, s)
             with torch.inference_mode():
                 shots[dtype, s] = run_shot(
-                    dit, sch, g[ins["x"]].to(dtype), g[ins["shot_flags"]].long()[None],
-                    g[ins["prompt_embeds"]][None].to(dtype), g[f"shot{s}.noise"].to(dtype),
+                    dit,
+                    sch,
+                    g[ins["x"]].to(dtype),
+                    g[ins["shot_flags"]].long()[None],
+                    g[ins["prompt_embeds"]][None].to(dtype),
+                    g[f"shot{s}.noise"].to(dtype),
                     lambda c, d=draws, dt=dtype: [n.to(dt) for n in d(c)],
-                )  # fmt: skip
+                )
     for s in range(g.num_shots):
         lo, hi = shots[torch.bfloat16, s], shots[torch.float32, s]
         assert lo.dtype == torch.bfloat16 and torch.isfinite(lo).all()

@@ -102,9 +102,7 @@ class _Perturbed(Golden):
         return t + self.delta if name.endswith(".decode.pixels") else t
 
 
-def test_decode_tolerance_is_the_stated_one_or_a_multiple_of_the_references_own_spread(
-    golden_vae,
-):
+def test_decode_tolerance_is_the_stated_one_or_a_multiple_of_the_references_own_spread(golden_vae):
     """The rule of model/golden.py: max(per_call_abs, NOISE_MULTIPLE x the reference's own
     re-run spread for the group), still far below what a real error moves: pixels off by
     1e-4 (a 1/80 of a uint8 level) fail."""

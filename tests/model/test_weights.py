@@ -92,8 +92,14 @@ def test_wrong_preset_for_the_file_is_refused(tmp_path, tiny_sd):
     path = tmp_path / "tiny.pt"
     _save_pt(path, tiny_sd)
     with pytest.raises(WeightsError, match="wrong shape"):
-        load_generator(get_preset("tiny").replace(dit=get_preset("tiny").dit.__class__(
-            num_layers=2, dim=128, num_heads=2, ffn_dim=128, text_dim=32, freq_dim=32)), path)  # fmt: skip
+        load_generator(
+            get_preset("tiny").replace(
+                dit=get_preset("tiny").dit.__class__(
+                    num_layers=2, dim=128, num_heads=2, ffn_dim=128, text_dim=32, freq_dim=32
+                )
+            ),
+            path,
+        )
 
 
 def test_clear_errors_for_wrong_files(tmp_path):

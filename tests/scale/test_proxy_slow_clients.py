@@ -31,8 +31,12 @@ def test_nginx_closes_connections_that_never_finish_a_request(tmp_path):
         proxy = Nginx(tmp_path, dns_port, backend_port=9).wait_up()
         socks = []
         try:
-            for head in (b"", b"GET /v1/mod", b"GET / HTTP/1.1\r\nHost: x\r\n",
-                         b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\ncontent-length: 9\r\n\r\n{"):  # fmt: skip
+            for head in (
+                b"",
+                b"GET /v1/mod",
+                b"GET / HTTP/1.1\r\nHost: x\r\n",
+                b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\ncontent-length: 9\r\n\r\n{",
+            ):
                 s = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
                 s.sendall(head)
                 socks.append(s)

@@ -34,10 +34,18 @@ def cluster(tmp_path_factory):
     port = free_port()  # one port on every replica's address, like a container port
     with dns(names) as dns_port:
         replicas = [
-            Replica(tmp, f"127.0.0.{2 + i}", port, f"shotstream-{i}", max_sessions=PER_REPLICA,
-                    realtime_margin=50, session_grace_s=300, drain_grace_s=DRAIN_GRACE_S)
+            Replica(
+                tmp,
+                f"127.0.0.{2 + i}",
+                port,
+                f"shotstream-{i}",
+                max_sessions=PER_REPLICA,
+                realtime_margin=50,
+                session_grace_s=300,
+                drain_grace_s=DRAIN_GRACE_S,
+            )
             for i in range(3)
-        ]  # fmt: skip
+        ]
         proxy = None
         try:
             for r in replicas:
@@ -128,8 +136,14 @@ async def scenario(proxy: Nginx, replicas: dict[str, Replica]) -> None:
             assert placed == {rid: PER_REPLICA for rid in replicas}, placed
             for rid, rep in replicas.items():
                 cap = httpx.get(rep.base + "/v1/capacity", timeout=10).json()
-                assert cap == {"replica_id": rid, "ready": True, "draining": False,
-                               "capacity": PER_REPLICA, "sessions": PER_REPLICA, "free_slots": 0}  # fmt: skip
+                assert cap == {
+                    "replica_id": rid,
+                    "ready": True,
+                    "draining": False,
+                    "capacity": PER_REPLICA,
+                    "sessions": PER_REPLICA,
+                    "free_slots": 0,
+                }
             full = await create()
             assert full.status_code == 503, full.text
             assert full.json()["code"] == "over_capacity"
@@ -166,13 +180,19 @@ async def scenario(proxy: Nginx, replicas: dict[str, Replica]) -> None:
                 hello = rd.stamped[0][1]
                 assert hello["type"] == "hello" and hello["session_id"] == d["session_id"]
                 sid = d["session_id"]
-                r = await http.post(f"/v1/sessions/{sid}/prompts", headers=auth(d),
-                                    json={"prompt": "the circle turns green", "mode": "cut"})  # fmt: skip
+                r = await http.post(
+                    f"/v1/sessions/{sid}/prompts",
+                    headers=auth(d),
+                    json={"prompt": "the circle turns green", "mode": "cut"},
+                )
                 assert r.status_code == 202, r.text
                 shot_id = r.json()["shot_id"]
-                await rd.wait(lambda rd=rd, shot_id=shot_id: any(
-                    m["type"] == "shot" and m["shot_id"] == shot_id for _, m in rd.stamped
-                ), f"the new shot on {rid}")  # fmt: skip
+                await rd.wait(
+                    lambda rd=rd, shot_id=shot_id: any(
+                        m["type"] == "shot" and m["shot_id"] == shot_id for _, m in rd.stamped
+                    ),
+                    f"the new shot on {rid}",
+                )
                 r = await http.get(f"/v1/sessions/{sid}", headers=auth(d))
                 assert r.status_code == 200 and r.json()["state"] == "streaming", r.text
             # a session id names its replica: another replica's id with this token is unknown
@@ -206,8 +226,11 @@ async def scenario(proxy: Nginx, replicas: dict[str, Replica]) -> None:
             ]
             assert await asyncio.to_thread(b.proc.wait, 60) == 0
             t_gone = time.monotonic()
-            ended = {e["session_id"]: e["reason"] for e in b.log_events()
-                     if e.get("event") == "session ended"}  # fmt: skip
+            ended = {
+                e["session_id"]: e["reason"]
+                for e in b.log_events()
+                if e.get("event") == "session ended"
+            }
             # its live sessions ended by the drain; any deleted earlier (how many rounds the
             # freed-slot search took depends on nginx's random start) ended as deleted
             want = {d["session_id"]: "draining" for d in by_owner[b.id]}
@@ -247,8 +270,11 @@ async def scenario(proxy: Nginx, replicas: dict[str, Replica]) -> None:
             # -- the proxy's log: every request of a session went to its owner, only -------------
             for d in (*sessions, *(x for ds in by_owner.values() for x in ds), late):
                 rep = replicas[owner(d["session_id"])]
-                mine = [q for q in proxy.requests()
-                        if q["path"].startswith(f"/v1/sessions/{d['session_id']}")]  # fmt: skip
+                mine = [
+                    q
+                    for q in proxy.requests()
+                    if q["path"].startswith(f"/v1/sessions/{d['session_id']}")
+                ]
                 assert all(q["upstream_addr"] == f"{rep.host}:{rep.port}" for q in mine), mine
             streams = {q["path"] for q in proxy.requests() if q["path"].endswith("/stream")}
             assert streams == {f"/v1/sessions/{d['session_id']}/stream" for d in watched.values()}

@@ -20,9 +20,13 @@ from tests.support.server import ServerProcess, StreamClient
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = ServerProcess(
-        tmp_path_factory.mktemp("abuse"), max_sessions=6, realtime_margin=50,
-        max_sessions_per_client=6, session_grace_s=20, chunks_per_shot=3,
-    ).wait_ready()  # fmt: skip
+        tmp_path_factory.mktemp("abuse"),
+        max_sessions=6,
+        realtime_margin=50,
+        max_sessions_per_client=6,
+        session_grace_s=20,
+        chunks_per_shot=3,
+    ).wait_ready()
     yield srv
     assert srv.stop() == 0
     assert "Traceback" not in srv.log(), srv.log()[-3000:]
@@ -132,8 +136,9 @@ def test_prompts_superseded_while_disconnected_are_still_answered(server):
             await c.chunks(1)
         ids = {}
         for name, mode in (("A", "cut"), ("B", "cut"), ("C", "queue")):
-            r = httpx.post(f"{base}/prompts", json={"prompt": f"shot {name}", "mode": mode},
-                           headers=auth(d))  # fmt: skip
+            r = httpx.post(
+                f"{base}/prompts", json={"prompt": f"shot {name}", "mode": mode}, headers=auth(d)
+            )
             assert r.status_code == 202
             ids[name] = r.json()["shot_id"]
         async with StreamClient(d["stream_url"], d["token"]) as c:

@@ -15,9 +15,13 @@ from tests.support.server import ServerProcess, StreamClient
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = ServerProcess(
-        tmp_path_factory.mktemp("srv"), max_sessions=6, realtime_margin=50, abuse_limit=4,
-        max_sessions_per_client=6, session_grace_s=3,
-    ).wait_ready()  # fmt: skip
+        tmp_path_factory.mktemp("srv"),
+        max_sessions=6,
+        realtime_margin=50,
+        abuse_limit=4,
+        max_sessions_per_client=6,
+        session_grace_s=3,
+    ).wait_ready()
     yield srv
     assert srv.stop() == 0
 
@@ -51,7 +55,7 @@ def auth(token):
         "prompt-limit",
         "binary",
         "resume-not-paused",
-    ],  # fmt: skip
+    ],
 )
 def test_bad_message_gets_an_error_and_the_stream_goes_on(server, frame, code):
     d = server.create(seed=1)
@@ -189,15 +193,21 @@ def test_malformed_and_oversized_bodies(server):
     )
     assert r.status_code == 413
     d = server.create(seed=7)
-    r = httpx.post(f"{server.base}/v1/sessions/{d['session_id']}/prompts", json={"prompt": "y" * 9000},
-                   headers=auth(d["token"]))  # fmt: skip
+    r = httpx.post(
+        f"{server.base}/v1/sessions/{d['session_id']}/prompts",
+        json={"prompt": "y" * 9000},
+        headers=auth(d["token"]),
+    )
     assert (
         r.status_code == 422
         and r.json()["code"] == "prompt_too_long"
         and "8000" in r.json()["detail"]
     )
-    r = httpx.post(f"{server.base}/v1/sessions/{d['session_id']}/prompts", json={"prompt": "ok", "mode": 3},
-                   headers=auth(d["token"]))  # fmt: skip
+    r = httpx.post(
+        f"{server.base}/v1/sessions/{d['session_id']}/prompts",
+        json={"prompt": "ok", "mode": 3},
+        headers=auth(d["token"]),
+    )
     assert r.status_code == 422
     httpx.delete(f"{server.base}/v1/sessions/{d['session_id']}", headers=auth(d["token"]))
     assert httpx.get(server.base + "/readyz").status_code == 200

@@ -75,8 +75,9 @@ def test_a_flood_of_unfinished_requests_cannot_use_up_the_servers_descriptors(tm
     ).wait_ready()
     socks: list[socket.socket] = []
     try:
-        [limit] = [e["max_connections"] for e in srv.log_events()
-                   if e["event"] == "connection limit"]  # fmt: skip
+        [limit] = [
+            e["max_connections"] for e in srv.log_events() if e["event"] == "connection limit"
+        ]
         assert limit == OPEN_FILES - FD_RESERVE  # descriptors kept for the server's own files
         socks = flood(srv.port, FLOOD)
         assert httpx.get(srv.base + "/readyz", timeout=60).status_code == 200
@@ -99,8 +100,10 @@ def test_requests_that_never_complete_are_closed_and_streams_are_not(tmp_path):
     while a stream connected before them all, a request that did arrive, goes on."""
     srv = ServerProcess(tmp_path, http_request_timeout_s=1, realtime_margin=50).wait_ready()
     socks: list[socket.socket] = []
-    unfinished = (b"GET /readyz HTTP/1.1\r\nHost: x\r\n",
-                  b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\n{")  # fmt: skip
+    unfinished = (
+        b"GET /readyz HTTP/1.1\r\nHost: x\r\n",
+        b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\n{",
+    )
     try:
         d = srv.create(seed=2)
 

@@ -27,9 +27,13 @@ PHASE_S = 15.0
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = ServerProcess(
-        tmp_path_factory.mktemp("fair"), max_sessions=3, realtime_margin=50,
-        max_sessions_per_client=8, lead_chunks=3, session_grace_s=30,
-    ).wait_ready()  # fmt: skip
+        tmp_path_factory.mktemp("fair"),
+        max_sessions=3,
+        realtime_margin=50,
+        max_sessions_per_client=8,
+        lead_chunks=3,
+        session_grace_s=30,
+    ).wait_ready()
     yield srv
     assert srv.stop() == 0
 
@@ -92,8 +96,9 @@ def test_an_abusive_client_does_not_slow_honest_viewers(server):
 
         async def go():
             until = time.monotonic() + PHASE_S
-            tasks = [honest(f"{d['stream_url']}?token={d['token']}", until)
-                     for d in honest_sessions]  # fmt: skip
+            tasks = [
+                honest(f"{d['stream_url']}?token={d['token']}", until) for d in honest_sessions
+            ]
             if bad is not None:
                 tasks.append(abuser(f"{bad['stream_url']}?token={bad['token']}", until))
             return await asyncio.gather(*tasks)

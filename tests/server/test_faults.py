@@ -29,8 +29,10 @@ def run(coro):
 
 
 def status(server: ServerProcess, d: dict) -> dict:
-    r = httpx.get(f"{server.base}/v1/sessions/{d['session_id']}",
-                  headers={"Authorization": f"Bearer {d['token']}"})  # fmt: skip
+    r = httpx.get(
+        f"{server.base}/v1/sessions/{d['session_id']}",
+        headers={"Authorization": f"Bearer {d['token']}"},
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -56,9 +58,13 @@ class RawStream:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before the handshake
         self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())  # fmt: skip
+        self.sock.sendall(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             head += self.sock.recv(1)

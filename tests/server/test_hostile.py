@@ -70,7 +70,9 @@ def test_rest_api_never_answers_500(edge_server, mode):
         response = case.call(base_url=edge_server.base, headers=headers)
         code = response.status_code
         assert code < 500 or (code == 503 and "retry-after" in response.headers), (
-            case.as_curl_command(), response.text[:300])  # fmt: skip
+            case.as_curl_command(),
+            response.text[:300],
+        )
         if 400 <= code < 500 and code != 405:
             assert response.json()["detail"], response.text
         if code == 201 and case.path == "/v1/sessions":
@@ -78,8 +80,9 @@ def test_rest_api_never_answers_500(edge_server, mode):
         if live:
             delete(edge_server, live)
 
-    fuzz = settings(max_examples=20, deadline=None, database=None,
-                    suppress_health_check=list(HealthCheck))  # fmt: skip
+    fuzz = settings(
+        max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     fuzzed = []
     for op in operations:
         try:
@@ -93,9 +96,11 @@ def test_rest_api_never_answers_500(edge_server, mode):
 # -- WebSocket: a property fuzzer over client frames --------------------------------------------
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
-)  # fmt: skip
+)
 # Everything a client may send but `stop` (it would end the session, not test it).
 TYPES = ["prompt", "pause", "resume", "ping", "teleport", "", "PROMPT"]
 frames = st.one_of(
@@ -161,8 +166,13 @@ def test_prompt_flood_is_rate_limited_and_every_acked_prompt_is_shown_or_dropped
             for i in range(60):
                 await c.send({"type": "prompt", "prompt": f"flood shot {i}", "ref": f"p{i}"})
             replies: dict[str, dict] = {}
-            await c.until(lambda m: (m.get("ref") or "").startswith("p")
-                          and replies.setdefault(m["ref"], m) and len(replies) == 60)  # fmt: skip
+            await c.until(
+                lambda m: (
+                    (m.get("ref") or "").startswith("p")
+                    and replies.setdefault(m["ref"], m)
+                    and len(replies) == 60
+                )
+            )
             acked = {m["shot_id"]: m for m in replies.values() if m["type"] == "prompt_ack"}
             shown, dropped = {}, {}
 
@@ -230,17 +240,23 @@ def test_malformed_tokens_and_keys_are_refused_not_crashed(edge_server):
     a, b = edge_server.create(seed=5), edge_server.create(seed=6)
     url = f"{edge_server.base}/v1/sessions/{a['session_id']}"
     bad = [
-        b"Bearer " + "é".encode("latin-1"), b"Bearer " + "ü".encode(), b"Bearer " + b"x" * 8000,
-        b"Bearer " + a["token"][:-1].encode(), b"Bearer " + a["token"].encode() + b"x",
-        b"Bearer " + b["token"].encode(), b"Token " + a["token"].encode(), b"Bearer",
-    ]  # fmt: skip
+        b"Bearer " + "é".encode("latin-1"),
+        b"Bearer " + "ü".encode(),
+        b"Bearer " + b"x" * 8000,
+        b"Bearer " + a["token"][:-1].encode(),
+        b"Bearer " + a["token"].encode() + b"x",
+        b"Bearer " + b["token"].encode(),
+        b"Token " + a["token"].encode(),
+        b"Bearer",
+    ]
     for value in bad:
         r = httpx.get(url, headers={"Authorization": value})
         assert r.status_code in (401, 404), (value[:20], r.status_code, r.text)
         assert r.json()["code"] in ("unauthorized", "unknown_session")
     for key in ("é".encode("latin-1"), "ü".encode(), b"x" * 8000, API_KEY[:-1].encode()):
-        r = httpx.post(f"{edge_server.base}/v1/sessions", json={"prompt": "p"},
-                       headers={"X-API-Key": key})  # fmt: skip
+        r = httpx.post(
+            f"{edge_server.base}/v1/sessions", json={"prompt": "p"}, headers={"X-API-Key": key}
+        )
         assert r.status_code == 401 and r.json()["code"] == "unauthorized", r.text
     assert httpx.post(f"{edge_server.base}/v1/sessions", json={"prompt": "p"}).status_code == 401
 
@@ -294,16 +310,36 @@ CONTROL = "".join(chr(c) for c in range(0x20)) + "\x7f\x85\u2028\u2029\u202e\ufe
 
 @pytest.mark.parametrize(
     "text",
-    [PLANES, CONTROL, "a\u0000b", "🎬 close-up shot 😀", "\ud800 lone surrogate \udfff",
-     "x" * 8000, "‮right-to-left‬ override", "<script>alert(1)</script>"],
-    ids=["every-plane", "controls", "nul", "emoji", "lone-surrogates", "at-the-limit", "bidi", "html"],
-)  # fmt: skip
+    [
+        PLANES,
+        CONTROL,
+        "a\u0000b",
+        "🎬 close-up shot 😀",
+        "\ud800 lone surrogate \udfff",
+        "x" * 8000,
+        "‮right-to-left‬ override",
+        "<script>alert(1)</script>",
+    ],
+    ids=[
+        "every-plane",
+        "controls",
+        "nul",
+        "emoji",
+        "lone-surrogates",
+        "at-the-limit",
+        "bidi",
+        "html",
+    ],
+)
 def test_any_unicode_prompt_is_taken_and_echoed_exactly(edge_server, text):
     """As a caption, a first shot and a mid-stream prompt: accepted (or a 422 that names
     the limit), and the `shot` message carries the text back unchanged."""
     body = json.dumps({"prompt": text, "shots": [text], "seed": 7})  # \\uXXXX escapes
-    r = httpx.post(f"{edge_server.base}/v1/sessions", content=body,
-                   headers={**KEY, "Content-Type": "application/json"})  # fmt: skip
+    r = httpx.post(
+        f"{edge_server.base}/v1/sessions",
+        content=body,
+        headers={**KEY, "Content-Type": "application/json"},
+    )
     assert r.status_code == 201, r.text
     d = r.json()
 
@@ -330,16 +366,24 @@ def test_a_chunked_body_over_the_limit_is_413(edge_server):
         for _ in range(40):
             yield b'{"prompt": "' + b"x" * 8192
 
-    r = httpx.post(f"{edge_server.base}/v1/sessions", content=body(),
-                   headers={**KEY, "Content-Type": "application/json"})  # fmt: skip
+    r = httpx.post(
+        f"{edge_server.base}/v1/sessions",
+        content=body(),
+        headers={**KEY, "Content-Type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["code"] == "body_too_large"
 
 
 def test_cors_allows_only_the_configured_origin(edge_server):
     def preflight(origin):
-        return httpx.options(f"{edge_server.base}/v1/sessions", headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type"})  # fmt: skip
+        return httpx.options(
+            f"{edge_server.base}/v1/sessions",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
 
     ok = preflight(ORIGIN)
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
@@ -352,8 +396,11 @@ def test_cors_allows_only_the_configured_origin(edge_server):
 # -- what the logs keep out ---------------------------------------------------------------------
 def test_info_logs_hold_no_prompt_text_and_no_token(edge_server):
     marker = "zebra-unlikely-marker-7c1e"
-    r = httpx.post(f"{edge_server.base}/v1/sessions",
-                   json={"prompt": f"caption {marker}", "shots": [f"shot {marker}"]}, headers=KEY)  # fmt: skip
+    r = httpx.post(
+        f"{edge_server.base}/v1/sessions",
+        json={"prompt": f"caption {marker}", "shots": [f"shot {marker}"]},
+        headers=KEY,
+    )
     d = r.json()
 
     async def go():
@@ -366,8 +413,11 @@ def test_info_logs_hold_no_prompt_text_and_no_token(edge_server):
             await c.closed()
 
     run(go())
-    httpx.post(f"{edge_server.base}/v1/sessions/{d['session_id']}/prompts",
-               json={"prompt": f"rest {marker}"}, headers=auth(d))  # fmt: skip
+    httpx.post(
+        f"{edge_server.base}/v1/sessions/{d['session_id']}/prompts",
+        json={"prompt": f"rest {marker}"},
+        headers=auth(d),
+    )
     log = edge_server.log()
     assert d["session_id"] in log  # the events were logged, with the session id
     assert marker not in log and d["token"] not in log and API_KEY not in log

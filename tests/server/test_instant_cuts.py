@@ -91,10 +91,21 @@ def test_a_cut_replaces_the_unplayed_video_and_the_file_holds_what_a_viewer_saw(
     cut = round(w.pts * 16)
     # ffprobe reads the file cleanly, with every frame announced but the withdrawn ones
     probe = subprocess.run(
-        ["ffprobe", "-v", "error", "-count_frames", "-show_entries", "stream=nb_read_frames",
-         "-of", "json", str(path)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_entries",
+            "stream=nb_read_frames",
+            "-of",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stderr == ""
     frames = decode(path)
     assert int(json.loads(probe.stdout)["streams"][0]["nb_read_frames"]) == len(frames)

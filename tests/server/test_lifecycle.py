@@ -80,8 +80,10 @@ def test_session_lifetime_is_enforced_while_streaming(tmp_path):
     and the 201 reply's `expires_at` is that limit, counted from the session's creation."""
     srv = ServerProcess(tmp_path, session_max_s=4, realtime_margin=50).wait_ready()
     d = srv.create(seed=2)
-    status = httpx.get(f"{srv.base}/v1/sessions/{d['session_id']}",
-                       headers={"Authorization": f"Bearer {d['token']}"}).json()  # fmt: skip
+    status = httpx.get(
+        f"{srv.base}/v1/sessions/{d['session_id']}",
+        headers={"Authorization": f"Bearer {d['token']}"},
+    ).json()
     created, expires = (datetime.fromisoformat(t) for t in (status["created_at"], d["expires_at"]))
     assert expires - created == timedelta(seconds=4)  # not the idle grace (30 s)
 

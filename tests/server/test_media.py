@@ -48,11 +48,16 @@ def moving_frames(n: int, height: int, width: int, start: int) -> np.ndarray:
 def ffprobe(path: Path) -> dict:
     """Decode every frame with ffprobe; stream facts plus per-frame pts and key flags."""
     cmd = [
-        "ffprobe", "-v", "error", "-count_frames", "-of", "json",
-        "-show_entries", "stream=nb_read_frames,codec_name,profile,level,r_frame_rate,width,height"
-        ":frame=pts_time,key_frame,pict_type",
+        "ffprobe",
+        "-v",
+        "error",
+        "-count_frames",
+        "-of",
+        "json",
+        "-show_entries",
+        "stream=nb_read_frames,codec_name,profile,level,r_frame_rate,width,height:frame=pts_time,key_frame,pict_type",
         str(path),
-    ]  # fmt: skip
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60)
     assert out.stderr == "", out.stderr  # any decode or demux complaint is a failure
     return json.loads(out.stdout)

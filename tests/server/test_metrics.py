@@ -96,16 +96,26 @@ def run(tmp_path_factory) -> Run:
             # a scrape can time out while a busy CPU generates, so count the ones after the run)
             wait_scraped_after(prom, time.time())
             wait_scraped_after(prom, time.time())
-            yield Run(text, parse(text), stream, d["session_id"], d["token"], first, visible,
-                      srv.log(), prom)  # fmt: skip
+            yield Run(
+                text,
+                parse(text),
+                stream,
+                d["session_id"],
+                d["token"],
+                first,
+                visible,
+                srv.log(),
+                prom,
+            )
     finally:
         assert srv.stop() == 0, srv.log()[-3000:]
 
 
 # -- the exposition -------------------------------------------------------------------------
 def test_promtool_check_metrics_passes(run):
-    out = subprocess.run([need("promtool"), "check", "metrics"], input=run.text,
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [need("promtool"), "check", "metrics"], input=run.text, capture_output=True, text=True
+    )
     assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
     # no `*_created` series beside every counter and histogram
     assert not [name for name, _ in run.samples if name.endswith("_created")]
@@ -209,12 +219,21 @@ def test_gpu_memory_gauge_on_cuda():
     runner = SimpleNamespace(
         pool=SimpleNamespace(breakdown=lambda: {"kv": 0, "decoder": 0}, bytes_in_use=0),
         memory_stats=lambda: {"allocated": 3 << 30, "reserved": 4 << 30},
-        bytes_per_session=lambda: 1 << 30, free_device_bytes=lambda: 8 << 30,
-    )  # fmt: skip
+        bytes_per_session=lambda: 1 << 30,
+        free_device_bytes=lambda: 8 << 30,
+    )
     metrics = Metrics()
-    manager = SimpleNamespace(runner=runner, settings=Settings(), cfg=get_preset("tiny"),
-                              metrics=metrics, active=[], sessions={}, ended={}, ready=True,
-                              draining=False)  # fmt: skip
+    manager = SimpleNamespace(
+        runner=runner,
+        settings=Settings(),
+        cfg=get_preset("tiny"),
+        metrics=metrics,
+        active=[],
+        sessions={},
+        ended={},
+        ready=True,
+        draining=False,
+    )
     Engine(manager)
     samples = parse(metrics.render().decode())
     assert value(samples, "shotstream_gpu_memory_bytes", kind="allocated") == 3 << 30
@@ -265,8 +284,9 @@ def test_prometheus_accepts_and_answers_every_dashboard_query(run):
         if set(METRIC_NAME.findall(expr)) <= exported:  # GPU memory is absent on CPU
             assert r.json()["data"]["result"], f"{title}: no data for {q}"
     # the frames counter as Prometheus stored it from the last scrape
-    r = httpx.get(run.prometheus + "/api/v1/query",
-                  params={"query": "shotstream_frames_sent_total"}).json()  # fmt: skip
+    r = httpx.get(
+        run.prometheus + "/api/v1/query", params={"query": "shotstream_frames_sent_total"}
+    ).json()
     assert float(r["data"]["result"][0]["value"][1]) == value(
         run.samples, "shotstream_frames_sent_total"
     )
@@ -311,8 +331,14 @@ def test_log_level_comes_from_the_setting(monkeypatch):
 
     monkeypatch.setenv("SHOTSTREAM_LOG_LEVEL", "warning")
     names = ("shotstream", "uvicorn", "uvicorn.error", "uvicorn.access")
-    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level,
-                 logging.getLogger(n).propagate) for n in names}  # fmt: skip
+    saved = {
+        n: (
+            logging.getLogger(n).handlers[:],
+            logging.getLogger(n).level,
+            logging.getLogger(n).propagate,
+        )
+        for n in names
+    }
     try:
         setup_logging(Settings().log_level)
         sessions = logging.getLogger("shotstream.sessions")

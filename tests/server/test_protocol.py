@@ -50,7 +50,7 @@ SERVER_MESSAGES: list[tuple[BaseModel, set[str]]] = [
             "fps",
             "next_seq",
             "features",
-        },  # fmt: skip
+        },
     ),
     (p.InitMessage(bytes=812), {"type", "bytes"}),
     (
@@ -86,10 +86,7 @@ SERVER_MESSAGES: list[tuple[BaseModel, set[str]]] = [
         p.PromptDroppedMessage(shot_id=7, reason="superseded by a later cut"),
         {"type", "shot_id", "reason"},
     ),
-    (
-        p.WithdrawMessage(seqs=[9, 10], pts=5.25, shot_id=8),
-        {"type", "seqs", "pts", "shot_id"},
-    ),
+    (p.WithdrawMessage(seqs=[9, 10], pts=5.25, shot_id=8), {"type", "seqs", "pts", "shot_id"}),
     (p.PongMessage(server_time=1_700_000_000.25), {"type", "server_time", "ref"}),
 ]
 
@@ -146,8 +143,7 @@ def test_fields_added_by_a_newer_peer_are_ignored() -> None:
     msg = parse_client_message('{"type": "ping", "client_time": 12.5}')
     assert msg == p.PingMessage()
     hello = parse_server_message(
-        '{"type":"hello","protocol":1,"session_id":"s","mime":"m","width":2,"height":2,'
-        '"fps":16,"resume_from_seq":4}'
+        '{"type":"hello","protocol":1,"session_id":"s","mime":"m","width":2,"height":2,"fps":16,"resume_from_seq":4}'
     )
     assert isinstance(hello, p.HelloMessage)
 

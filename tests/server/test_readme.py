@@ -71,8 +71,11 @@ def test_the_settings_table_command_prints_the_table_and_has_help():
     def run(*args):
         return subprocess.run(
             [sys.executable, "-m", "server.settings", *args],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     table = run("--markdown")
     assert table.returncode == 0 and table.stdout == settings_table() + "\n"

@@ -245,12 +245,14 @@ def test_cut_starts_at_the_next_chunk_and_queue_after_the_current_and_queued_sho
         # the queue moved behind the cut's shot, and the client is told
         assert (q1.starts_at_seq, q2.starts_at_seq) == (1 + per, 1 + 2 * per)
         acks = [
-            m for m in s.outbox.control
+            m
+            for m in s.outbox.control
             if m["type"] == "prompt_ack" and m["shot_id"] in (q1.shot_id, q2.shot_id)
-        ]  # fmt: skip
+        ]
         assert {m["shot_id"]: m["starts_at_seq"] for m in acks} == {
-            q1.shot_id: 1 + per, q2.shot_id: 1 + 2 * per,
-        }  # fmt: skip
+            q1.shot_id: 1 + per,
+            q2.shot_id: 1 + 2 * per,
+        }
         started = {}
         for t in range(1, 2 + 2 * per):
             keep_up(s)
@@ -411,8 +413,7 @@ def run_and_send(h, s, now: float, sent: bool = True) -> list:
         if work.starts_shot:
             msg = {"type": "shot", "shot": s.shot_index, "shot_id": work.prompt.shot_id}
             items.append(MediaItem(msg, None, work.seq))
-        msg = {"type": "chunk", "seq": work.seq, "pts": work.first_frame / fps,
-               "duration": n / fps}  # fmt: skip
+        msg = {"type": "chunk", "seq": work.seq, "pts": work.first_frame / fps, "duration": n / fps}
         items.append(MediaItem(msg, b"x" * 100, work.seq, n, n / fps))
         s.outbox.media.extend(items)
         if sent:

@@ -48,8 +48,17 @@ def test_an_api_key_no_client_could_send_is_refused_at_start(given_by, key):
     latin-1, curl the terminal's UTF-8, httpx refuses) and Bearer parsing splits on spaces,
     so such a key would lock every client out: the server says so and does not start. Its
     message names the setting, never the key."""
-    args = [sys.executable, "-m", "server.cli", "serve", "--preset", "tiny", "--no-warmup",
-            "--port", str(free_port())]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--preset",
+        "tiny",
+        "--no-warmup",
+        "--port",
+        str(free_port()),
+    ]
     env = {**os.environ}
     if given_by == "flag":
         args += ["--api-key", key]

@@ -39,9 +39,13 @@ def rss_bytes(pid: int) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = ServerProcess(
-        tmp_path_factory.mktemp("soak"), max_sessions=ADMITTED, max_sessions_per_client=64,
-        realtime_margin=50, chunks_per_shot=3, session_grace_s=2,
-    ).wait_ready()  # fmt: skip
+        tmp_path_factory.mktemp("soak"),
+        max_sessions=ADMITTED,
+        max_sessions_per_client=64,
+        realtime_margin=50,
+        chunks_per_shot=3,
+        session_grace_s=2,
+    ).wait_ready()
     yield srv
     assert srv.stop() == 0, srv.log()[-3000:]
     log = srv.log()
@@ -62,8 +66,14 @@ def settled(server: ServerProcess) -> dict:
 )
 def test_held_at_the_admission_limit_then_nothing_left(server, duration_s):
     before = settled(server)
-    cfg = LoadConfig(server=server.base, sessions=ADMITTED + 2, duration_s=duration_s,
-                     prompt_every_s=3.0, seed=duration_s, ramp_s=1.0)  # fmt: skip
+    cfg = LoadConfig(
+        server=server.base,
+        sessions=ADMITTED + 2,
+        duration_s=duration_s,
+        prompt_every_s=3.0,
+        seed=duration_s,
+        ramp_s=1.0,
+    )
     result = asyncio.run(run_load(cfg))
     after = settled(server)
     figures = {"run": "admission_limit", **result, "server_before": before, "server_after": after}
@@ -101,8 +111,7 @@ async def _one_session(client: ShotStreamClient, i: int) -> int:
 
 
 @pytest.mark.parametrize(
-    "sessions",
-    [pytest.param(24, id="brief"), pytest.param(120, id="soak", marks=pytest.mark.slow)],
+    "sessions", [pytest.param(24, id="brief"), pytest.param(120, id="soak", marks=pytest.mark.slow)]
 )
 def test_churn_of_sessions_leaves_memory_flat(server, sessions):
     async def churn(n: int, start: int) -> int:
@@ -121,9 +130,15 @@ def test_churn_of_sessions_leaves_memory_flat(server, sessions):
     chunks = asyncio.run(churn(sessions, warm))
     after = settled(server)
     growth = after["rss_mib"] - before["rss_mib"]
-    figures = {"run": "churn", "sessions": sessions, "chunks": chunks,
-               "wall_s": round(time.monotonic() - t0, 1), "server_before": before,
-               "server_after": after, "rss_growth_mib": round(growth, 1)}  # fmt: skip
+    figures = {
+        "run": "churn",
+        "sessions": sessions,
+        "chunks": chunks,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "server_before": before,
+        "server_after": after,
+        "rss_growth_mib": round(growth, 1),
+    }
     print(json.dumps(figures))
     assert chunks == 2 * sessions
     # a leaked session (its ~9 MiB of caches and decoder state, or its encoder and buffers)
@@ -141,9 +156,14 @@ def test_hostile_mix_beside_honest_load(tmp_path):
     from tests.server.test_fairness import abuser
 
     srv = ServerProcess(
-        tmp_path, max_sessions=3, realtime_margin=50, max_sessions_per_client=64,
-        lead_chunks=3, session_grace_s=5, chunks_per_shot=3,
-    ).wait_ready()  # fmt: skip
+        tmp_path,
+        max_sessions=3,
+        realtime_margin=50,
+        max_sessions_per_client=64,
+        lead_chunks=3,
+        session_grace_s=5,
+        chunks_per_shot=3,
+    ).wait_ready()
     duration = 180.0
     try:
 
@@ -158,18 +178,24 @@ def test_hostile_mix_beside_honest_load(tmp_path):
 
         async def go():
             until = time.monotonic() + duration
-            cfg = LoadConfig(server=srv.base, sessions=2, duration_s=duration,
-                             prompt_every_s=4.0, seed=7)  # fmt: skip
+            cfg = LoadConfig(
+                server=srv.base, sessions=2, duration_s=duration, prompt_every_s=4.0, seed=7
+            )
             return await asyncio.gather(run_load(cfg), abuse(until))
 
         result, rounds = asyncio.run(go())
         after = settled(srv)
         held = srv.wait_metric("shotstream_outbox_bytes", 0)
-        figures = {"run": "hostile_mix", **result, "abuse_rounds": len(rounds),
-                   "abuser_chunks": sum(r["chunks"] for r in rounds),
-                   "flood_closes": sum(r["flood_close"] == 4429 for r in rounds),
-                   "server_deadline_misses": srv.metric("shotstream_deadline_misses_total"),
-                   "server_after": after, "outbox_bytes_after": held}  # fmt: skip
+        figures = {
+            "run": "hostile_mix",
+            **result,
+            "abuse_rounds": len(rounds),
+            "abuser_chunks": sum(r["chunks"] for r in rounds),
+            "flood_closes": sum(r["flood_close"] == 4429 for r in rounds),
+            "server_deadline_misses": srv.metric("shotstream_deadline_misses_total"),
+            "server_after": after,
+            "outbox_bytes_after": held,
+        }
         print(json.dumps(figures))
         assert result["sessions_started"] == 2 and result["errors"] == {}, figures
         assert all(r["flood_close"] == 4429 for r in rounds) and rounds

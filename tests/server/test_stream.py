@@ -16,9 +16,14 @@ FPS = 16
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = ServerProcess(
-        tmp_path_factory.mktemp("srv"), chunks_per_shot=3, max_sessions=4, realtime_margin=50,
-        session_grace_s=2, fault_injection=True, max_sessions_per_client=8,
-    ).wait_ready()  # fmt: skip
+        tmp_path_factory.mktemp("srv"),
+        chunks_per_shot=3,
+        max_sessions=4,
+        realtime_margin=50,
+        session_grace_s=2,
+        fault_injection=True,
+        max_sessions_per_client=8,
+    ).wait_ready()
     yield srv
     assert srv.stop() == 0, srv.log()[-3000:]
 
@@ -92,9 +97,11 @@ def test_shot_continues_then_queued_prompt_starts_after_it(server):
     async def go():
         async with StreamClient(d["stream_url"], d["token"]) as c:
             await c.chunks(1)
-            r = httpx.post(f"{server.base}/v1/sessions/{d['session_id']}/prompts",
-                           json={"prompt": "close-up shot, the circle moves down", "mode": "queue"},
-                           headers={"Authorization": f"Bearer {d['token']}"})  # fmt: skip
+            r = httpx.post(
+                f"{server.base}/v1/sessions/{d['session_id']}/prompts",
+                json={"prompt": "close-up shot, the circle moves down", "mode": "queue"},
+                headers={"Authorization": f"Bearer {d['token']}"},
+            )
             assert r.status_code == 202, r.text
             acc = r.json()
             await c.until(lambda m: m["type"] == "chunk" and m["seq"] >= acc["starts_at_seq"] + 3)
@@ -185,8 +192,10 @@ def test_pool_returns_to_zero(server, how):
             await c.chunks(1)
             assert server.metric("shotstream_pool_bytes") > 0
             if how == "delete":
-                r = httpx.delete(f"{server.base}/v1/sessions/{d['session_id']}",
-                                 headers={"Authorization": f"Bearer {d['token']}"})  # fmt: skip
+                r = httpx.delete(
+                    f"{server.base}/v1/sessions/{d['session_id']}",
+                    headers={"Authorization": f"Bearer {d['token']}"},
+                )
                 assert r.status_code == 204
                 return await c.closed()
             c.ws.transport.abort()  # no close handshake: the peer just vanishes
@@ -249,8 +258,9 @@ def test_resume_replays_from_the_clients_last_seq_and_reacks_waiting_prompts(ser
             # two queued shots: the first may start before the reconnect (a tiny chunk
             # takes a fraction of its playout time); the second waits behind its 3 chunks
             for ref in ("q0", "q1"):
-                await c.send({"type": "prompt", "prompt": "close-up shot", "mode": "queue",
-                              "ref": ref})  # fmt: skip
+                await c.send(
+                    {"type": "prompt", "prompt": "close-up shot", "mode": "queue", "ref": ref}
+                )
             ack = await c.until(lambda m: m["type"] == "prompt_ack" and m.get("ref") == "q1")
             c.ws.transport.abort()
         last = got[0].message["seq"]  # pretend chunks after the first never arrived

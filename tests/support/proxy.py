@@ -124,8 +124,9 @@ http {{
         # -e: nginx >= 1.19.5 otherwise opens the default error log (not ours) first
         self.proc = subprocess.Popen(
             [binary, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
-            stdout=self._out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_up(self, timeout: float = 30.0) -> Nginx:
         deadline = time.monotonic() + timeout

@@ -59,10 +59,15 @@ class ServerProcess:
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
         limit = (open_files, open_files)
         self.proc = subprocess.Popen(
-            args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-            preexec_fn=None if open_files is None else
-            lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit),
-        )  # fmt: skip
+            args,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=None
+            if open_files is None
+            else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit),
+        )
         self.returncode: int | None = None
         self.api_key: str | None = settings.get("api_key")  # sent by `create`
 
@@ -120,8 +125,11 @@ class ServerProcess:
 
     def delete(self, d: dict) -> None:
         """End a session made by `create` (DELETE with its token); gone already is fine."""
-        httpx.delete(f"{self.base}/v1/sessions/{d['session_id']}",
-                     headers={"Authorization": f"Bearer {d['token']}"}, timeout=30)  # fmt: skip
+        httpx.delete(
+            f"{self.base}/v1/sessions/{d['session_id']}",
+            headers={"Authorization": f"Bearer {d['token']}"},
+            timeout=30,
+        )
 
     def create(self, **body) -> dict:
         body.setdefault("prompt", "a red circle on a blue background")
@@ -198,8 +206,10 @@ class StreamClient:
         while time.monotonic() < deadline:
             msg = await self.next(max(0.1, deadline - time.monotonic()))
             if msg is None:
-                raise AssertionError(f"closed ({self.stream.close_code} {self.stream.close_reason}) "
-                                     f"before the awaited message; saw {self.stream.messages[-5:]}")  # fmt: skip
+                raise AssertionError(
+                    f"closed ({self.stream.close_code} {self.stream.close_reason}) "
+                    f"before the awaited message; saw {self.stream.messages[-5:]}"
+                )
             if pred(msg):
                 return msg
         raise TimeoutError("awaited message did not come")
@@ -237,8 +247,21 @@ async def reconnect(url: str, timeout: float = 30) -> StreamClient:
 def ffprobe_frames(path: Path) -> list[dict]:
     """Decoded frames of a video file (pts_time, key_frame) by ffprobe."""
     out = subprocess.run(
-        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_frames",
-         "-show_entries", "frame=pts_time,key_frame,pict_type", "-of", "json", str(path)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_frames",
+            "-show_entries",
+            "frame=pts_time,key_frame,pict_type",
+            "-of",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)["frames"]
