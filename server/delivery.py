@@ -61,6 +61,7 @@ class Connection:
     dropped: int = 0  # messages dropped for the rate limit (the flood limit)
     farewell: dict[str, Any] | None = None  # the last message before closing, if replaced
     withdraw: bool = False  # feature `withdraw`: instant cuts (playhead in, withdraw out)
+    viewer_counts: bool = False  # feature `viewers`: told how many viewers watch
     sent_end_pts: float = 0.0  # end of the media sent on it (seconds): the playhead's bound
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 

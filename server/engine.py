@@ -211,6 +211,16 @@ class Engine:
                 "shotstream_pool_bytes", "All per-session device state in use.", pool.bytes_in_use
             ),
             gauge(
+                "shotstream_viewers",
+                "Viewer connections open (watch links), all sessions.",
+                sum(len(s.audience.conns) for s in active),
+            ),
+            gauge(
+                "shotstream_viewers_max_per_session",
+                "Viewer connections of the session with the most.",
+                max((len(s.audience.conns) for s in active), default=0),
+            ),
+            gauge(
                 "shotstream_outbox_bytes",
                 "Video segments held for streams: queued, and kept for resumes (ended sessions included).",
                 sum(x.outbox.bytes_held for x in (*m.sessions.values(), *m.ended.values())),

@@ -65,7 +65,16 @@ VERBS = ("text", "context", "prefill", "denoise", "refresh", "decode", "package"
 # dashboard see a series before the first event.
 REFUSE_REASONS = ("capacity", "quota", "draining", "not_ready")
 END_REASONS = ("deleted", "stopped", "idle", "expired", "failed", "draining", "shutdown")
-ERROR_KINDS = ("step", "oom", "encode", "engine", "slow_reader", "flood") + tuple(
+ERROR_KINDS = (
+    "step",
+    "oom",
+    "encode",
+    "engine",
+    "slow_reader",
+    "flood",
+    "slow_viewer",
+    "viewer_limit",
+) + tuple(
     "client_" + code  # bad client input (protocol.ErrorCode), counted per message
     for code in (
         "bad_json",
@@ -79,6 +88,7 @@ ERROR_KINDS = ("step", "oom", "encode", "engine", "slow_reader", "flood") + tupl
         "invalid_state",
         "rate_limited",
         "bad_playhead",
+        "forbidden",
     )
 )
 DROP_REASONS = ("superseded", "session")  # a later cut; the session ended
@@ -172,6 +182,16 @@ class Metrics:
         self.frames_withdrawn = Counter(
             "shotstream_frames_withdrawn_total",
             "Frames withdrawn by instant cuts, including the tails of chunks cut inside.",
+            registry=r,
+        )
+        self.viewer_bytes_sent = Counter(
+            "shotstream_viewer_bytes_sent_total",
+            "Media bytes (init and segments) sent to viewers: the fan-out, encoded once.",
+            registry=r,
+        )
+        self.viewer_chunks_skipped = Counter(
+            "shotstream_viewer_chunks_skipped_total",
+            "Chunks not sent to a viewer that fell behind (it skipped to the latest chunk).",
             registry=r,
         )
         self.errors = Counter("shotstream_errors_total", "Errors, by kind.", ["kind"], registry=r)

@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     TypeAdapter,
@@ -41,8 +42,11 @@ Mode: TypeAlias = Literal["cut", "queue"]
 # in `hello.features` when it enables them for that connection. Version 1 clients ask for
 # none and see none of their messages.
 FEATURE_WITHDRAW = "withdraw"  # instant cuts: `playhead` reports in, `withdraw` out
-FEATURES = (FEATURE_WITHDRAW,)
-SessionState: TypeAlias = Literal["waiting", "streaming", "paused", "ended", "failed"]
+FEATURE_VIEWERS = "viewers"  # the owner is told how many viewers watch (`viewers` messages)
+FEATURES = (FEATURE_WITHDRAW, FEATURE_VIEWERS)
+# `queued`: in the waiting room, not yet generating.
+SessionState: TypeAlias = Literal["queued", "waiting", "streaming", "paused", "ended", "failed"]
+Role: TypeAlias = Literal["owner", "viewer"]
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,13 @@ class ErrorCode:
     TOO_MANY_SHOTS = "too_many_shots"
     INVALID_STATE = "invalid_state"  # e.g. resume while not paused, prompt after stop
     TOO_MANY_ERRORS = "too_many_errors"
+    FORBIDDEN = "forbidden"  # a viewer token asked for what only the owner may do
     # Connection and session.
     UNAUTHORIZED = "unauthorized"
     UNKNOWN_SESSION = "unknown_session"
+    UNKNOWN_VIEWER = "unknown_viewer"  # no such watch link of this session
+    VIEWER_LIMIT = "viewer_limit"  # too many watch links or viewers (session or server)
+    NO_RECORDING = "no_recording"  # recording off, nothing recorded yet, or expired
     ALREADY_CONNECTED = "already_connected"
     REPLACED = "replaced"  # a newer connection of the session took over this one
     BAD_PLAYHEAD = "bad_playhead"  # a playhead the server did not send (ignored)
@@ -91,7 +99,8 @@ class ErrorCode:
 class CloseCode(IntEnum):
     """WebSocket close codes (application range 4000-4999); the reason repeats the error."""
 
-    UNAUTHORIZED = 4001  # missing or wrong token
+    UNAUTHORIZED = 4001  # missing or wrong token; a watch link revoked or expired
+    FORBIDDEN = 4003  # a viewer token on the owner's stream
     UNKNOWN_SESSION = 4004  # no such session, or it has ended
     ALREADY_CONNECTED = 4009  # a second stream connection (docs/design/protocol.md §12)
     REPLACED = 4010  # a newer connection with the session's token took over: do not reconnect
@@ -104,6 +113,8 @@ class CloseCode(IntEnum):
 
 _CLOSE_FOR_ERROR = {
     ErrorCode.UNAUTHORIZED: CloseCode.UNAUTHORIZED,
+    ErrorCode.FORBIDDEN: CloseCode.FORBIDDEN,
+    ErrorCode.VIEWER_LIMIT: CloseCode.DRAINING,  # 4503: full, try again later
     ErrorCode.UNKNOWN_SESSION: CloseCode.UNKNOWN_SESSION,
     ErrorCode.ALREADY_CONNECTED: CloseCode.ALREADY_CONNECTED,
     ErrorCode.REPLACED: CloseCode.REPLACED,
@@ -158,6 +169,11 @@ class CreateSessionRequest(_Schema):
     shots: list[Text] = Field(default_factory=list, description="first shot prompts, in order")
     seed: Seed | None = None
     mode: Mode = Field(default="cut", description="default for this session's prompts")
+    wait: StrictBool = Field(
+        default=False,
+        description="when the server is full, wait in its queue (`202`, state `queued`) "
+        "instead of a `503`",
+    )
 
 
 class CreateSessionResponse(_Schema):
@@ -182,6 +198,15 @@ class CreateSessionResponse(_Schema):
     truncated_tokens: int = Field(
         default=0, ge=0, description="text tokens cut from the prompt and shots together"
     )
+    state: SessionState = Field(
+        default="waiting", description="`queued` (a `202` reply: in the waiting room) or `waiting`"
+    )
+    queue_position: int | None = Field(
+        default=None, ge=1, description="queued: 1 = the next session to start"
+    )
+    estimated_wait_s: float | None = Field(
+        default=None, ge=0, description="queued: seconds until it is likely to start, if known"
+    )
 
 
 class SessionStatus(_Schema):
@@ -195,6 +220,15 @@ class SessionStatus(_Schema):
     queued_prompts: int = Field(ge=0)
     created_at: datetime
     error: str | None = None
+    viewers: int = Field(default=0, ge=0, description="viewer connections watching it now")
+    queue_position: int | None = Field(default=None, ge=1, description="while `queued`")
+    estimated_wait_s: float | None = Field(default=None, ge=0, description="while `queued`")
+    recording: str | None = Field(
+        default=None,
+        description="`recording` (so far complete), `complete` (the session ended and every "
+        "chunk is in it), `incomplete` (recording stopped: see the timeline's "
+        "`incomplete_reason`), or null (nothing recorded)",
+    )
 
 
 class PromptRequest(_Schema):
@@ -255,6 +289,47 @@ class CapacityInfo(_Schema):
     free_slots: int = Field(description="sessions it would admit now (0 unless ready)")
 
 
+class CreateViewerRequest(_Schema):
+    """`POST /v1/sessions/{id}/viewers` body (optional)."""
+
+    ttl_s: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="the link expires after this many seconds (at most `viewer_link_ttl_s`, "
+        "the default)",
+    )
+
+
+class ViewerLink(_Schema):
+    """`201` reply to `POST /v1/sessions/{id}/viewers`: a watch link for any number of viewers."""
+
+    viewer_id: str
+    token: str = Field(description="the link's own secret: read-only access to the session")
+    watch_url: str = Field(
+        description="the browser page in viewer mode; the token is in the URL's fragment, "
+        "which browsers never send to a server"
+    )
+    stream_url: str = Field(description="the viewers' WebSocket (`?token=` or Bearer)")
+    expires_at: datetime
+
+
+class ViewerInfo(_Schema):
+    """One watch link of a session, as its owner sees it (never its token)."""
+
+    viewer_id: str
+    expires_at: datetime
+    state: Literal["active", "revoked", "expired"]
+    connected: int = Field(ge=0, description="viewer connections open with this link")
+
+
+class ViewerList(_Schema):
+    """`GET /v1/sessions/{id}/viewers` reply."""
+
+    viewers: list[ViewerInfo]
+    connected: int = Field(ge=0, description="viewer connections open, all links together")
+
+
 class ErrorBody(_Schema):
     """Body of every REST error: a readable `detail` and, where known, an `ErrorCode`."""
 
@@ -294,8 +369,13 @@ class HelloMessage(_Schema):
     features: list[str] = Field(
         default_factory=list,
         description="optional protocol features enabled on this connection (asked for with "
-        "`?features=` on the stream URL): `withdraw` (instant cuts)",
+        "`?features=` on the stream URL): `withdraw` (instant cuts), `viewers` (viewer counts)",
     )
+    role: Role = Field(
+        default="owner",
+        description="`viewer` on a watch connection (read-only: docs/design/protocol.md §15)",
+    )
+    viewers: int = Field(default=0, ge=0, description="viewer connections watching now")
 
 
 class InitMessage(_Schema):
@@ -382,6 +462,34 @@ class WithdrawMessage(_Schema):
     shot_id: int = Field(description="the cut's prompt, whose shot replaces them")
 
 
+class ViewersMessage(_Schema):
+    """How many viewers watch the session now: sent to viewer connections, and to the
+    owner's with feature `viewers`, whenever the count changes."""
+
+    type: Literal["viewers"] = "viewers"
+    count: int = Field(ge=0)
+
+
+class SkippedMessage(_Schema):
+    """Viewer connections only: this viewer fell behind, so chunks `seqs` are not sent to
+    it; the stream goes on at `next_seq` (a segment that starts with a keyframe). In order
+    with the media."""
+
+    type: Literal["skipped"] = "skipped"
+    seqs: list[int]
+    next_seq: int = Field(ge=0)
+
+
+class QueuedMessage(_Schema):
+    """A session in the waiting room (created with `wait: true`): its place in the queue.
+    Sent instead of `hello` until the session starts, then `hello` follows."""
+
+    type: Literal["queued"] = "queued"
+    position: int = Field(ge=1, description="1 = the next session to start")
+    queue_length: int = Field(ge=1)
+    estimated_wait_s: float | None = Field(default=None, ge=0)
+
+
 class PongMessage(_Schema):
     """Answer to `ping`."""
 
@@ -444,6 +552,9 @@ ServerMessage: TypeAlias = Annotated[
     | EndedMessage
     | PromptDroppedMessage
     | WithdrawMessage
+    | ViewersMessage
+    | SkippedMessage
+    | QueuedMessage
     | PongMessage,
     Field(discriminator="type"),
 ]
@@ -464,6 +575,9 @@ SERVER_MESSAGE_TYPES: dict[str, type[BaseModel]] = {
         EndedMessage,
         PromptDroppedMessage,
         WithdrawMessage,
+        ViewersMessage,
+        SkippedMessage,
+        QueuedMessage,
         PongMessage,
     )
 }

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from server import protocol as P
 from server.delivery import Connection, MediaItem, Outbox, Packager, PlayoutClock, new_encoder
+from server.fanout import Audience, ViewerConnection, ViewerLink
 from server.media import H264Encoder
 from server.metrics import Metrics
 from server.runner import ModelRunner, OutOfMemory, StepResult, TokenReport
@@ -128,6 +129,7 @@ class Session:
         self.disconnected_at: float | None = now
         self.prompt_bucket = TokenBucket(settings.prompt_rate, 8)
         self.timer: asyncio.TimerHandle | None = None
+        self.audience = Audience()  # watch links and viewers (server/fanout.py)
 
     @property
     def alive(self) -> bool:
@@ -177,6 +179,22 @@ class SessionManager:
         ):
             return None
         return s
+
+    def find_reader(self, sid: str, token: str | None) -> tuple[Session, ViewerLink | None] | None:
+        """The session for its owner's token (link None) or one of its watch links'; None
+        for anything else. A revoked or expired link is refused (401) with its reason."""
+        s = self.sessions.get(sid) or self.ended.get(sid)
+        if s is None or token is None:
+            return None
+        if hmac.compare_digest(s.token.encode(), token.encode("utf-8", "surrogatepass")):
+            return s, None
+        link = s.audience.find(token)
+        if link is None:
+            return None
+        state = link.state(time.monotonic())
+        if state != "active":
+            raise Refused(401, P.ErrorCode.UNAUTHORIZED, f"this watch link was {state}")
+        return s, link
 
     @property
     def active(self) -> list[Session]:
@@ -436,6 +454,10 @@ class SessionManager:
         counted = s.outbox.sent_whole(item, keep=s.alive)  # an ended session keeps no video
         if counted and item.prompt is not None:
             m.prompts_applied.inc()
+        if not item.replay and s.alive:  # viewers get what the owner was sent, once
+            skipped = s.audience.deliver(item, self.settings.viewer_queue_chunks)
+            if skipped:
+                m.viewer_chunks_skipped.inc(skipped)
         if item.data is None:  # a `shot` or `withdraw` message
             return
         m.frames_sent.inc(item.frames)
@@ -473,6 +495,100 @@ class SessionManager:
                 f"playhead {pts:.3f} s is past the media sent ({conn.sent_end_pts:.3f} s)",
             )
         s.playhead = (pts, time.monotonic())
+
+    # -- viewers (docs/design/protocol.md §15) ------------------------------------------------
+    def mint_viewer(self, s: Session, ttl_s: float | None) -> ViewerLink:
+        """A new watch link of `s`; Refused when the session is over or has too many."""
+        if not s.alive and s.state != "queued":
+            raise Refused(409, P.ErrorCode.INVALID_STATE, f"session is {s.state}")
+        now = time.monotonic()
+        limit = self.settings.max_viewer_links
+        s.audience.prune(now, limit)
+        if len(s.audience.live_links(now)) >= limit:
+            self.metrics.errors.labels("viewer_limit").inc()
+            raise Refused(
+                429,
+                P.ErrorCode.VIEWER_LIMIT,
+                f"{limit} watch links are active; revoke one first",
+                retry_after=1,
+            )
+        ttl = min(ttl_s or self.settings.viewer_link_ttl_s, self.settings.viewer_link_ttl_s)
+        link = ViewerLink(
+            secrets.token_hex(8),
+            secrets.token_urlsafe(32),
+            now + ttl,
+            datetime.now(UTC) + timedelta(seconds=ttl),
+        )
+        s.audience.links[link.id] = link
+        log.info("watch link minted", extra={"session_id": s.id, "viewer_id": link.id})
+        return link
+
+    def revoke_viewer(self, s: Session, viewer_id: str) -> None:
+        """Revoke a watch link: its token stops working and its viewers are closed (4001)."""
+        link = s.audience.links.get(viewer_id)
+        if link is None:
+            raise Refused(404, P.ErrorCode.UNKNOWN_VIEWER, f"no watch link {viewer_id!r}")
+        link.revoked = True
+        msg = "this watch link was revoked"
+        err = P.ErrorMessage(code=P.ErrorCode.UNAUTHORIZED, message=msg, fatal=True)
+        for c in link.conns:
+            c.push_control(err.model_dump())
+            c.close_after_flush(int(P.CloseCode.UNAUTHORIZED), msg)
+        log.info("watch link revoked", extra={"session_id": s.id, "viewer_id": viewer_id})
+
+    def viewers(self, s: Session) -> P.ViewerList:
+        now = time.monotonic()
+        infos = [
+            P.ViewerInfo(
+                viewer_id=x.id, expires_at=x.expires_at, state=x.state(now), connected=len(x.conns)
+            )
+            for x in s.audience.links.values()
+        ]
+        return P.ViewerList(viewers=infos, connected=len(s.audience.conns))
+
+    def attach_viewer(self, s: Session, conn: ViewerConnection) -> None:
+        """A viewer connection joins at the latest chunk; Refused past the viewer limits."""
+        per_session = self.settings.max_viewers_per_session
+        total = sum(len(x.audience.conns) for x in self.sessions.values())
+        if len(s.audience.conns) >= per_session or total >= self.settings.max_viewers:
+            self.metrics.errors.labels("viewer_limit").inc()
+            which = (
+                f"this session has {per_session} viewers"
+                if len(s.audience.conns) >= per_session
+                else f"this server has {self.settings.max_viewers} viewers"
+            )
+            raise Refused(503, P.ErrorCode.VIEWER_LIMIT, f"{which}, the most it takes")
+        s.audience.conns.append(conn)
+        if conn.link is not None:
+            conn.link.conns.append(conn)
+        conn.queue.extend(s.audience.join_items(conn))
+        first = next((x.seq for x in conn.queue if x.data is not None), None)
+        conn.next_seq = (
+            first if first is not None else max(s.outbox.last_delivered_seq + 1, s.outbox.seq_floor)
+        )
+        log.info(
+            "viewer connected",
+            extra={"session_id": s.id, "viewer_id": conn.link.id if conn.link else "owner"},
+        )
+        self._count_viewers(s)
+
+    def detach_viewer(self, s: Session, conn: ViewerConnection) -> None:
+        if conn not in s.audience.conns:
+            return
+        s.audience.conns.remove(conn)
+        if conn.link is not None and conn in conn.link.conns:
+            conn.link.conns.remove(conn)
+        conn.queue.clear()
+        log.info("viewer disconnected", extra={"session_id": s.id, "skipped": conn.skipped})
+        if s.alive:
+            self._count_viewers(s)
+
+    def _count_viewers(self, s: Session) -> None:
+        msg = P.ViewersMessage(count=len(s.audience.conns)).model_dump()
+        for c in s.audience.conns:
+            c.push_control(msg)
+        if s.conn is not None and s.conn.viewer_counts:
+            self.send_control(s, msg)
 
     # -- control ----------------------------------------------------------------------------
     def pause(self, s: Session) -> None:
@@ -607,6 +723,14 @@ class SessionManager:
             conn.close_after_flush(code, error[1] if error else reason)
         else:
             s.outbox.drop_control()  # nobody to tell: a tombstone keeps no messages
+        if error:
+            last = P.ErrorMessage(code=error[0], message=error[1], fatal=True).model_dump()
+            vcode = close_code or int(P.close_code_for(error[0]))
+        else:
+            last = P.EndedMessage(reason=reason).model_dump()
+            vcode = close_code or (1001 if reason in ("draining", "shutdown") else 1000)
+        s.audience.close_all([last], vcode, error[1] if error else reason)
+        s.audience.join = []
         self.sessions.pop(s.id, None)
         self.ended[s.id] = s
         while len(self.ended) > 1000:
@@ -638,4 +762,5 @@ class SessionManager:
             queued_prompts=len(s.waiting_prompts()),
             created_at=s.created_at,
             error=s.error,
+            viewers=len(s.audience.conns),
         )

@@ -146,6 +146,41 @@ class Settings(BaseSettings):
         description="when a shot ends with no queued prompt: start a new shot of the same prompt, or pause",
     )
 
+    # -- viewers (docs/design/protocol.md §15) ----------------------------------------
+    max_viewers_per_session: int = Field(
+        8,
+        ge=0,
+        description="viewer connections (watch links) open at once on one session; past it a "
+        "new one is refused (`viewer_limit`, close 4503)",
+    )
+    max_viewers: int = Field(
+        256, ge=0, description="viewer connections open at once on this server, all sessions"
+    )
+    max_viewer_links: int = Field(
+        16,
+        ge=1,
+        description="watch links alive per session (not revoked, not expired); past it a "
+        "new one gets 429 `viewer_limit`",
+    )
+    viewer_link_ttl_s: float = Field(
+        3600.0,
+        gt=0,
+        description="how long a watch link is valid: the default, and the most a request "
+        "may ask for",
+    )
+    viewer_queue_chunks: int = Field(
+        4,
+        ge=1,
+        description="chunks queued for one viewer; a viewer further behind skips to the "
+        "latest chunk and is told (`skipped`)",
+    )
+    viewer_stall_s: float = Field(
+        10.0,
+        gt=0,
+        description="a viewer connection that takes longer than this to accept one message "
+        "is closed (4408); a viewer never slows the session or other viewers",
+    )
+
     # -- engine ----------------------------------------------------------------------
     cut_margin_s: float = Field(
         0.0,

@@ -143,6 +143,24 @@ ROWS: list[tuple[str, list[tuple[str, str, str, bool, list[tuple[str, str]]]]]] 
         ("Bytes sent", "Media bytes (init and segments) sent per second.", "Bps", False, [
             (f"sum(rate(shotstream_bytes_sent_total{SEL}[{RATE}]))", "sent"),
         ]),
+        ("Instant cuts", "Chunks and frames per minute withdrawn by cuts at a viewer's "
+         "playhead before they were played (sent or not).", "short", False, [
+            (per_minute("shotstream_chunks_withdrawn_total"), "chunks withdrawn"),
+            (per_minute("shotstream_frames_withdrawn_total"), "frames withdrawn"),
+        ]),
+    ]),
+    ("Viewers, recordings and the waiting room", [
+        ("Viewers", "Viewer connections of watch links, all sessions, and the most on one "
+         "session. Viewers cost no generation: each segment is encoded once.", "short", False, [
+            (f"sum(shotstream_viewers{SEL})", "viewers"),
+            (f"max(shotstream_viewers_max_per_session{SEL})", "most on one session"),
+        ]),
+        ("Fan-out", "Bytes per second sent to viewers (the same segments the owners get), "
+         "and chunks per minute skipped by viewers that fell behind (they jump to the "
+         "latest chunk).", "short", False, [
+            (f"sum(rate(shotstream_viewer_bytes_sent_total{SEL}[{RATE}]))", "bytes / s"),
+            (per_minute("shotstream_viewer_chunks_skipped_total"), "skipped chunks / min"),
+        ]),
     ]),
     ("Memory and errors", [
         ("Session state by kind", "Per-session device state in use: KV cache, decoder "
@@ -155,9 +173,14 @@ ROWS: list[tuple[str, list[tuple[str, str, str, bool, list[tuple[str, str]]]]]] 
             (f"sum by (kind) (shotstream_gpu_memory_bytes{SEL})", "GPU {{kind}}"),
             (f"sum(shotstream_outbox_bytes{SEL})", "video held for streams (host)"),
         ]),
-        ("Errors by kind", "Per minute: step, oom, encode, engine, slow_reader, flood, client_*.",
-         "short", True, [
+        ("Errors by kind", "Per minute: step, oom, encode, engine, slow_reader, flood, "
+         "slow_viewer, viewer_limit, client_*.", "short", True, [
             (per_minute("shotstream_errors_total", "kind"), "{{kind}}"),
+        ]),
+        ("Connections closed", "HTTP connections closed per minute before a complete "
+         "request: request_timeout (slowloris) and over_limit (max_connections).", "short",
+         True, [
+            (per_minute("shotstream_connections_closed_total", "reason"), "{{reason}}"),
         ]),
     ]),
 ]

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
 from server import protocol as P
+from server.fanout import ViewerLink
 from server.sessions import Refused, Session, SessionManager
 from server.state import AppState
 
@@ -46,19 +47,34 @@ def manager(request: Request) -> SessionManager:
     return m
 
 
-def authed_session(sid: str, request: Request) -> Session:
-    """The session named in the path, for the bearer token of its owner; 401 / 404 else.
-    An unknown session and a wrong token look the same: a session is visible only with
-    its token."""
+def _reader(sid: str, request: Request) -> tuple[Session, ViewerLink | None]:
     token = bearer(request.headers)
     if token is None:
         raise Refused(401, P.ErrorCode.UNAUTHORIZED, "missing 'Authorization: Bearer <token>'")
-    s = manager(request).get(sid, token)
-    if s is None:
+    found = manager(request).find_reader(sid, token)
+    if found is None:
         raise Refused(404, P.ErrorCode.UNKNOWN_SESSION, f"no session {sid!r} for this token")
+    return found
+
+
+def authed_session(sid: str, request: Request) -> Session:
+    """The session named in the path, for the bearer token of its owner; 401 / 404 else
+    (403 for one of its watch links' tokens: they only read). An unknown session and a
+    wrong token look the same: a session is visible only with its token."""
+    s, link = _reader(sid, request)
+    if link is not None:
+        raise Refused(
+            403, P.ErrorCode.FORBIDDEN, "a watch link can read this session, not change it"
+        )
     return s
+
+
+def readable_session(sid: str, request: Request) -> Session:
+    """The session named in the path, for its owner's token or a live watch link's."""
+    return _reader(sid, request)[0]
 
 
 State = Annotated[AppState, Depends(app_state)]
 Manager = Annotated[SessionManager, Depends(manager)]
 OwnedSession = Annotated[Session, Depends(authed_session)]
+ReadableSession = Annotated[Session, Depends(readable_session)]

@@ -1,4 +1,5 @@
-"""Session routes: create, read, prompt, pause, resume, delete (protocol v1 REST)."""
+"""Session routes: create, read, prompt, pause, resume, delete, and the watch links of
+docs/design/protocol.md §15 (protocol v1 REST)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server import protocol as P
-from server.api.deps import Manager, OwnedSession, State, bearer, client_key
+from server.api.deps import Manager, OwnedSession, ReadableSession, State, bearer, client_key
 from server.sessions import Refused
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 AUTH_ERRORS: dict[int | str, dict] = {401: {"model": P.ErrorBody}, 404: {"model": P.ErrorBody}}
+OWNER_ERRORS: dict[int | str, dict] = {**AUTH_ERRORS, 403: {"model": P.ErrorBody}}
+
+
+def base_urls(state: State, request: Request) -> tuple[str, str]:
+    """The base URL clients reach us at, and its WebSocket form (ws:// or wss://)."""
+    base = state.settings.public_url or str(request.base_url).rstrip("/")
+    return base, base.replace("https://", "wss://").replace("http://", "ws://")
 
 
 def check_api_key(state: State, request: Request) -> None:
@@ -40,8 +48,7 @@ async def create_session(req: P.CreateSessionRequest, request: Request, state: S
     client = client_key(request)
     m.admit(client)
     s, cut = await m.create(client, req)
-    base = state.settings.public_url or str(request.base_url).rstrip("/")
-    ws_base = base.replace("https://", "wss://").replace("http://", "ws://")
+    _, ws_base = base_urls(state, request)
     cfg = m.cfg
     return P.CreateSessionResponse(
         session_id=s.id,
@@ -58,7 +65,8 @@ async def create_session(req: P.CreateSessionRequest, request: Request, state: S
 
 
 @router.get("/{sid}", response_model=P.SessionStatus, responses=AUTH_ERRORS)
-async def get_session(s: OwnedSession, m: Manager):
+async def get_session(s: ReadableSession, m: Manager):
+    """The session's state; its owner's token or a watch link's."""
     return m.status(s)
 
 
@@ -67,7 +75,7 @@ async def get_session(s: OwnedSession, m: Manager):
     status_code=202,
     response_model=P.PromptAccepted,
     responses={
-        **AUTH_ERRORS,
+        **OWNER_ERRORS,
         409: {"model": P.ErrorBody},
         422: {"model": P.ErrorBody},
         429: {"model": P.ErrorBody},
@@ -84,13 +92,13 @@ async def post_prompt(req: P.PromptRequest, s: OwnedSession, m: Manager):
     )
 
 
-@router.delete("/{sid}", status_code=204, responses=AUTH_ERRORS)
+@router.delete("/{sid}", status_code=204, responses=OWNER_ERRORS)
 async def delete_session(s: OwnedSession, m: Manager):
     m.end(s, "deleted")
     return Response(status_code=204)
 
 
-@router.post("/{sid}/pause", status_code=204, responses=AUTH_ERRORS)
+@router.post("/{sid}/pause", status_code=204, responses=OWNER_ERRORS)
 async def pause_session(s: OwnedSession, m: Manager):
     """Stop generating (the stream's player should pause too); same as the `pause` message."""
     m.pause(s)
@@ -98,9 +106,48 @@ async def pause_session(s: OwnedSession, m: Manager):
 
 
 @router.post(
-    "/{sid}/resume", status_code=204, responses={**AUTH_ERRORS, 409: {"model": P.ErrorBody}}
+    "/{sid}/resume", status_code=204, responses={**OWNER_ERRORS, 409: {"model": P.ErrorBody}}
 )
 async def resume_session(s: OwnedSession, m: Manager):
     """Resume a paused session; same as the `resume` message."""
     m.resume(s)
+    return Response(status_code=204)
+
+
+# -- watch links (docs/design/protocol.md §15) ----------------------------------------------
+@router.post(
+    "/{sid}/viewers",
+    status_code=201,
+    response_model=P.ViewerLink,
+    responses={**OWNER_ERRORS, 409: {"model": P.ErrorBody}, 429: {"model": P.ErrorBody}},
+)
+async def create_viewer(
+    s: OwnedSession,
+    m: Manager,
+    state: State,
+    request: Request,
+    req: P.CreateViewerRequest | None = None,
+):
+    """Mint a watch link: any number of viewers watch the same stream with its token."""
+    link = m.mint_viewer(s, req.ttl_s if req else None)
+    base, ws_base = base_urls(state, request)
+    return P.ViewerLink(
+        viewer_id=link.id,
+        token=link.token,
+        watch_url=f"{base}/?watch={s.id}#token={link.token}",
+        stream_url=f"{ws_base}/v1/sessions/{s.id}/watch",
+        expires_at=link.expires_at,
+    )
+
+
+@router.get("/{sid}/viewers", response_model=P.ViewerList, responses=OWNER_ERRORS)
+async def list_viewers(s: OwnedSession, m: Manager):
+    """The session's watch links (never their tokens) and how many viewers each has."""
+    return m.viewers(s)
+
+
+@router.delete("/{sid}/viewers/{viewer_id}", status_code=204, responses=OWNER_ERRORS)
+async def revoke_viewer(viewer_id: str, s: OwnedSession, m: Manager):
+    """Revoke a watch link: its token stops working and its viewers are closed."""
+    m.revoke_viewer(s, viewer_id)
     return Response(status_code=204)

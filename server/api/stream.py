@@ -51,9 +51,17 @@ async def stream(ws: WebSocket, sid: str):
         return await refuse(
             P.ErrorCode.UNAUTHORIZED, "missing token (?token= or Authorization: Bearer)"
         )
-    s = m.get(sid, token)
-    if s is None:
+    try:
+        found = m.find_reader(sid, token)
+    except Refused as exc:  # a revoked or expired watch link
+        return await refuse(exc.code, exc.message)
+    if found is None:
         return await refuse(P.ErrorCode.UNKNOWN_SESSION, f"no session {sid!r} for this token")
+    s, link = found
+    if link is not None:
+        return await refuse(
+            P.ErrorCode.FORBIDDEN, "a watch link's token streams at /watch, not /stream"
+        )
     if not s.alive:
         return await refuse(P.ErrorCode.UNKNOWN_SESSION, f"session {sid} has {s.state}")
     if s.conn is not None:
@@ -61,7 +69,9 @@ async def stream(ws: WebSocket, sid: str):
         # (a frozen or vanished client), and a client resuming must not wait for that.
         m.replace_connection(s)
     conn = Connection(ws.send_text, ws.send_bytes, ws.close, time.monotonic())
-    conn.withdraw = P.FEATURE_WITHDRAW in _features(ws.query_params.get("features", ""))
+    features = _features(ws.query_params.get("features", ""))
+    conn.withdraw = P.FEATURE_WITHDRAW in features
+    conn.viewer_counts = P.FEATURE_VIEWERS in features
     m.attach(s, conn, _last_seq(ws.query_params.get("last_seq", "")))
     sender = asyncio.create_task(_sender(state, ws, s, conn), name=f"send-{sid}")
     try:
@@ -102,6 +112,7 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
     box = s.outbox
     try:
         features = [P.FEATURE_WITHDRAW] if conn.withdraw else []
+        features += [P.FEATURE_VIEWERS] if conn.viewer_counts else []
         hello = P.HelloMessage(
             session_id=s.id,
             mime=enc.mime,
@@ -110,6 +121,7 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
             fps=cfg.fps,
             next_seq=conn.next_seq,
             features=features,
+            viewers=len(s.audience.conns),
         )
         await _send_json(ws, hello.model_dump(), timeout)
         await _send_json(ws, P.InitMessage(bytes=len(init)).model_dump(), timeout)

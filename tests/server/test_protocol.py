@@ -50,6 +50,8 @@ SERVER_MESSAGES: list[tuple[BaseModel, set[str]]] = [
             "fps",
             "next_seq",
             "features",
+            "role",
+            "viewers",
         },
     ),
     (p.InitMessage(bytes=812), {"type", "bytes"}),
@@ -88,6 +90,12 @@ SERVER_MESSAGES: list[tuple[BaseModel, set[str]]] = [
     ),
     (p.WithdrawMessage(seqs=[9, 10], pts=5.25, shot_id=8), {"type", "seqs", "pts", "shot_id"}),
     (p.PongMessage(server_time=1_700_000_000.25), {"type", "server_time", "ref"}),
+    (p.ViewersMessage(count=3), {"type", "count"}),
+    (p.SkippedMessage(seqs=[4, 5], next_seq=6), {"type", "seqs", "next_seq"}),
+    (
+        p.QueuedMessage(position=2, queue_length=3, estimated_wait_s=40.0),
+        {"type", "position", "queue_length", "estimated_wait_s"},
+    ),
 ]
 
 CLIENT_MESSAGES: list[tuple[BaseModel, set[str]]] = [
@@ -190,17 +198,31 @@ def test_rest_bodies_round_trip() -> None:
         p.ErrorBody(
             detail="prompt is 9000 characters; the limit is 8000", code=ErrorCode.PROMPT_TOO_LONG
         ),
+        p.CreateViewerRequest(ttl_s=60.0),
+        p.ViewerLink(
+            viewer_id="v1",
+            token="t",
+            watch_url="/?watch=s1#token=t",
+            stream_url="/w",
+            expires_at=NOW,
+        ),
+        p.ViewerList(
+            viewers=[p.ViewerInfo(viewer_id="v1", expires_at=NOW, state="active", connected=2)],
+            connected=2,
+        ),
     ]
     for body in bodies:
         assert type(body).model_validate_json(body.model_dump_json()) == body
         type(body).model_json_schema()  # OpenAPI needs a schema for every body
     status = json.loads(bodies[2].model_dump_json())
     assert set(status) == keys(
-        "session_id state shot chunk_seq frames_sent queued_prompts created_at error"
+        "session_id state shot chunk_seq frames_sent queued_prompts created_at error "
+        "viewers queue_position estimated_wait_s recording"
     )
     created = json.loads(bodies[1].model_dump_json())
     assert set(created) == keys(
-        "session_id token stream_url expires_at grace_s preset width height fps truncated_tokens"
+        "session_id token stream_url expires_at grace_s preset width height fps truncated_tokens "
+        "state queue_position estimated_wait_s"
     )
     assert datetime.fromisoformat(created["expires_at"]) == NOW
 
