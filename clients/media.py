@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 from collections import deque
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -56,6 +55,8 @@ class FragmentWriter:
         self.segments -= len(gone)
         keep = cut_frame - first.first_frame
         if keep > 0:
+            from server.media import trim_segment  # PyAV and numpy: imported when needed
+
             self.write_segment(trim_segment(first.data, keep), first.first_frame, keep)
             removed -= keep
         return removed
@@ -113,48 +114,3 @@ def remux_faststart(src: Path, dst: Path) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     return packets
-
-
-def _boxes(data: bytes, start: int, end: int) -> dict[bytes, tuple[int, int]]:
-    """The (start, end) of each top-level box between `start` and `end`, by type."""
-    out, pos = {}, start
-    while pos + 8 <= end:
-        size, kind = struct.unpack_from(">I4s", data, pos)
-        if size < 8 or pos + size > end:
-            raise ValueError(f"a malformed {kind!r} box")
-        out[kind] = (pos, pos + size)
-        pos += size
-    return out
-
-
-def trim_segment(data: bytes, keep: int) -> bytes:
-    """A media segment (`moof` with one `traf` and a `trun` of per-sample sizes, then
-    `mdat`, as the server writes them) cut to its first `keep` samples: the frames before
-    a cut. The first sample is the IDR the rest depends on, so the kept ones decode."""
-    top = _boxes(data, 0, len(data))
-    m0, m1 = top[b"moof"]
-    moof = _boxes(data, m0 + 8, m1)
-    t0, t1 = moof[b"traf"]
-    traf = _boxes(data, t0 + 8, t1)
-    r0, r1 = traf[b"trun"]
-    flags = int.from_bytes(data[r0 + 9 : r0 + 12], "big")
-    count = struct.unpack_from(">I", data, r0 + 12)[0]
-    if flags != 0x000601 or not 0 < keep <= count:
-        raise ValueError(f"cannot keep {keep} of {count} samples (trun flags {flags:#x})")
-    entries = data[r0 + 20 : r0 + 20 + 8 * count]
-    sizes = [struct.unpack_from(">I", entries, 8 * i)[0] for i in range(count)]
-    mdat0 = top[b"mdat"][0]
-    samples = data[mdat0 + 8 : mdat0 + 8 + sum(sizes[:keep])]
-    shrink = 8 * (count - keep)
-    moof_size = (m1 - m0) - shrink
-    trun = (
-        struct.pack(">I4s", (r1 - r0) - shrink, b"trun")
-        + data[r0 + 8 : r0 + 12]
-        + struct.pack(">Ii", keep, moof_size + 8)
-        + entries[: 8 * keep]
-    )
-    traf_box = (
-        struct.pack(">I4s", (t1 - t0) - shrink, b"traf") + data[t0 + 8 : r0] + trun + data[r1:t1]
-    )
-    moof_box = struct.pack(">I4s", moof_size, b"moof") + data[m0 + 8 : t0] + traf_box + data[t1:m1]
-    return moof_box + struct.pack(">I4s", 8 + len(samples), b"mdat") + samples

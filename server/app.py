@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from server import protocol as P
-from server.api import ops, sessions, stream, watch
+from server.api import ops, recordings, sessions, stream, watch
 from server.api.deps import error_response
 from server.runner import ModelRunner
 from server.sessions import Refused
@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
     app.include_router(sessions.router)
     app.include_router(stream.router)
     app.include_router(watch.router)
+    app.include_router(recordings.router)
     app.include_router(ops.router)
     if settings.fault_injection:
         app.include_router(ops.debug_router)

@@ -93,6 +93,7 @@ ERROR_KINDS = (
 )
 DROP_REASONS = ("superseded", "session")  # a later cut; the session ended
 CONNECTION_CLOSE_REASONS = ("request_timeout", "over_limit")  # server/connections.py
+RECORDING_STOP_REASONS = ("disk_full", "budget", "write_error")  # server/recording.py
 
 
 class Metrics:
@@ -194,6 +195,12 @@ class Metrics:
             "Chunks not sent to a viewer that fell behind (it skipped to the latest chunk).",
             registry=r,
         )
+        self.recordings_incomplete = Counter(
+            "shotstream_recordings_incomplete_total",
+            "Recordings stopped before their session ended (the stream went on), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.errors = Counter("shotstream_errors_total", "Errors, by kind.", ["kind"], registry=r)
         self.connections_closed = Counter(
             "shotstream_connections_closed_total",
@@ -208,6 +215,7 @@ class Metrics:
             (self.prompts_dropped, DROP_REASONS),
             (self.errors, ERROR_KINDS),
             (self.connections_closed, CONNECTION_CLOSE_REASONS),
+            (self.recordings_incomplete, RECORDING_STOP_REASONS),
         ):
             for value in values:
                 labelled.labels(value)

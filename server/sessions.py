@@ -27,6 +27,7 @@ from server.delivery import Connection, MediaItem, Outbox, Packager, PlayoutCloc
 from server.fanout import Audience, ViewerConnection, ViewerLink
 from server.media import H264Encoder
 from server.metrics import Metrics
+from server.recording import Recorder
 from server.runner import ModelRunner, OutOfMemory, StepResult, TokenReport
 from server.settings import Settings
 
@@ -157,6 +158,7 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self.ended: dict[str, Session] = {}  # tombstones for GET after the end
         self.engine: Engine | None = None
+        self.recorder: Recorder | None = None  # set by AppState once the model is loaded
         self.ready = False
         self.draining = False
         self.packager = Packager(encode_pool, metrics)
@@ -184,6 +186,8 @@ class SessionManager:
         """The session for its owner's token (link None) or one of its watch links'; None
         for anything else. A revoked or expired link is refused (401) with its reason."""
         s = self.sessions.get(sid) or self.ended.get(sid)
+        if s is None and self.recorder is not None:  # its record is gone, its recording kept
+            s = self.recorder.session_of(sid)
         if s is None or token is None:
             return None
         if hmac.compare_digest(s.token.encode(), token.encode("utf-8", "surrogatepass")):
@@ -454,10 +458,12 @@ class SessionManager:
         counted = s.outbox.sent_whole(item, keep=s.alive)  # an ended session keeps no video
         if counted and item.prompt is not None:
             m.prompts_applied.inc()
-        if not item.replay and s.alive:  # viewers get what the owner was sent, once
+        if not item.replay and s.alive:  # viewers and the recording get what the owner was sent
             skipped = s.audience.deliver(item, self.settings.viewer_queue_chunks)
             if skipped:
                 m.viewer_chunks_skipped.inc(skipped)
+            if self.recorder is not None:
+                self.recorder.delivered(s, item)
         if item.data is None:  # a `shot` or `withdraw` message
             return
         m.frames_sent.inc(item.frames)
@@ -731,6 +737,8 @@ class SessionManager:
             vcode = close_code or (1001 if reason in ("draining", "shutdown") else 1000)
         s.audience.close_all([last], vcode, error[1] if error else reason)
         s.audience.join = []
+        if self.recorder is not None:
+            self.recorder.finish(s, reason)
         self.sessions.pop(s.id, None)
         self.ended[s.id] = s
         while len(self.ended) > 1000:
@@ -763,4 +771,5 @@ class SessionManager:
             created_at=s.created_at,
             error=s.error,
             viewers=len(s.audience.conns),
+            recording=self.recorder.state_of(s.id) if self.recorder else None,
         )

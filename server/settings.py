@@ -181,6 +181,28 @@ class Settings(BaseSettings):
         "is closed (4408); a viewer never slows the session or other viewers",
     )
 
+    # -- recordings (docs/design/protocol.md §16) -------------------------------------
+    recording: bool = Field(
+        True,
+        description="record what each session's owner is sent (its segments and a shot "
+        "timeline) for `GET .../recording.mp4` and `.../timeline.json`",
+    )
+    recordings_dir: str | None = Field(
+        None,
+        description="where recordings go (a folder of this process inside it, removed at exit; "
+        "one a crashed process left is removed at the next start); none = the system's "
+        "temporary folder",
+    )
+    recording_budget_bytes: int = Field(
+        268435456,
+        ge=0,
+        description="disk for recordings, all sessions together; a session whose next "
+        "segment does not fit stops recording (marked incomplete) and streams on",
+    )
+    recording_retention_s: float = Field(
+        600.0, ge=0, description="a recording is deleted this long after its session ended"
+    )
+
     # -- engine ----------------------------------------------------------------------
     cut_margin_s: float = Field(
         0.0,
@@ -224,7 +246,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="log level: debug, info, warning, error")
     log_prompts: bool = Field(False, description="include prompt text in info-level logs")
 
-    @field_validator("weights", "api_key", "public_url", mode="before")
+    @field_validator("weights", "api_key", "public_url", "recordings_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         # `SHOTSTREAM_WEIGHTS=` (e.g. a compose override of an image default) means "none".

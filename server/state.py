@@ -20,6 +20,7 @@ from model.config import get_preset
 from server.delivery import new_encoder
 from server.engine import Engine
 from server.metrics import Metrics
+from server.recording import Recorder
 from server.runner import ModelRunner
 from server.sessions import SessionManager
 from server.settings import Settings
@@ -37,6 +38,7 @@ class AppState:
         self.runner = runner
         self.manager: SessionManager | None = None
         self.engine: Engine | None = None
+        self.recorder: Recorder | None = None
         self.encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shotstream-encode")
         self.text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shotstream-text")
         self.bring_up: asyncio.Task | None = None
@@ -80,6 +82,9 @@ class AppState:
                 )
             runner = self.runner
             self.manager = SessionManager(s, runner, self.metrics, self.encode_pool, self.text_pool)
+            self.recorder = Recorder(s, self.metrics, runner.cfg)
+            self.recorder.start()
+            self.manager.recorder = self.recorder
             self.engine = Engine(self.manager)
             self.engine.start()
             self.metrics.build_info.info(
@@ -155,6 +160,8 @@ class AppState:
                 self.manager.end(sess, "shutdown")
         if self.engine:
             await self.engine.stop()
+        if self.recorder:
+            await self.recorder.close()
         if self.runner:
             await asyncio.to_thread(self.runner.shutdown)
             log.info(

@@ -161,6 +161,17 @@ ROWS: list[tuple[str, list[tuple[str, str, str, bool, list[tuple[str, str]]]]]] 
             (f"sum(rate(shotstream_viewer_bytes_sent_total{SEL}[{RATE}]))", "bytes / s"),
             (per_minute("shotstream_viewer_chunks_skipped_total"), "skipped chunks / min"),
         ]),
+        ("Recordings", "Recordings kept on disk, and the disk they use (segments and cached "
+         "MP4s) against recording_budget_bytes.", "bytes", False, [
+            (f"sum(shotstream_recording_bytes{SEL})", "disk used"),
+        ]),
+        ("Recordings kept and stopped", "Recordings on disk (deleted recording_retention_s "
+         "after their session), and recordings stopped early per minute, by reason: "
+         "disk_full, budget, write_error (their streams went on).", "short", False, [
+            (f"sum(shotstream_recordings{SEL})", "kept"),
+            (per_minute("shotstream_recordings_incomplete_total", "reason"),
+             "stopped: {{reason}}"),
+        ]),
     ]),
     ("Memory and errors", [
         ("Session state by kind", "Per-session device state in use: KV cache, decoder "

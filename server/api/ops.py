@@ -114,15 +114,22 @@ debug_router = APIRouter(include_in_schema=False)
 
 @debug_router.post("/v1/debug/faults")
 async def inject_fault(body: dict[str, Any], state: State):
-    """TESTS ONLY: make a session's next step raise, or crash the engine loop."""
+    """TESTS ONLY: make a session's next step raise, its recording's next write fail
+    (`disk_full`; `partial`: half of it written first), or crash the engine loop."""
     kind = body.get("kind")
     if kind == "engine" and state.engine is not None:
         state.engine.crash_requested = True
         state.engine.wake()
     elif kind in ("exception", "oom") and isinstance(body.get("session_id"), str) and state.runner:
         state.runner.faults[body["session_id"]] = kind
+    elif kind in ("disk_full", "partial") and isinstance(body.get("session_id"), str):
+        if state.recorder is None:
+            raise Refused(409, P.ErrorCode.INVALID_STATE, "not recording")
+        state.recorder.faults[body["session_id"]] = kind  # its recording's next write fails
     else:
         raise Refused(
-            422, P.ErrorCode.BAD_MESSAGE, "kind: exception|oom (with session_id) or engine"
+            422,
+            P.ErrorCode.BAD_MESSAGE,
+            "kind: exception|oom|disk_full|partial (with session_id) or engine",
         )
     return {"injected": kind}
