@@ -73,7 +73,7 @@ class Engine:
         m = self.manager
         m.ready = False
         m.metrics.errors.labels("engine").inc()
-        for s in list(m.active):
+        for s in [*m.waiting, *m.active]:
             m.end(s, "failed", error=("internal", f"the generation engine failed: {self.failed!r}"))
         # No loop runs their release any more: free every ended session's state now.
         for s in m.ended.values():
@@ -209,6 +209,11 @@ class Engine:
             ),
             gauge(
                 "shotstream_pool_bytes", "All per-session device state in use.", pool.bytes_in_use
+            ),
+            gauge(
+                "shotstream_queue_length",
+                "Sessions in the waiting room (created with wait while this replica was full).",
+                len(m.waiting),
             ),
             gauge(
                 "shotstream_viewers",

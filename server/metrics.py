@@ -63,8 +63,18 @@ SEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 VERBS = ("text", "context", "prefill", "denoise", "refresh", "decode", "package")
 # Label values known up front are exported at 0 from the start, so `rate()` and the
 # dashboard see a series before the first event.
-REFUSE_REASONS = ("capacity", "quota", "draining", "not_ready")
-END_REASONS = ("deleted", "stopped", "idle", "expired", "failed", "draining", "shutdown")
+REFUSE_REASONS = ("capacity", "quota", "draining", "not_ready", "queue_full")
+END_REASONS = (
+    "deleted",
+    "stopped",
+    "idle",
+    "expired",
+    "failed",
+    "draining",
+    "shutdown",
+    "wait_timeout",
+)
+WAIT_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 ERROR_KINDS = (
     "step",
     "oom",
@@ -134,6 +144,17 @@ class Metrics:
         )
         self.sessions_created = Counter(
             "shotstream_sessions_created_total", "Sessions created.", registry=r
+        )
+        self.queue_wait = Histogram(
+            "shotstream_queue_wait_seconds",
+            "Time a session waited in the waiting room before it started.",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.sessions_queued = Counter(
+            "shotstream_sessions_queued_total",
+            "Sessions created into the waiting room (the replica was full).",
+            registry=r,
         )
         self.sessions_refused = Counter(
             "shotstream_sessions_refused_total",

@@ -44,7 +44,7 @@ Mode: TypeAlias = Literal["cut", "queue"]
 FEATURE_WITHDRAW = "withdraw"  # instant cuts: `playhead` reports in, `withdraw` out
 FEATURE_VIEWERS = "viewers"  # the owner is told how many viewers watch (`viewers` messages)
 FEATURES = (FEATURE_WITHDRAW, FEATURE_VIEWERS)
-# `queued`: in the waiting room, not yet generating.
+# `queued`: in the waiting room (docs/design/protocol.md §17), not yet generating.
 SessionState: TypeAlias = Literal["queued", "waiting", "streaming", "paused", "ended", "failed"]
 Role: TypeAlias = Literal["owner", "viewer"]
 

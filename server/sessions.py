@@ -30,6 +30,7 @@ from server.metrics import Metrics
 from server.recording import Recorder
 from server.runner import ModelRunner, OutOfMemory, StepResult, TokenReport
 from server.settings import Settings
+from server.waiting import WaitingRoom
 
 if TYPE_CHECKING:  # the engine and scheduler import this module
     from server.engine import Engine
@@ -99,7 +100,12 @@ class Session:
         self.created_mono = now
         self.created_at = datetime.now(UTC)
         self.expires_mono = now + settings.session_max_s
+        self.expires_at = self.created_at + timedelta(seconds=settings.session_max_s)
         self.state = "waiting"
+        self.admitted_mono: float | None = now  # None while in the waiting room
+        self.queued_mono: float | None = None  # when it entered the waiting room
+        self.queue_changed = asyncio.Event()  # its place moved, it started, or it ended
+        self.queue_waiter: object | None = None  # the stream connection waiting with it
         self.error: str | None = None
         self.end_reason: str | None = None
         self.released = False  # device state and encoder given back
@@ -156,6 +162,9 @@ class SessionManager:
         self.text_pool = text_pool  # caption cleaning and tokenizing, off the event loop
         self.cfg = runner.cfg
         self.sessions: dict[str, Session] = {}
+        self.waiting = WaitingRoom()  # queued sessions, in order (server/waiting.py)
+        self._queue_tick: asyncio.TimerHandle | None = None
+        self._queue_pending = 0  # places promised by `admit`, not yet taken by `create`
         self.ended: dict[str, Session] = {}  # tombstones for GET after the end
         self.engine: Engine | None = None
         self.recorder: Recorder | None = None  # set by AppState once the model is loaded
@@ -208,8 +217,10 @@ class SessionManager:
     def capacity(self) -> int:
         return self.engine.capacity() if self.engine else 0
 
-    def admit(self, client: str) -> None:
-        """Raise Refused unless one more session can be kept real time, for this client too."""
+    def admit(self, client: str, wait: bool = False) -> bool:
+        """Raise Refused unless one more session can be kept real time, for this client too.
+        With `wait` (the request asked to wait), a full replica answers True instead: the
+        session is to wait in the waiting room (docs/design/protocol.md §17)."""
         if self.draining or not self.ready:
             reason = "draining" if self.draining else "not_ready"
             self.metrics.sessions_refused.labels(reason).inc()
@@ -219,7 +230,7 @@ class SessionManager:
                 f"server is {'draining' if self.draining else 'warming up'}; try another replica or later",
                 retry_after=5,
             )
-        mine = sum(1 for s in self.active if s.client == client)
+        mine = sum(1 for s in (*self.active, *self.waiting) if s.client == client)
         if mine >= self.settings.max_sessions_per_client:
             self.metrics.sessions_refused.labels("quota").inc()
             raise Refused(
@@ -228,15 +239,30 @@ class SessionManager:
                 f"{mine} sessions open for this client; the limit is {self.settings.max_sessions_per_client}",
                 retry_after=self.retry_after(),
             )
+        self._admit_waiting()  # a free slot goes to those waiting first
         cap = self.capacity()
-        if len(self.active) >= cap:
-            self.metrics.sessions_refused.labels("capacity").inc()
+        if len(self.active) + len(self.waiting) < cap:
+            return False
+        room = self.settings.queue_max_length
+        if wait and room:
+            if len(self.waiting) + self._queue_pending < room:
+                self._queue_pending += 1  # held while its captions are checked
+                return True
+            self.metrics.sessions_refused.labels("queue_full").inc()
             raise Refused(
                 503,
                 P.ErrorCode.OVER_CAPACITY,
-                f"all {cap} real-time session slots are in use",
+                f"all {cap} real-time session slots are in use and {len(self.waiting)} "
+                f"sessions wait for one, the most the waiting room holds",
                 retry_after=self.retry_after(),
             )
+        self.metrics.sessions_refused.labels("capacity").inc()
+        raise Refused(
+            503,
+            P.ErrorCode.OVER_CAPACITY,
+            f"all {cap} real-time session slots are in use",
+            retry_after=self.retry_after(),
+        )
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely free: the soonest idle expiry, else a few chunks."""
@@ -249,11 +275,18 @@ class SessionManager:
         return max(1.0, min(soonest)) if soonest else 10.0
 
     # -- creation ----------------------------------------------------------------------
-    async def create(self, client: str, req: P.CreateSessionRequest) -> tuple[Session, int]:
-        """A new session (after `admit`); returns it and the tokens cut from its captions."""
-        P.validate_create(req, self.limits)
-        shots = list(req.shots) or [""]
-        reports = await self._check_captions(req.prompt, list(enumerate(shots)))
+    async def create(
+        self, client: str, req: P.CreateSessionRequest, queued: bool = False
+    ) -> tuple[Session, int]:
+        """A new session (after `admit`; `queued`: into the waiting room); returns it and
+        the tokens cut from its captions."""
+        try:
+            P.validate_create(req, self.limits)
+            shots = list(req.shots) or [""]
+            reports = await self._check_captions(req.prompt, list(enumerate(shots)))
+        finally:
+            if queued:
+                self._queue_pending -= 1
         if self.draining:  # the drain began while the captions were checked
             raise Refused(503, P.ErrorCode.DRAINING, "server is draining", retry_after=5)
         sid = f"{self.settings.replica_id}.{secrets.token_hex(12)}"
@@ -275,13 +308,27 @@ class SessionManager:
             s.queue.append(p)
         self._replan(s)
         self.sessions[sid] = s
+        if queued:
+            s.state, s.admitted_mono, s.queued_mono = "queued", None, now
+            # the latest it can expire: after the longest wait and a whole lifetime
+            s.expires_at += timedelta(seconds=self.settings.queue_max_wait_s)
+            self.waiting.add(s)
+            self.metrics.sessions_queued.inc()
+            self._tick_queue()
         self._arm_timer(s)
         self.metrics.sessions_created.inc()
         self.metrics.prompts_received.inc(len(shots))  # so received >= applied + dropped
         log.info(
             "session created",
-            extra={"session_id": sid, "client": client, "seed": seed, "shots": len(shots)},
+            extra={
+                "session_id": sid,
+                "client": client,
+                "seed": seed,
+                "shots": len(shots),
+                **({"queue_position": self.waiting.position(s)} if queued else {}),
+            },
         )
+        self._admit_waiting()  # a slot may have freed while its captions were checked
         self._wake_engine()
         return s, sum(r.truncated_tokens for r in reports)
 
@@ -300,7 +347,63 @@ class SessionManager:
             raise P.LimitError(P.ErrorCode.PROMPT_TOO_MANY_TOKENS, str(exc)) from exc
 
     def expires_at(self, s: Session) -> datetime:
-        return s.created_at + timedelta(seconds=self.settings.session_max_s)  # hard expiry
+        return s.expires_at  # hard expiry: session_max_s after it started
+
+    # -- the waiting room (docs/design/protocol.md §17) ------------------------------------------
+    def _admit_waiting(self) -> None:
+        """Start queued sessions, first come first served, while there are free slots."""
+        if not self.waiting or not self.ready or self.draining:
+            return
+        started = False
+        while self.waiting and len(self.active) < self.capacity():
+            s = self.waiting.queue.popleft()
+            now = time.monotonic()
+            s.state, s.admitted_mono, s.disconnected_at = "waiting", now, now
+            s.expires_mono = now + self.settings.session_max_s
+            s.expires_at = datetime.now(UTC) + timedelta(seconds=self.settings.session_max_s)
+            assert s.queued_mono is not None
+            self.metrics.queue_wait.observe(now - s.queued_mono)
+            self._arm_timer(s)  # from now: its grace to connect, its lifetime
+            s.queue_changed.set()
+            log.info(
+                "session started from the waiting room",
+                extra={"session_id": s.id, "waited_s": round(now - s.queued_mono, 3)},
+            )
+            started = True
+        if started:
+            for x in self.waiting:
+                x.queue_changed.set()  # a place moved
+            self._wake_engine()
+
+    def _tick_queue(self) -> None:
+        """While sessions wait, look for a slot every second too (capacity follows the
+        measured chunk cost, which can fall as well as rise)."""
+        if self._queue_tick is not None or not self.waiting:
+            return
+
+        def tick() -> None:
+            self._queue_tick = None
+            self._admit_waiting()
+            self._tick_queue()
+
+        self._queue_tick = asyncio.get_running_loop().call_later(1.0, tick)
+
+    def queue_info(self, s: Session) -> tuple[int, int, float | None] | None:
+        """(position, queue length, estimated seconds to start) of a queued session."""
+        position = self.waiting.position(s)
+        if position is None:
+            return None
+        now, grace = time.monotonic(), self.settings.session_grace_s
+        live = []
+        for x in self.active:
+            latest = x.expires_mono - now
+            if x.conn is None and x.disconnected_at is not None:
+                latest = min(latest, x.disconnected_at + grace - now)
+            live.append((now - (x.admitted_mono or x.created_mono), latest))
+        estimate = self.waiting.estimate(
+            position, live, self.capacity(), self.settings.session_max_s
+        )
+        return position, len(self.waiting), estimate
 
     # -- prompts -------------------------------------------------------------------------
     async def add_prompt(self, s: Session, text: str, mode: str | None) -> Prompt:
@@ -675,11 +778,17 @@ class SessionManager:
         if s.timer:
             s.timer.cancel()
         delay = max(0.0, s.expires_mono - time.monotonic())
-        if s.conn is None:  # no stream: idle after the grace period (or expired before)
+        if s.state == "queued":  # waiting room: its longest wait
+            assert s.queued_mono is not None
+            delay = max(0.0, s.queued_mono + self.settings.queue_max_wait_s - time.monotonic())
+        elif s.conn is None:  # no stream: idle after the grace period (or expired before)
             delay = min(self.settings.session_grace_s, delay)
         s.timer = loop.call_later(delay, self._on_timer, s)
 
     def _on_timer(self, s: Session) -> None:
+        if s.state == "queued":
+            self.end(s, "wait_timeout")
+            return
         if not s.alive:
             return
         if time.monotonic() >= s.expires_mono:
@@ -698,8 +807,15 @@ class SessionManager:
         close_code: int | None = None,
     ) -> None:
         """End a session for good: tell its stream, drop its prompts, free its state."""
-        if not s.alive:
+        if not s.alive and s.state != "queued":
             return
+        if s.state == "queued":
+            self.waiting.remove(s)
+            for x in self.waiting:
+                x.queue_changed.set()
+        elif s.admitted_mono is not None:
+            self.waiting.observe_session(time.monotonic() - s.admitted_mono)
+        s.queue_changed.set()
         s.state = "failed" if error else "ended"
         s.end_reason = reason
         s.error = error[1] if error else None
@@ -739,6 +855,7 @@ class SessionManager:
         s.audience.join = []
         if self.recorder is not None:
             self.recorder.finish(s, reason)
+        self._admit_waiting()  # its slot, to the first waiting
         self.sessions.pop(s.id, None)
         self.ended[s.id] = s
         while len(self.ended) > 1000:
@@ -772,4 +889,11 @@ class SessionManager:
             error=s.error,
             viewers=len(s.audience.conns),
             recording=self.recorder.state_of(s.id) if self.recorder else None,
+            **self._queue_fields(s),
         )
+
+    def _queue_fields(self, s: Session) -> dict[str, Any]:
+        info = self.queue_info(s) if s.state == "queued" else None
+        if info is None:
+            return {}
+        return {"queue_position": info[0], "estimated_wait_s": info[2]}

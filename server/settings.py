@@ -146,6 +146,20 @@ class Settings(BaseSettings):
         description="when a shot ends with no queued prompt: start a new shot of the same prompt, or pause",
     )
 
+    # -- the waiting room (docs/design/protocol.md §17) ------------------------------
+    queue_max_length: int = Field(
+        16,
+        ge=0,
+        description="sessions waiting for a slot (created with `wait: true` while full); "
+        "past it such a request gets 503 like any other (0 = no waiting room)",
+    )
+    queue_max_wait_s: float = Field(
+        300.0,
+        gt=0,
+        description="a session still waiting this long after it was queued is ended "
+        "(reason `wait_timeout`)",
+    )
+
     # -- viewers (docs/design/protocol.md §15) ----------------------------------------
     max_viewers_per_session: int = Field(
         8,

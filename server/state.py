@@ -136,7 +136,10 @@ class AppState:
         m.draining = True
         grace = self.settings.drain_grace_s if grace is None else grace
         log.info("draining", extra={"sessions": len(m.active), "grace_s": grace})
-        # Nobody watches a session that never connected: it ends now, not after the grace.
+        # Nobody watches a session that never connected (nor one still waiting for a slot):
+        # it ends now, not after the grace.
+        for sess in list(m.waiting):
+            m.end(sess, "draining")
         for sess in [x for x in m.active if not x.ever_connected]:
             m.end(sess, "draining")
         deadline = time.monotonic() + grace
@@ -156,7 +159,7 @@ class AppState:
             with contextlib.suppress(BaseException):
                 await self.bring_up
         if self.manager:
-            for sess in list(self.manager.active):
+            for sess in [*self.manager.waiting, *self.manager.active]:
                 self.manager.end(sess, "shutdown")
         if self.engine:
             await self.engine.stop()

@@ -120,12 +120,12 @@ ROWS: list[tuple[str, list[tuple[str, str, str, bool, list[tuple[str, str]]]]]] 
             (per_minute("shotstream_deadline_misses_total"), "misses / min"),
         ]),
         ("Sessions created and refused", "Per minute; refused by reason (capacity, quota, "
-         "draining, not_ready).", "short", False, [
+         "draining, not_ready, queue_full).", "short", False, [
             (per_minute("shotstream_sessions_created_total"), "created"),
             (per_minute("shotstream_sessions_refused_total", "reason"), "refused: {{reason}}"),
         ]),
         ("Sessions ended by reason", "Per minute: deleted, stopped, idle, expired, failed, "
-         "draining, shutdown.", "short", True, [
+         "draining, shutdown, wait_timeout.", "short", True, [
             (per_minute("shotstream_sessions_ended_total", "reason"), "{{reason}}"),
         ]),
         ("Prompts", "Shot prompts received, shown (applied) and dropped, per minute.", "short",
@@ -161,6 +161,14 @@ ROWS: list[tuple[str, list[tuple[str, str, str, bool, list[tuple[str, str]]]]]] 
             (f"sum(rate(shotstream_viewer_bytes_sent_total{SEL}[{RATE}]))", "bytes / s"),
             (per_minute("shotstream_viewer_chunks_skipped_total"), "skipped chunks / min"),
         ]),
+        ("Waiting room", "Sessions waiting for a slot (created with wait while the "
+         "replica was full), and sessions queued per minute.", "short", False, [
+            (f"sum(shotstream_queue_length{SEL})", "waiting"),
+            (per_minute("shotstream_sessions_queued_total"), "queued / min"),
+        ]),
+        ("Wait in the waiting room", "How long sessions waited before they started "
+         "(those that timed out are in 'Sessions ended by reason': wait_timeout).", "s",
+         False, latency("shotstream_queue_wait_seconds")),
         ("Recordings", "Recordings kept on disk, and the disk they use (segments and cached "
          "MP4s) against recording_budget_bytes.", "bytes", False, [
             (f"sum(shotstream_recording_bytes{SEL})", "disk used"),

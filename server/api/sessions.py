@@ -38,16 +38,24 @@ def check_api_key(state: State, request: Request) -> None:
     status_code=201,
     response_model=P.CreateSessionResponse,
     responses={
+        202: {"model": P.CreateSessionResponse, "description": "queued: the server is full"},
         422: {"model": P.ErrorBody},
         429: {"model": P.ErrorBody},
         503: {"model": P.ErrorBody},
     },
 )
-async def create_session(req: P.CreateSessionRequest, request: Request, state: State, m: Manager):
+async def create_session(
+    req: P.CreateSessionRequest, request: Request, response: Response, state: State, m: Manager
+):
+    """A new session (`201`); with `wait: true` on a full server, a session in the waiting
+    room (`202`, state `queued`) that starts when a slot frees (docs/design/protocol.md §17)."""
     check_api_key(state, request)
     client = client_key(request)
-    m.admit(client)
-    s, cut = await m.create(client, req)
+    # Behind the shipped proxy, its first pass over the replicas says not to queue (so a
+    # replica with a free slot is found first); its second pass lets one queue.
+    may_wait = req.wait and request.headers.get("x-shotstream-enqueue") != "0"
+    queued = m.admit(client, wait=may_wait)
+    s, cut = await m.create(client, req, queued=queued)
     _, ws_base = base_urls(state, request)
     cfg = m.cfg
     return P.CreateSessionResponse(
@@ -61,7 +69,17 @@ async def create_session(req: P.CreateSessionRequest, request: Request, state: S
         height=cfg.height,
         fps=cfg.fps,
         truncated_tokens=cut,
+        **_queued(s, m, response),
     )
+
+
+def _queued(s, m: Manager, response: Response) -> dict:
+    """A session still in the waiting room: 202 and its place."""
+    info = m.queue_info(s) if s.state == "queued" else None
+    if info is None:
+        return {}
+    response.status_code = 202
+    return {"state": "queued", "queue_position": info[0], "estimated_wait_s": info[2]}
 
 
 @router.get("/{sid}", response_model=P.SessionStatus, responses=AUTH_ERRORS)

@@ -62,6 +62,8 @@ async def stream(ws: WebSocket, sid: str):
         return await refuse(
             P.ErrorCode.FORBIDDEN, "a watch link's token streams at /watch, not /stream"
         )
+    if s.state == "queued" and not await _wait_in_queue(state, ws, s):
+        return
     if not s.alive:
         return await refuse(P.ErrorCode.UNKNOWN_SESSION, f"session {sid} has {s.state}")
     if s.conn is not None:
@@ -87,6 +89,75 @@ async def stream(ws: WebSocket, sid: str):
         m.detach(s, conn)
         if ws.client_state == WebSocketState.CONNECTED:
             await _quietly("close", ws.close(1000))
+
+
+async def _wait_in_queue(state: AppState, ws: WebSocket, s: Session) -> bool:
+    """A session in the waiting room (docs/design/protocol.md §17): `queued` messages with
+    its place whenever it moves (and its estimate, at most every 5 s) until it starts (True:
+    the stream goes on with `hello`), or it ends or the client leaves (False). A ping is
+    answered; other messages wait for the session to start and are ignored."""
+    m = state.manager
+    assert m is not None
+    me = object()
+    if s.queue_waiter is not None:  # an older connection waits: the newer one wins
+        s.queue_changed.set()
+    s.queue_waiter = me
+    recv: asyncio.Task | None = None
+    try:
+        last = None
+        while s.state == "queued":
+            if s.queue_waiter is not me:
+                msg = "a newer connection of this session took over"
+                err = P.ErrorMessage(code=P.ErrorCode.REPLACED, message=msg, fatal=True)
+                await _quietly("refusal", ws.send_text(json.dumps(err.model_dump())))
+                await _quietly("close", ws.close(int(P.CloseCode.REPLACED), msg))
+                return False
+            info = m.queue_info(s)
+            if info is not None and info != last:
+                position, length, estimate = info
+                queued = P.QueuedMessage(
+                    position=position, queue_length=length, estimated_wait_s=estimate
+                )
+                await _send_json(ws, queued.model_dump(), state.settings.send_timeout_s)
+                last = info
+            s.queue_changed.clear()
+            recv = recv or asyncio.create_task(ws.receive())
+            changed = asyncio.ensure_future(s.queue_changed.wait())
+            done, _ = await asyncio.wait(
+                {recv, changed}, timeout=5.0, return_when=asyncio.FIRST_COMPLETED
+            )
+            changed.cancel()
+            if recv in done:
+                msg = recv.result()
+                recv = None
+                if msg["type"] == "websocket.disconnect":
+                    return False
+                parsed = P.parse_client_message(msg.get("text") or "", m.limits)
+                if isinstance(parsed, P.PingMessage):
+                    pong = P.PongMessage(server_time=time.time(), ref=parsed.ref)
+                    await _send_json(ws, pong.model_dump(), state.settings.send_timeout_s)
+    except (WebSocketDisconnect, RuntimeError, OSError, TimeoutError) as exc:
+        log.debug("queued stream ended", extra={"session_id": s.id, "error": repr(exc)})
+        return False
+    finally:
+        if recv is not None:
+            recv.cancel()
+        if s.queue_waiter is me:
+            s.queue_waiter = None
+    if s.alive:
+        return True
+    # It ended while waiting (its longest wait passed, deleted, draining): say so.
+    reason = s.end_reason or s.state
+    err = s.error
+    if err:
+        msg = P.ErrorMessage(code=P.ErrorCode.SESSION_FAILED, message=err, fatal=True)
+        await _quietly("end", ws.send_text(json.dumps(msg.model_dump())))
+        await _quietly("close", ws.close(4500, P.close_reason(err)))
+    else:
+        await _quietly("end", ws.send_text(json.dumps(P.EndedMessage(reason=reason).model_dump())))
+        code = 1001 if reason in ("draining", "shutdown") else 1000
+        await _quietly("close", ws.close(code, P.close_reason(reason)))
+    return False
 
 
 async def _quietly(what: str, op) -> None:

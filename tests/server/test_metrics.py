@@ -128,7 +128,8 @@ def test_histograms_are_cumulative_and_complete(run):
             le = dict(labels)["le"]
             rest = frozenset((k, x) for k, x in labels if k != "le")
             buckets[(name.removesuffix("_bucket"), rest)].append((float(le), v))
-    assert len(buckets) == 4 + len(VERBS)  # ttff, gap, prompt-to-visible, send; per verb
+    # ttff, gap, prompt-to-visible, send, queue wait; per verb
+    assert len(buckets) == 5 + len(VERBS)
     for (base, labels), series in buckets.items():
         series.sort()
         counts = [c for _, c in series]
@@ -161,7 +162,7 @@ def test_session_and_prompt_counters(run):
     refused = {
         dict(k)["reason"]: v for (n, k), v in s.items() if n == "shotstream_sessions_refused_total"
     }
-    assert refused == {"capacity": 0, "quota": 0, "draining": 0, "not_ready": 0}
+    assert refused == {"capacity": 0, "quota": 0, "draining": 0, "not_ready": 0, "queue_full": 0}
     assert value(s, "shotstream_prompts_received_total") == len(SHOTS)
     assert value(s, "shotstream_prompts_applied_total") == len(SHOTS)
     dropped = [v for (n, _), v in s.items() if n == "shotstream_prompts_dropped_total"]
@@ -231,6 +232,7 @@ def test_gpu_memory_gauge_on_cuda():
         active=[],
         sessions={},
         ended={},
+        waiting=[],
         ready=True,
         draining=False,
     )
