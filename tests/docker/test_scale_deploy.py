@@ -239,6 +239,7 @@ def exported_gauges() -> set[str]:
         active=[],
         sessions={},
         ended={},
+        waiting=[],
         ready=True,
         draining=False,
     )

@@ -4,9 +4,12 @@ Kubernetes' (replica `shotstream-N` is `shotstream-N.replicas.test` at 127.0.0.N
 `pool.replicas.test` names all three, as the Service of ready pods does).
 
 One scenario, in order, because a drained replica does not come back: sessions fill every
-replica and the next creation gets 503 + Retry-After; creation falls over from a full
-replica; each session's stream, prompts, GET and DELETE reach its owner; SIGTERM drains one
-replica while the others stream on; the survivors free everything.
+replica and the next creation gets 503 + Retry-After, unless it asks to wait: then it is
+queued (202) only once every replica was found full, and stays on the replica that queued
+it, where it starts when a slot frees; creation falls over from a full replica; each
+session's stream, prompts, GET and DELETE, its watch links and viewers' stream, and its
+recording and timeline reach its owner; SIGTERM drains one replica while the others stream
+on; the survivors free everything.
 """
 
 from __future__ import annotations
@@ -149,7 +152,38 @@ async def scenario(proxy: Nginx, replicas: dict[str, Replica]) -> None:
             assert full.json()["code"] == "over_capacity"
             assert int(full.headers["Retry-After"]) >= 1
             last = tried("/v1/sessions")[-1]
-            assert last["upstream_status"] == "503, 503, 503"  # every replica was asked
+            # every replica was asked, twice: for a slot, then for a place in a waiting room
+            # (this request did not ask to wait, so each said 503 again)
+            assert last["upstream_status"] == "503, 503, 503 : 503, 503, 503"
+
+            # -- one that asks to wait is queued, on the replica that queues it ----------------
+            r = await http.post(
+                "/v1/sessions", json={"prompt": "a red circle on blue", "wait": True}
+            )
+            assert r.status_code == 202, r.text
+            queued = r.json()
+            assert queued["state"] == "queued" and queued["queue_position"] == 1
+            first_pass, second_pass = tried("/v1/sessions")[-1]["upstream_status"].split(" : ")
+            assert first_pass == "503, 503, 503" and second_pass.endswith("202")
+            q_rid = owner(queued["session_id"])
+            r = await http.get(f"/v1/sessions/{queued['session_id']}", headers=auth(queued))
+            assert r.status_code == 200 and r.json()["state"] == "queued", r.text
+            qr = await Reader(queued).start()
+            readers.append(qr)
+            await qr.wait(
+                lambda: any(m["type"] == "queued" for _, m in qr.stamped), "its place in line"
+            )
+            # a slot frees on its replica: it starts there and streams, through the proxy
+            freed = next(d for d in sessions if owner(d["session_id"]) == q_rid)
+            r = await http.delete(f"/v1/sessions/{freed['session_id']}", headers=auth(freed))
+            assert r.status_code == 204, r.text
+            await qr.wait(lambda: len(qr.chunks()) >= 1, "the queued session's first chunk")
+            kinds = [m["type"] for _, m in qr.stamped]
+            assert kinds[0] == "queued" and "hello" in kinds
+            await qr.close()
+            readers.remove(qr)
+            sessions[sessions.index(freed)] = queued
+            queued_gone = freed
 
             # -- a freed slot is found behind full replicas -----------------------------------
             by_owner = {
@@ -172,6 +206,7 @@ async def scenario(proxy: Nginx, replicas: dict[str, Replica]) -> None:
 
             # -- each session's routes and stream reach its owner --------------------------------
             watched = {rid: ds[0] for rid, ds in by_owner.items()}
+            viewer_ids: dict[str, str] = {}
             for d in watched.values():
                 assert d["stream_url"].startswith(proxy.base.replace("http", "ws", 1))
                 readers.append(await Reader(d).start())
@@ -195,6 +230,32 @@ async def scenario(proxy: Nginx, replicas: dict[str, Replica]) -> None:
                 )
                 r = await http.get(f"/v1/sessions/{sid}", headers=auth(d))
                 assert r.status_code == 200 and r.json()["state"] == "streaming", r.text
+                # its watch links, their viewers' stream and its recording: the owner too
+                r = await http.post(f"/v1/sessions/{sid}/viewers", headers=auth(d))
+                assert r.status_code == 201, r.text
+                link = r.json()
+                assert link["stream_url"].startswith(proxy.base.replace("http", "ws", 1))
+                viewer = await Reader(link).start()
+                await viewer.wait(
+                    lambda v=viewer: len(v.chunks()) >= 1, f"a viewer's chunk on {rid}"
+                )
+                assert viewer.stamped[0][1]["role"] == "viewer"
+                await viewer.close()
+                for what, token in (
+                    ("recording.mp4", d["token"]),
+                    ("timeline.json", link["token"]),
+                    ("timeline.vtt", d["token"]),
+                ):
+                    r = await http.get(
+                        f"/v1/sessions/{sid}/{what}", headers={"Authorization": f"Bearer {token}"}
+                    )
+                    assert r.status_code == 200, (what, r.text)
+                assert r.text.startswith("WEBVTT")
+                r = await http.delete(
+                    f"/v1/sessions/{sid}/viewers/{link['viewer_id']}", headers=auth(d)
+                )
+                assert r.status_code == 204, r.text
+                viewer_ids[sid] = link["viewer_id"]
             # a session id names its replica: another replica's id with this token is unknown
             d0 = watched["shotstream-0"]
             forged = "shotstream-1." + d0["session_id"].split(".", 1)[1]
@@ -268,7 +329,7 @@ async def scenario(proxy: Nginx, replicas: dict[str, Replica]) -> None:
                 assert rep.metric("shotstream_waiting_sessions") == 0
 
             # -- the proxy's log: every request of a session went to its owner, only -------------
-            for d in (*sessions, *(x for ds in by_owner.values() for x in ds), late):
+            for d in (*sessions, *(x for ds in by_owner.values() for x in ds), late, queued_gone):
                 rep = replicas[owner(d["session_id"])]
                 mine = [
                     q
@@ -277,7 +338,25 @@ async def scenario(proxy: Nginx, replicas: dict[str, Replica]) -> None:
                 ]
                 assert all(q["upstream_addr"] == f"{rep.host}:{rep.port}" for q in mine), mine
             streams = {q["path"] for q in proxy.requests() if q["path"].endswith("/stream")}
-            assert streams == {f"/v1/sessions/{d['session_id']}/stream" for d in watched.values()}
+            assert streams == {
+                f"/v1/sessions/{d['session_id']}/stream" for d in (*watched.values(), queued)
+            }
+            # the new routes reached the owner (the catch-all would have answered 404 itself)
+            for d in watched.values():
+                sid = d["session_id"]
+                answered = {
+                    q["path"].removeprefix(f"/v1/sessions/{sid}"): q["status"]
+                    for q in proxy.requests()
+                    if q["path"].startswith(f"/v1/sessions/{sid}/")
+                }
+                assert {
+                    "/viewers": 201,
+                    "/watch": 101,
+                    "/recording.mp4": 200,
+                    "/timeline.json": 200,
+                    "/timeline.vtt": 200,
+                    f"/viewers/{viewer_ids[sid]}": 204,
+                }.items() <= answered.items(), answered
         finally:
             for rd in readers:
                 await rd.close()
