@@ -1,4 +1,6 @@
-// The ShotStream page: create a session, play its stream, send shot prompts mid-stream.
+// The ShotStream page: create a session, play its stream, send shot prompts mid-stream,
+// share it with a watch link, download its recording; or, opened with a watch link
+// (`/?watch=<session id>#token=<token>`), watch someone else's session read-only.
 //
 // Modules: stream.js (WebSocket, reconnect), player.js (Media Source Extensions),
 // timeline.js (shots and prompts), stats.js (the stats panel). This file wires them to the page.
@@ -33,6 +35,15 @@ const ui = {
   sendShot: $("send-shot"),
   timeline: $("timeline"),
   stats: $("stats"),
+  queue: $("queue"),
+  watching: $("watching"),
+  share: $("share"),
+  shareLink: $("share-link"),
+  watchUrl: $("watch-url"),
+  copyLink: $("copy-link"),
+  shareNote: $("share-note"),
+  download: $("download"),
+  viewers: $("viewers"),
   timings: document.querySelector(".timings"),
 };
 
@@ -51,22 +62,33 @@ const PLAYHEAD_EVERY_MS = 250; // instant cuts: how often the player's position 
 const DECODE_AHEAD_S = Number(params.get("decode_ahead_s") ?? 0.3);
 // Instant cuts (a cut replaces the buffered video past the playhead) unless ?instant_cuts=0.
 const FEATURES = params.get("instant_cuts") === "0" ? [] : ["withdraw"];
+// Viewer mode: the session id in the query, the watch link's token in the fragment (never
+// sent to a server, so no log sees it).
+const WATCH_ID = params.get("watch");
+const WATCH_TOKEN = new URLSearchParams(location.hash.slice(1)).get("token");
 const MAX_LOG = 500; // messages kept per kind for the debug hook
 
 let session = null;
 
-/** One streaming session: its REST reply, socket, player, timeline and stats. */
+/** One streaming session: its REST reply, socket, player, timeline and stats. As a
+ * viewer (`role` "viewer"), a watch link's read-only stream of someone else's session. */
 class Session {
-  constructor(created) {
+  constructor(created, role = "owner") {
     this.id = created.session_id;
     this.token = created.token;
-    this.state = "connecting";
+    this.role = role;
+    this.viewers = 0; // viewer connections watching (the server says, when it changes)
+    this.queue = created.state === "queued"
+      ? { position: created.queue_position, estimated_wait_s: created.estimated_wait_s } : null;
+    this.watchUrl = null;
+    this.state = this.queue ? "queued" : "connecting";
     this.paused = false;
     this.pausedMs = 0; // total time paused, kept out of prompt-to-visible latencies
     this.pausedSince = null;
     this.lastSeq = -1;
     this.features = [];
-    this.log = { hellos: 0, chunks: [], shots: [], acks: [], dropped: [], errors: [], duplicates: 0, withdrawals: [] };
+    this.log = { hellos: 0, chunks: [], shots: [], acks: [], dropped: [], errors: [], duplicates: 0, withdrawals: [],
+      queued: [], skipped: [] };
     this.firstFrameWallMs = null;
     this.endReason = null;
     this.pingSentAt = null;
@@ -82,12 +104,14 @@ class Session {
     this.socket = new StreamSocket(created.stream_url, created.token, {
       onMessage: (msg, data) => this.receive(msg, data),
       onState: (state, detail) => this.socketState(state, detail),
-      features: FEATURES,
+      // the owner is told how many watch; a viewer always is
+      features: role === "owner" ? [...FEATURES, "viewers"] : FEATURES,
     });
     this.pinger = setInterval(() => this.ping(), PING_EVERY_MS);
     this.playheadTimer = setInterval(() => this.reportPlayhead(), PLAYHEAD_EVERY_MS);
     this.ticker = setInterval(() => this.render(), 250);
     this.socket.connect();
+    if (this.queue) showQueue(this.queue);
   }
 
   get alive() {
@@ -100,6 +124,12 @@ class Session {
       case "hello":
         this.log.hellos += 1;
         this.features = msg.features ?? [];
+        if (this.queue) {
+          this.queue = null; // out of the waiting room: the session started
+          hideQueue();
+          this.setState(this.paused ? "paused" : "streaming");
+        }
+        this.setViewers(msg.viewers ?? 0);
         ui.video.style.aspectRatio = `${msg.width} / ${msg.height}`;
         if (this.log.hellos === 1) {
           this.player.open(msg.mime).catch((err) => this.end("failed", err.message, "media"));
@@ -121,6 +151,7 @@ class Session {
         this.stats.chunk(msg);
         record(this.log.chunks, { seq: msg.seq, shot: msg.shot, shot_id: msg.shot_id, pts: msg.pts,
           duration: msg.duration, frames: msg.frames, connection: this.log.hellos });
+        if (this.log.chunks.length === 1) updateControls(); // a recording exists now
         break;
       case "shot":
         record(this.log.shots, msg);
@@ -157,6 +188,20 @@ class Session {
       case "ended":
         this.end("ended", msg.reason);
         break;
+      case "queued":
+        record(this.log.queued, msg);
+        this.queue = msg;
+        showQueue(msg);
+        this.setState("queued");
+        break;
+      case "viewers":
+        this.setViewers(msg.count);
+        break;
+      case "skipped":
+        // This viewer fell behind: the server jumps it to the latest chunk (the player
+        // seeks over the hole it leaves).
+        record(this.log.skipped, msg);
+        break;
       case "pong":
         if (this.pingSentAt !== null) this.stats.rttMs = performance.now() - this.pingSentAt;
         this.pingSentAt = null;
@@ -170,7 +215,7 @@ class Session {
     if (!this.alive || this.disposed) return;
     if (state === "open") {
       if (detail.reconnect) this.stats.reconnects += 1;
-      this.setState(this.paused ? "paused" : "streaming");
+      this.setState(this.queue ? "queued" : this.paused ? "paused" : "streaming");
     } else if (state === "reconnecting") {
       this.timeline.connectionLost();
       this.setState("reconnecting", detail.code ? `closed ${detail.code}${detail.reason ? ` (${detail.reason})` : ""}` : "");
@@ -196,6 +241,7 @@ class Session {
 
   /** Instant cuts: tell the server where the player is, so a cut lands just past it. */
   reportPlayhead() {
+    if (this.role !== "owner") return; // a viewer's player does not place the owner's cuts
     if (!this.features.includes("withdraw") || !this.player.started || this.paused || this.disposed) return;
     const pts = Math.min(ui.video.currentTime + DECODE_AHEAD_S, this.player.bufferedEnd());
     this.socket.send({ type: "playhead", pts: Math.round(pts * 1e4) / 1e4 });
@@ -240,6 +286,50 @@ class Session {
     }).then(() => this.end("ended", "deleted"), () => {});
   }
 
+  setViewers(count) {
+    this.viewers = count;
+    ui.viewers.textContent = count ? `${count} watching` : "";
+  }
+
+  /** Mint a watch link (owner): anyone with it watches this session, read-only. */
+  async share() {
+    const res = await fetch(`/v1/sessions/${encodeURIComponent(this.id)}/viewers`, {
+      method: "POST", headers: { Authorization: `Bearer ${this.token}` },
+    }).catch((err) => ({ ok: false, status: 0, json: async () => ({ detail: err.message }) }));
+    const reply = await res.json().catch(() => ({}));
+    if (!res.ok) {
+      showError(reply.code ?? `HTTP ${res.status}`, reply.detail ?? "could not make a watch link");
+      return null;
+    }
+    this.watchUrl = reply.watch_url;
+    ui.watchUrl.value = reply.watch_url;
+    ui.shareNote.textContent = `Expires ${new Date(reply.expires_at).toLocaleString()}.`;
+    ui.shareLink.hidden = false;
+    ui.watchUrl.select();
+    return reply;
+  }
+
+  /** Save the recording (what the owner was sent, up to now) as an MP4 file. */
+  async downloadRecording() {
+    const res = await fetch(`/v1/sessions/${encodeURIComponent(this.id)}/recording.mp4`, {
+      headers: { Authorization: `Bearer ${this.token}` },
+    }).catch((err) => ({ ok: false, status: 0, json: async () => ({ detail: err.message }) }));
+    if (!res.ok) {
+      const reply = await res.json().catch(() => ({}));
+      showError(reply.code ?? `HTTP ${res.status}`, reply.detail ?? "no recording");
+      return false;
+    }
+    const url = URL.createObjectURL(await res.blob());
+    const a = document.createElement("a");
+    a.href = url;
+    a.download = `shotstream-${this.id}.mp4`;
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    return true;
+  }
+
   pausedTotal(nowMs) {
     return this.pausedMs + (this.pausedSince === null ? 0 : nowMs - this.pausedSince);
   }
@@ -252,6 +342,9 @@ class Session {
   end(state, reason, code) {
     if (!this.alive || this.disposed) return;
     this.endReason = reason;
+    this.queue = null;
+    hideQueue();
+    if (reason === "wait_timeout") showError("wait_timeout", "no slot freed in time; try again later");
     clearInterval(this.pinger);
     clearInterval(this.playheadTimer);
     this.socket.finish();
@@ -274,8 +367,9 @@ class Session {
 
   setState(state, detail = "") {
     this.state = state;
-    const text = { connecting: "connecting…", streaming: "streaming", reconnecting: "reconnecting…",
-      paused: "paused", ended: "ended", failed: "failed" }[state] ?? state;
+    const text = { connecting: "connecting…", streaming: this.role === "viewer" ? "watching" : "streaming",
+      reconnecting: "reconnecting…", paused: "paused", ended: "ended", failed: "failed",
+      queued: "waiting for a slot" }[state] ?? state;
     ui.connection.dataset.state = state;
     ui.connection.textContent = detail ? `${text}: ${detail}` : text;
     updateControls();
@@ -310,6 +404,10 @@ class Session {
       promptLatenciesMs: this.stats.promptLatencies,
       reconnects: this.stats.reconnects,
       features: this.features,
+      role: this.role,
+      viewers: this.viewers,
+      queue: this.queue,
+      watchUrl: this.watchUrl,
       now: performance.now(),
     };
   }
@@ -325,6 +423,10 @@ function record(list, item) {
 function updateControls() {
   const live = session?.alive ?? false;
   const open = live && (session.state === "streaming" || session.state === "paused");
+  const owner = (session?.role ?? "owner") === "owner";
+  ui.share.disabled = !live || !owner;
+  // a recording exists once video was sent (and is kept a while after the end)
+  ui.download.disabled = !session || session.log.chunks.length === 0;
   ui.start.disabled = live;
   ui.caption.disabled = live;
   ui.firstShot.disabled = live;
@@ -343,6 +445,25 @@ function showError(code, message, fatal = false) {
 
 function hideError() {
   ui.error.hidden = true;
+}
+
+function showQueue(q) {
+  const wait = q.estimated_wait_s == null ? "" : `, about ${formatWait(q.estimated_wait_s)} to wait`;
+  ui.queue.textContent = `The server is full: you are number ${q.position} in line${wait}. `
+    + "Your session starts when a slot frees.";
+  ui.queue.hidden = false;
+}
+
+function hideQueue() {
+  ui.queue.hidden = true;
+}
+
+function formatWait(s) {
+  return s < 90 ? `${Math.max(1, Math.round(s))} s` : `${Math.round(s / 60)} min`;
+}
+
+function wsUrl(path) {
+  return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}${path}`;
 }
 
 async function loadModelInfo() {
@@ -402,7 +523,8 @@ async function startSession() {
   }
   ui.timeline.replaceChildren();
   ui.nowPlaying.textContent = "—";
-  const body = { prompt: ui.caption.value.trim() };
+  // wait: when the server is full, take a place in its waiting room rather than a refusal
+  const body = { prompt: ui.caption.value.trim(), wait: true };
   const firstShot = ui.firstShot.value.trim();
   if (firstShot) body.shots = [firstShot];
   ui.start.disabled = true;
@@ -419,7 +541,7 @@ async function startSession() {
     return;
   }
   const reply = await res.json().catch(() => ({}));
-  if (res.status !== 201) {
+  if (res.status !== 201 && res.status !== 202) {
     const retry = res.headers.get("Retry-After");
     showError(reply.code ?? `HTTP ${res.status}`, `${reply.detail ?? res.statusText}${retry ? ` (retry in ${retry} s)` : ""}`);
     ui.connection.textContent = "no session";
@@ -458,10 +580,21 @@ ui.shotPrompt.addEventListener("keydown", (ev) => {
 ui.pause.addEventListener("click", () => session?.pause());
 ui.resume.addEventListener("click", () => session?.resume());
 ui.stop.addEventListener("click", () => session?.stop());
+ui.share.addEventListener("click", () => session?.share());
+ui.download.addEventListener("click", () => session?.downloadRecording());
+ui.copyLink.addEventListener("click", async () => {
+  ui.watchUrl.select();
+  try {
+    await navigator.clipboard.writeText(ui.watchUrl.value);
+    ui.shareNote.textContent = "Copied.";
+  } catch {
+    ui.shareNote.textContent = "Select the link and copy it (the browser did not let the page).";
+  }
+});
 $("error-dismiss").addEventListener("click", hideError);
 // Closing the tab frees the server's session now rather than after its grace period.
 window.addEventListener("pagehide", () => {
-  if (session?.alive) session.deleteSession(true);
+  if (session?.alive && session.role === "owner") session.deleteSession(true);
 });
 
 window.shotstream = {
@@ -472,3 +605,14 @@ window.shotstream = {
 
 updateControls();
 loadModelInfo();
+if (WATCH_ID && WATCH_TOKEN) {
+  // Viewer mode: no session of our own; watch the one the link names.
+  document.body.dataset.role = "viewer";
+  ui.watching.hidden = false;
+  session = new Session({
+    session_id: WATCH_ID,
+    token: WATCH_TOKEN,
+    stream_url: wsUrl(`/v1/sessions/${encodeURIComponent(WATCH_ID)}/watch`),
+  }, "viewer");
+  updateControls();
+}

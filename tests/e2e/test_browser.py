@@ -2,8 +2,11 @@
 real `shotstream serve` (tiny preset, CPU, 127.0.0.1): it plays the stream through Media
 Source Extensions, shows a prompt typed mid-stream from the chunk the server acked, shows
 the random-weights notice, plays on after its socket drops, shows a superseded cut as
-dropped, and ends the session visibly on a fatal server error. Against a `demo` preset
-server it lists the prompt vocabulary the model learned.
+dropped, and ends the session visibly on a fatal server error; its Share button makes a
+watch link that a second page opens in viewer mode (the video, the shot timeline, the
+viewer count, no prompt box) and whose Download button saves the recording; on a full
+server it waits in line, saying its place. Against a `demo` preset server it lists the
+prompt vocabulary the model learned.
 
 Screenshots land in `artifacts/` at the repo root: `browser-page.png` (the page with the
 new shot on screen) and one per test at teardown (its last state, useful when it fails).
@@ -21,7 +24,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from tests.support.server import REPO, ServerProcess
+from tests.support.server import REPO, ServerProcess, ffprobe_frames
 
 # Debian's chromium (.ci/system-deps); Playwright never downloads a browser here.
 CHROMIUM = Path(os.environ.get("SHOTSTREAM_CHROMIUM", "/usr/bin/chromium"))
@@ -227,7 +230,7 @@ def test_an_instant_cut_replaces_the_buffered_video_without_a_stall(page: Page):
     played out."""
     start_session(page, "a red circle on a blue background")
     wait_for(page, "s.bufferAhead > 0.5 && s.currentTime > 1.0")
-    assert snapshot(page)["features"] == ["withdraw"]
+    assert snapshot(page)["features"] == ["withdraw", "viewers"]
     page.evaluate(
         """() => { const v = document.getElementById("video"); window.__samples = [];
             window.__sampler = setInterval(() => window.__samples.push({wall: performance.now() / 1000,
@@ -332,6 +335,91 @@ def test_page_shows_a_superseded_cut_as_dropped_and_a_fatal_error_as_the_end(pag
     s = snapshot(page)
     assert s["state"] == "failed" and s["errors"][-1]["fatal"]
     assert s["reconnects"] == 0  # a failed session is not reconnected to
+
+
+def test_share_a_watch_link_and_watch_it_read_only_in_another_page(page: Page, browser, tmp_path):
+    start_session(page, "a red circle on a blue background")
+    page.click("#share")
+    box = page.locator("#watch-url")
+    expect(box).to_have_value(re.compile(r"/\?watch=[^#]+#token=.+"))
+    watch_url = box.input_value()
+    assert snapshot(page)["watchUrl"] == watch_url
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    viewer = context.new_page()
+    errors: list[str] = []
+    viewer.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        viewer.goto(watch_url)
+        expect(viewer.locator("#watching")).to_be_visible()
+        for owner_only in ("#session-form", "#shot-form", "#pause", "#stop", "#share"):
+            expect(viewer.locator(owner_only)).to_be_hidden()
+        wait_for(viewer, "s.role === 'viewer' && s.firstFrameMs !== null")
+        expect(viewer.locator("#connection")).to_have_text("watching")
+        expect(viewer.locator("#viewers")).to_have_text("1 watching")
+        expect(page.locator("#viewers")).to_have_text("1 watching")  # the owner is told
+        samples = sample_playback(viewer, 4.0)
+        assert_plays(samples, snapshot(viewer), min_advance_s=2.0)
+
+        # the owner's new shot reaches the viewer's timeline and screen
+        prompt = "close-up, the circle turns green"
+        page.fill("#shot-prompt", prompt)
+        page.press("#shot-prompt", "Enter")
+        item = viewer.locator("#timeline li", has_text=prompt).first  # (then its repeats)
+        expect(item).to_have_attribute("aria-current", "true", timeout=30_000)
+        expect(viewer.locator("#now-playing")).to_contain_text(prompt)
+        mine, theirs = snapshot(viewer), snapshot(page)
+        owner_chunks = {c["seq"]: c for c in theirs["chunks"]}
+        shared = [c for c in mine["chunks"] if c["seq"] in owner_chunks]
+        assert len(shared) >= 3
+        for c in shared:  # the same chunks, where the owner had them
+            o = owner_chunks[c["seq"]]
+            assert (c["shot_id"], c["pts"], c["frames"]) == (o["shot_id"], o["pts"], o["frames"])
+        assert mine["acks"] == [] and mine["errors"] == []
+
+        # the viewer saves the recording: an MP4 of the session so far
+        with viewer.expect_download() as download:
+            viewer.click("#download")
+        path = tmp_path / "recording.mp4"
+        download.value.save_as(path)
+        frames = ffprobe_frames(path)
+        assert len(frames) >= 9 and frames[0]["key_frame"] == 1
+        ARTIFACTS.mkdir(exist_ok=True)
+        viewer.screenshot(path=ARTIFACTS / "browser-viewer.png", full_page=True)
+
+        page.click("#stop")
+        expect(viewer.locator("#connection")).to_have_text("ended: stopped")
+        assert snapshot(viewer)["reconnects"] == 0
+    finally:
+        context.close()
+    assert not errors, f"uncaught errors in the viewer page: {errors}"
+
+
+def test_the_page_waits_in_line_on_a_full_server_then_streams(page: Page, server):
+    full = []
+    while True:  # fill every slot through the API
+        r = httpx.post(server.base + "/v1/sessions", json={"prompt": "a grey square"}, timeout=30)
+        if r.status_code == 503:
+            break
+        assert r.status_code == 201, r.text
+        full.append(r.json())
+    assert full, "another test left the server full"
+    try:
+        page.fill("#caption", "a blue triangle on a yellow background")
+        page.click("#start")
+        expect(page.locator("#queue")).to_contain_text("you are number 1 in line")
+        expect(page.locator("#connection")).to_have_text("waiting for a slot")
+        s = snapshot(page)
+        assert s["state"] == "queued" and s["queue"]["position"] == 1
+        server.delete(full.pop(0))  # a slot frees: the page's session starts
+        wait_for(page, "s.firstFrameMs !== null && s.state === 'streaming'")
+        expect(page.locator("#queue")).to_be_hidden()
+        expect(page.locator("#connection")).to_have_text("streaming")
+        assert snapshot(page)["hellos"] == 1
+        page.click("#stop")
+        expect(page.locator("#connection")).to_have_text("ended: stopped")
+    finally:
+        for d in full:
+            server.delete(d)
 
 
 def test_page_lists_the_vocabulary_a_demo_model_learned(browser, tmp_path):
