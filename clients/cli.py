@@ -2,6 +2,8 @@
 
     shotstream-client watch "a red fox in the snow" --shot "wide shot" --out fox.mp4
     shotstream-client watch "a red fox" --out - | ffplay -        # fragmented MP4 on stdout
+    shotstream-client watch "http://host/?watch=ID#token=T" --out theirs.mp4   # a watch link
+    shotstream-client record "http://host/?watch=ID#token=T" --out recording.mp4
     shotstream-client script demo.json --out demo.mp4             # {"global_caption", "shot1", ...}
     shotstream-client load --sessions 4 --duration 30             # one JSON line
 
@@ -38,6 +40,7 @@ from clients.client import (
     NotConnected,
     PromptAck,
     PromptDropped,
+    Queued,
     Reconnected,
     RetryPolicy,
     Session,
@@ -45,7 +48,10 @@ from clients.client import (
     Shot,
     ShotStreamClient,
     ShotStreamError,
+    Skipped,
+    Viewers,
     Withdraw,
+    parse_watch_url,
 )
 from clients.media import FragmentWriter, remux_faststart
 from clients.stats import Playout, RateMeter
@@ -152,6 +158,9 @@ class Viewer:
         self.broken_pipe = False
         self.first_pts: float | None = None  # media time of the player's first frame
         self.withdrawn_frames = 0
+        self.viewers = 0  # viewers watching (the server says, when it changes)
+        self.skipped: list[int] = []  # chunks skipped as a viewer that fell behind
+        self.queued: list[int] = []  # places in the waiting room, as they changed
 
     def playhead(self, now: float) -> float | None:
         """Media time the modelled player shows at `now` (what instant cuts report)."""
@@ -218,6 +227,18 @@ class Viewer:
             self.console.say(f"prompt {ev.message.shot_id} dropped: {ev.message.reason}")
         elif isinstance(ev, Withdraw):
             self._withdraw(ev)
+        elif isinstance(ev, Queued):
+            q = ev.message
+            self.queued.append(q.position)
+            wait = "" if q.estimated_wait_s is None else f", about {q.estimated_wait_s:.0f} s"
+            self.console.say(f"the server is full: number {q.position} in line{wait}")
+        elif isinstance(ev, Viewers):
+            self.viewers = ev.message.count
+        elif isinstance(ev, Skipped):
+            self.skipped += ev.message.seqs
+            self.console.say(
+                f"fell behind: {len(ev.message.seqs)} chunks skipped, on at seq {ev.message.next_seq}"
+            )
         elif isinstance(ev, Error):
             self.errors.append(ev.message.model_dump())
             self.console.say(f"server error: {ev.message.code}: {ev.message.message}")
@@ -288,6 +309,8 @@ class Viewer:
             parts.append(f"rtt {self.rtt * 1e3:.0f} ms")
         if self.latency is not None:
             parts.append(f"prompt latency {self.latency:.2f} s")
+        if self.viewers:
+            parts.append(f"{self.viewers} watching")
         self.console.status(" · ".join(parts))
 
     def report(self, session: Session, out: str | None) -> dict[str, Any]:
@@ -308,6 +331,8 @@ class Viewer:
             "stalls": self.playout.misses,
             "stalled_s": round(self.playout.stalled_s, 3),
             "withdrawn_frames": self.withdrawn_frames,
+            "skipped": self.skipped,
+            "queued": self.queued,
         }
 
 
@@ -457,6 +482,9 @@ async def _play(session: Session, viewer: Viewer, stop: asyncio.Event, on_event=
 
 async def _finish_session(session: Session, viewer: Viewer, leave: bool) -> None:
     """Stop the session (or leave it running) and close the connection."""
+    if session.role == "viewer":  # someone else's session: just leave it
+        await session.close()
+        return
     if viewer.ended is None and not leave:
         try:
             await session.stop()
@@ -485,6 +513,10 @@ async def _open_session(
     # Instant cuts need a file to cut back (not a pipe): on by default when writing one.
     cuts = args.instant_cuts if args.instant_cuts is not None else args.out != "-"
     features = ("withdraw",) if cuts else ()
+    if prompt is not None and _is_url(prompt):  # a watch link: someone else's session
+        session = client.watch(prompt, token=getattr(args, "token", None), features=features)
+        console.say(f"watching session {session.session_id}")
+        return session
     if getattr(args, "session", None):
         if not args.token:
             raise SystemExit(f"{PROG}: --session needs --token")
@@ -497,10 +529,14 @@ async def _open_session(
         else False
     )
     session = await client.create_session(
-        prompt, shots or None, args.seed, args.mode, retry, features=features
+        prompt, shots or None, args.seed, args.mode, retry, features=features, wait=args.wait
     )
     console.say(f"session {session.session_id}")
     return session
+
+
+def _is_url(text: str) -> bool:
+    return re.match(r"(https?|wss?)://", text) is not None
 
 
 async def _watch(args: argparse.Namespace, script: dict[str, Any] | None = None) -> int:
@@ -509,6 +545,8 @@ async def _watch(args: argparse.Namespace, script: dict[str, Any] | None = None)
     _install_stop(asyncio.get_running_loop(), stop)
     failure: ShotStreamError | None = None
     failures: list[ShotStreamError] = []  # from helper tasks (a timed script prompt refused)
+    if script is None and args.prompt and _is_url(args.prompt):
+        args.server = parse_watch_url(args.prompt).base_url  # the link names its server
     async with _client(args) as client:
         if script is not None:
             session = await _open_session(
@@ -566,6 +604,37 @@ async def _watch(args: argparse.Namespace, script: dict[str, Any] | None = None)
         f"wrote {where}: {len(viewer.chunks)} chunks, {viewer.frames} frames, "
         f"{viewer.video_s:.2f} s" + (f" (ended: {viewer.ended})" if viewer.ended else "")
     )
+    return 0
+
+
+# ------------------------------------------------------------------------------ record
+
+
+async def _record(args: argparse.Namespace) -> int:
+    """Download a session's recording (and its timeline) with a watch link or a token."""
+    link = parse_watch_url(args.url)
+    token = args.token or link.token
+    if not token:
+        print(f"{PROG}: error: the URL carries no token: give --token", file=sys.stderr)
+        return 2
+    async with ShotStreamClient(link.base_url, timeout=args.timeout) as client:
+        session = client.attach(link.session_id, token)
+        out = Path(args.out)
+        state = await session.download_recording(out)
+        timeline = await session.timeline()
+        if args.timeline:
+            Path(args.timeline).write_text(json.dumps(timeline, indent=1))
+    note = ""
+    if state == "incomplete":
+        note = f"; incomplete: recording stopped ({timeline.get('incomplete_reason')})"
+    elif state == "recording":
+        note = "; the session is still running: this is the recording so far"
+    if not args.quiet:
+        print(
+            f"{PROG}: wrote {out}: {timeline['chunks']} chunks, {timeline['frames']} frames, "
+            f"{timeline['duration']:.2f} s, {len(timeline['shots'])} shots{note}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -712,6 +781,11 @@ def _add_session(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no status line or event lines")
     p.add_argument(
+        "--wait",
+        action="store_true",
+        help="when the server is full, wait in its waiting room (the place in line is shown)",
+    )
+    p.add_argument(
         "--instant-cuts",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -727,12 +801,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "watch",
         help="stream a session into an MP4 file or stdout",
-        description="Create a session (or attach to one) and write its video as it streams, "
-        "with a live status line on stderr. Stops after --duration or --chunks, when the "
-        "session ends, or on Ctrl-C (which stops the session unless --leave).",
+        description="Create a session (or attach to one, or watch someone else's from its "
+        "watch link) and write its video as it streams, with a live status line on stderr. "
+        "Stops after --duration or --chunks, when the session ends, or on Ctrl-C (which "
+        "stops the session unless --leave; a watched session is only left).",
     )
     _add_common(p)
-    p.add_argument("prompt", nargs="?", help="global caption of the video")
+    p.add_argument(
+        "prompt",
+        nargs="?",
+        help="global caption of the video, or a watch link (http://host/?watch=ID#token=T, "
+        "or its stream URL) to watch that session read-only",
+    )
     p.add_argument(
         "--shot",
         action="append",
@@ -740,7 +820,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a first shot prompt; repeat for several, played in order",
     )
     p.add_argument("--session", metavar="ID", help="attach to an existing session instead")
-    p.add_argument("--token", metavar="T", help="the session's token (with --session)")
+    p.add_argument(
+        "--token",
+        metavar="T",
+        help="the session's token (with --session), or a watch link's if its URL has none",
+    )
     p.add_argument(
         "--out",
         default="shotstream.mp4",
@@ -795,6 +879,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_session(p)
     p.set_defaults(func=lambda a: asyncio.run(_script(a)))
+
+    p = sub.add_parser(
+        "record",
+        help="download a session's recording as an MP4 (and its shot timeline)",
+        description="Download the recording of a session (a standard MP4 with a chapter "
+        "per shot: what its owner was sent, so far if it still runs) with a watch link or "
+        "a session URL (http://host/v1/sessions/ID) and --token.",
+    )
+    p.add_argument("url", metavar="URL", help="a watch link, or http://host/v1/sessions/ID")
+    p.add_argument("--out", default="recording.mp4", metavar="FILE.mp4", help="MP4 to write")
+    p.add_argument("--token", metavar="T", help="the session's or a watch link's token")
+    p.add_argument("--timeline", metavar="FILE.json", help="also write the shot timeline")
+    p.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout, s")
+    p.add_argument("--quiet", action="store_true", help="no summary line")
+    p.set_defaults(func=lambda a: asyncio.run(_record(a)))
 
     from clients.load import add_load_arguments, main_load
 

@@ -2,8 +2,10 @@
 
 `ShotStreamClient` speaks REST and hands out `Session` handles; a session's `stream()` is an
 async iterator of typed events (each `chunk` paired with its fMP4 segment) that reconnects
-and resumes after a dropped connection. Every error reply raises a `ShotStreamError`
-subclass. Built on `server.protocol` only: importing this module never imports torch.
+and resumes after a dropped connection. `watch(url)` gives a read-only handle on someone
+else's session from its watch link; `Session.download_recording` saves its recording.
+Every error reply raises a `ShotStreamError` subclass. Built on `server.protocol` only:
+importing this module never imports torch.
 
     async with ShotStreamClient("http://127.0.0.1:8000") as client:
         session = await client.create_session("a red fox in the snow", shots=["wide shot"])
@@ -18,14 +20,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal, TypeAlias
-from urllib.parse import quote, urlsplit, urlunsplit
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, TypeAlias
+from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
@@ -77,6 +81,10 @@ class Conflict(ShotStreamError):
     """409: not possible in the session's state (ended, not paused), or already connected."""
 
 
+class Forbidden(ShotStreamError):
+    """403: a watch link's token asked for what only the session's owner may do."""
+
+
 class InvalidRequest(ShotStreamError):
     """422 (or 400/413): bad input; `message` is the server's explanation."""
 
@@ -112,6 +120,7 @@ class ProtocolViolation(ShotStreamError):
 _BY_STATUS: dict[int, type[ShotStreamError]] = {
     400: InvalidRequest,
     401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     409: Conflict,
     413: InvalidRequest,
@@ -123,6 +132,10 @@ _C = P.ErrorCode
 _BY_CODE: dict[str, type[ShotStreamError]] = {
     _C.UNAUTHORIZED: Unauthorized,
     _C.UNKNOWN_SESSION: NotFound,
+    _C.UNKNOWN_VIEWER: NotFound,
+    _C.NO_RECORDING: NotFound,
+    _C.FORBIDDEN: Forbidden,
+    _C.VIEWER_LIMIT: Overloaded,
     _C.ALREADY_CONNECTED: Conflict,
     _C.REPLACED: Conflict,
     _C.INVALID_STATE: Conflict,
@@ -151,6 +164,8 @@ _REFUSAL_CODES = {
     _C.REPLACED,
     _C.OVER_CAPACITY,
     _C.DRAINING,
+    _C.FORBIDDEN,
+    _C.VIEWER_LIMIT,
 }
 _CLOSE_CODES = {int(c): c for c in P.CloseCode}
 
@@ -308,6 +323,31 @@ class Withdraw:
 
 
 @dataclass(frozen=True)
+class Queued:
+    """The session waits in the server's waiting room (created with `wait=True`): its place
+    (`message.position`, 1 = next) and estimate. A Hello follows once it starts."""
+
+    message: P.QueuedMessage
+    received: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
+class Viewers:
+    """How many viewers watch the session now (viewers, and owners asking for it)."""
+
+    message: P.ViewersMessage
+    received: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A viewer fell behind: chunks `message.seqs` will not come; the next is `next_seq`."""
+
+    message: P.SkippedMessage
+    received: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
 class Pong:
     """Answer to a ping."""
 
@@ -353,6 +393,9 @@ Event: TypeAlias = (
     | PromptAck
     | PromptDropped
     | Withdraw
+    | Queued
+    | Viewers
+    | Skipped
     | Pong
     | Error
     | Ended
@@ -390,8 +433,12 @@ class Session:
         reconnect: ReconnectPolicy | None = None,
         grace_s: float | None = None,
         features: tuple[str, ...] = (),
+        role: Literal["owner", "viewer"] = "owner",
     ) -> None:
         self.session_id = session_id
+        # "viewer": a watch link's read-only handle (no prompts, pause or stop; `stop()`
+        # and closing only leave).
+        self.role = role
         # Optional protocol features asked for on every connection (e.g. "withdraw"); the
         # server lists in `hello.features` those it enabled (`self.features` after it).
         self.requested_features = tuple(features)
@@ -445,6 +492,29 @@ class Session:
     def _path(self) -> str:
         return f"/v1/sessions/{quote(self.session_id, safe='')}"
 
+    # -- watch links and the recording (docs/design/protocol.md §15–§16) ----------------------
+    async def create_viewer(self, ttl_s: float | None = None) -> P.ViewerLink:
+        """Mint a watch link: `watch_url` (the page) and `stream_url` + `token` for viewers."""
+        body = {"ttl_s": ttl_s} if ttl_s is not None else None
+        data = await self._client._request(
+            "POST", self._path() + "/viewers", token=self.token, json=body
+        )
+        return P.ViewerLink.model_validate(data)
+
+    async def revoke_viewer(self, viewer_id: str) -> None:
+        """Revoke a watch link: its viewers are closed and its token stops working."""
+        path = f"{self._path()}/viewers/{quote(viewer_id, safe='')}"
+        await self._client._request("DELETE", path, token=self.token)
+
+    async def timeline(self) -> dict[str, Any]:
+        """The recording's shot timeline (`timeline.json`)."""
+        return await self._client._request("GET", self._path() + "/timeline.json", token=self.token)
+
+    async def download_recording(self, path: Path | str) -> str:
+        """Save the recording (a progressive MP4) to `path`; returns its state: `recording`,
+        `complete` or `incomplete`. Written to `path.partial`, then renamed."""
+        return await self._client._download(self._path() + "/recording.mp4", self.token, Path(path))
+
     # -- requests ---------------------------------------------------------------------------
     async def prompt(
         self, text: str, mode: Mode | None = None, timeout: float | None = 30.0
@@ -487,7 +557,11 @@ class Session:
                 await self._ws.send(json.dumps({"type": "playhead", "pts": round(pts, 4)}))
 
     async def stop(self) -> None:
-        """End the session: `stop` over the stream (which then yields Ended), else DELETE."""
+        """End the session: `stop` over the stream (which then yields Ended), else DELETE.
+        A viewer cannot end it: it only closes its connection."""
+        if self.role == "viewer":
+            await self.close()
+            return
         if self.connected:
             assert self._ws is not None
             with contextlib.suppress(ConnectionClosed):
@@ -599,7 +673,7 @@ class Session:
                 if not self._events and self._finished is None:
                     await self._pump()
 
-    async def _open(self) -> tuple[ClientConnection, Hello]:
+    async def _open(self) -> tuple[ClientConnection, Hello | Queued]:
         """Connect and read `hello`; the server's refusal raises its mapped error."""
         timeout = self._client.timeout
         # On a resume, name the last chunk we have: the server sends again what it kept after it.
@@ -636,6 +710,8 @@ class Session:
             msg = P.parse_server_message(raw) if isinstance(raw, str) else None
             if isinstance(msg, P.ErrorMessage):
                 raise error_from_message(msg)
+            if isinstance(msg, P.QueuedMessage):  # in the waiting room: hello comes later
+                return ws, Queued(msg)
             if not isinstance(msg, P.HelloMessage):
                 raise ProtocolViolation(f"expected hello, got {str(raw)[:80]!r}")
             if msg.protocol != P.PROTOCOL_VERSION:
@@ -715,6 +791,12 @@ class Session:
             self._events.append(Shot(msg))
         elif isinstance(msg, P.PromptDroppedMessage):
             self._events.append(PromptDropped(msg))
+        elif isinstance(msg, P.QueuedMessage):
+            self._events.append(Queued(msg))
+        elif isinstance(msg, P.ViewersMessage):
+            self._events.append(Viewers(msg))
+        elif isinstance(msg, P.SkippedMessage):
+            self._events.append(Skipped(msg))
 
     def _answer(self, ref: str | None, result: Any) -> bool:
         """Settle the waiter whose message carried `ref` (an exception fails it)."""
@@ -866,10 +948,13 @@ class ShotStreamClient:
         mode: Mode | None = None,
         retry: bool | RetryPolicy = False,
         features: tuple[str, ...] = (),
+        wait: bool = False,
     ) -> Session:
         """`POST /v1/sessions`; with `retry`, a 429/503 is retried after its Retry-After.
-        `features` are asked for on the stream (e.g. ("withdraw",) for instant cuts)."""
-        body: dict[str, Any] = {"prompt": prompt}
+        `features` are asked for on the stream (e.g. ("withdraw",) for instant cuts). With
+        `wait`, a full server queues the session (`session.info.state == "queued"`): its
+        stream yields Queued events, then Hello once it starts."""
+        body: dict[str, Any] = {"prompt": prompt} | ({"wait": True} if wait else {})
         for key, value in (("shots", shots), ("seed", seed), ("mode", mode)):
             if value is not None:
                 body[key] = value
@@ -919,6 +1004,24 @@ class ShotStreamClient:
             stream_url = urlunsplit((scheme, parts.netloc, path, "", ""))
         return Session(self, session_id, token, stream_url, None, self.reconnect, features=features)
 
+    def watch(self, url: str, token: str | None = None, features: tuple[str, ...] = ()) -> Session:
+        """A read-only handle on someone else's session, from its watch link (`watch_url`
+        or `stream_url`; `token` if the URL does not carry it)."""
+        link = parse_watch_url(url)
+        token = token or link.token
+        if not token:
+            raise InvalidRequest("the watch link carries no token: give it with token=")
+        return Session(
+            self,
+            link.session_id,
+            token,
+            link.stream_url,
+            None,
+            self.reconnect,
+            features=features,
+            role="viewer",
+        )
+
     async def models(self) -> P.ModelInfo:
         """`GET /v1/models`: the loaded preset, its sizes and fps."""
         return P.ModelInfo.model_validate(await self._request("GET", "/v1/models"))
@@ -956,3 +1059,61 @@ class ShotStreamClient:
         if resp.status_code >= 400:
             raise error_from_response(resp)
         return resp.json() if resp.content else None
+
+    async def _download(self, path: str, token: str, out: Path) -> str:
+        """GET `path` into `out` (via `out.partial`); returns X-Recording-State."""
+        partial = out.with_name(out.name + ".partial")
+        headers = {"Authorization": f"Bearer {token}"}
+        try:
+            async with self._http.stream("GET", path, headers=headers, timeout=None) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise error_from_response(resp)
+                with open(partial, "wb") as f:
+                    async for chunk in resp.aiter_bytes():
+                        f.write(chunk)
+                state = resp.headers.get("x-recording-state", "")
+        except httpx.TransportError as exc:
+            partial.unlink(missing_ok=True)
+            raise ShotStreamError(
+                f"GET {path}: cannot reach {self.base_url}: {exc}", code="unreachable"
+            ) from exc
+        partial.replace(out)
+        return state
+
+
+class WatchLink(NamedTuple):
+    """What a watch link names: the server, the session, the link's token, the stream."""
+
+    base_url: str
+    session_id: str
+    token: str | None
+    stream_url: str
+
+
+def parse_watch_url(url: str) -> WatchLink:
+    """A watch link in any of its forms: the page's `http(s)://host/?watch=<id>#token=<t>`,
+    the viewers' stream `ws(s)://host/v1/sessions/<id>/watch?token=<t>`, or any
+    `http(s)://host/v1/sessions/<id>[/...]` (then the token is given apart)."""
+    parts = urlsplit(url)
+    http = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    ws = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if http not in ("http", "https") or not parts.netloc:
+        raise InvalidRequest(f"not a watch link: {url!r}")
+    query, fragment = parse_qs(parts.query), parse_qs(parts.fragment)
+    token = (fragment.get("token") or query.get("token") or [None])[0]
+    if "watch" in query:
+        sid, prefix = query["watch"][0], parts.path.rstrip("/")
+        if prefix.endswith(".html"):  # the page by its file name
+            prefix = prefix.rsplit("/", 1)[0]
+    elif m := re.fullmatch(r"(?P<prefix>.*)/v1/sessions/(?P<sid>[^/]+)(/.*)?", parts.path):
+        sid, prefix = unquote(m["sid"]), m["prefix"]
+    else:
+        raise InvalidRequest(f"not a watch link (no session in it): {url!r}")
+    stream = f"{prefix}/v1/sessions/{quote(sid, safe='')}/watch"
+    return WatchLink(
+        urlunsplit((http, parts.netloc, prefix, "", "")),
+        sid,
+        token,
+        urlunsplit((ws, parts.netloc, stream, "", "")),
+    )

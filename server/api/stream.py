@@ -95,7 +95,7 @@ async def _wait_in_queue(state: AppState, ws: WebSocket, s: Session) -> bool:
     """A session in the waiting room (docs/design/protocol.md §17): `queued` messages with
     its place whenever it moves (and its estimate, at most every 5 s) until it starts (True:
     the stream goes on with `hello`), or it ends or the client leaves (False). A ping is
-    answered; other messages wait for the session to start and are ignored."""
+    answered; a prompt, pause, resume or stop gets a non-fatal `invalid_state`."""
     m = state.manager
     assert m is not None
     me = object()
@@ -136,6 +136,14 @@ async def _wait_in_queue(state: AppState, ws: WebSocket, s: Session) -> bool:
                 if isinstance(parsed, P.PingMessage):
                     pong = P.PongMessage(server_time=time.time(), ref=parsed.ref)
                     await _send_json(ws, pong.model_dump(), state.settings.send_timeout_s)
+                elif not isinstance(parsed, P.ProtocolError | P.PlayheadMessage):
+                    # answered, so a client waiting for its ack does not wait in vain
+                    err = P.ErrorMessage(
+                        code=P.ErrorCode.INVALID_STATE,
+                        message="the session is queued: it takes messages once it starts",
+                        ref=parsed.ref,
+                    )
+                    await _send_json(ws, err.model_dump(), state.settings.send_timeout_s)
     except (WebSocketDisconnect, RuntimeError, OSError, TimeoutError) as exc:
         log.debug("queued stream ended", extra={"session_id": s.id, "error": repr(exc)})
         return False
