@@ -192,7 +192,8 @@ class Outbox:
     def resume_after(self, last_seq: int | None) -> list[MediaItem]:
         """A new connection whose client holds every chunk up to `last_seq` (None: a fresh
         player). Items it holds that the dropped connection got out before its sender
-        could take them off the lane are settled (those counted now are returned); later ones
+        could take them off the lane are settled (those counted now are returned, with the
+        `shot` and `withdraw` messages among them that were not replays); later ones
         it may have missed are queued again as replays. Replies meant for the dead connection
         (acks, pongs, errors) are dropped, but not the outcome of a prompt: a
         `prompt_dropped` is the session's news, and waiting prompts are acknowledged again
@@ -204,7 +205,7 @@ class Outbox:
         if last_seq is not None:
             while self.media and self.media[0].seq <= last_seq:
                 item = self.media.popleft()
-                if self.settle(item):
+                if self.settle(item) or (item.data is None and not item.replay):
                     settled.append(item)
             again = [replace(x, replay=True) for x in self.sent if x.seq > last_seq]
             self.media.extendleft(reversed(again))

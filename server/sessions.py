@@ -739,6 +739,11 @@ class SessionManager:
             if item.data is not None and item.prompt is not None:
                 # its shot's prompt counts as applied; when it became visible is not known
                 self.metrics.prompts_applied.inc()
+            # The client has it, though the dropped connection's sender never reported it:
+            # viewers and the recording get it now.
+            s.audience.deliver(item, self.settings.viewer_queue_chunks)
+            if self.recorder is not None:
+                self.recorder.delivered(s, item)
         # Waiting prompts are acknowledged again: the dropped connection may have lost them.
         for p in s.waiting_prompts():
             self._ack(s, p)

@@ -189,6 +189,13 @@ def test_a_resume_does_not_resend_what_the_client_names_as_held(server):
     assert status(server, d)["frames_sent"] > sum(c.message["frames"] for c in st.chunks)
     # ... and the session's first prompt, which chunk 0 showed, counts as applied.
     assert server.metric("shotstream_prompts_applied_total") == applied + 1
+    # The recording holds what the client holds: chunk 0 too, and its shot's prompt.
+    tl = httpx.get(
+        f"{server.base}/v1/sessions/{d['session_id']}/timeline.json",
+        headers={"Authorization": f"Bearer {d['token']}"},
+    ).json()
+    assert tl["chunks"] == 1 + len(seqs) and tl["shots"][0]["first_seq"] == 0
+    assert tl["shots"][0]["mode"] == "queue"
 
 
 def test_a_reader_that_stops_reading_pauses_only_its_own_session(server):
