@@ -16,7 +16,7 @@ import hmac
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from server import protocol as P
 from server.delivery import CONTROL_LIMIT, Connection, MediaItem
@@ -35,7 +35,7 @@ class ViewerLink:
     revoked: bool = False
     conns: list[ViewerConnection] = field(default_factory=list)
 
-    def state(self, now: float) -> str:
+    def state(self, now: float) -> Literal["active", "revoked", "expired"]:
         if self.revoked:
             return "revoked"
         return "expired" if now >= self.expires_mono else "active"

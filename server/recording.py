@@ -567,7 +567,7 @@ def remux(src: Path, size: int, dst: Path, chapters: list[tuple[int, int, str]],
     try:
         with (
             _Prefix(src, size) as inp_file,
-            av.open(inp_file, format="mp4") as inp,
+            av.open(inp_file, "r", format="mp4") as inp,
             av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out,
         ):
             ins = inp.streams.video[0]

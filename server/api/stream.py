@@ -156,11 +156,10 @@ async def _wait_in_queue(state: AppState, ws: WebSocket, s: Session) -> bool:
         return True
     # It ended while waiting (its longest wait passed, deleted, draining): say so.
     reason = s.end_reason or s.state
-    err = s.error
-    if err:
-        msg = P.ErrorMessage(code=P.ErrorCode.SESSION_FAILED, message=err, fatal=True)
-        await _quietly("end", ws.send_text(json.dumps(msg.model_dump())))
-        await _quietly("close", ws.close(4500, P.close_reason(err)))
+    if s.error:
+        fatal = P.ErrorMessage(code=P.ErrorCode.SESSION_FAILED, message=s.error, fatal=True)
+        await _quietly("end", ws.send_text(json.dumps(fatal.model_dump())))
+        await _quietly("close", ws.close(4500, P.close_reason(s.error)))
     else:
         await _quietly("end", ws.send_text(json.dumps(P.EndedMessage(reason=reason).model_dump())))
         code = 1001 if reason in ("draining", "shutdown") else 1000
