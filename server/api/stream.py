@@ -264,8 +264,10 @@ async def _receiver(
             return
         if msg["type"] == "websocket.disconnect":
             return
-        if conn.closing:
-            continue  # closing: nothing more is read into the session
+        if conn.closing and conn.farewell is None:
+            continue  # closed for abuse or the end: nothing more is read into the session
+        # (A connection replaced by a newer one still has its client's messages read: they
+        # were sent before the client reconnected, e.g. a prompt just before its socket died.)
         if not bucket.take():
             # A flood: drop unread (cheap), saying so once; past the limit, close.
             conn.dropped += 1
