@@ -345,10 +345,17 @@ class DiTTrainer:
     ) -> torch.Tensor:
         """The model's flow for the noisy chunks of `batch` at per-chunk levels (B, chunks)."""
         return teacher_forced_flow(
-            self.dit, batch.context, batch.context_flags, batch.clean, noisy,
-            sigma * self.cfg.sampler.num_train_timesteps, batch.gen_flag, prompt,
-            batch.caption_index, self.mask,
-        )  # fmt: skip
+            self.dit,
+            batch.context,
+            batch.context_flags,
+            batch.clean,
+            noisy,
+            sigma * self.cfg.sampler.num_train_timesteps,
+            batch.gen_flag,
+            prompt,
+            batch.caption_index,
+            self.mask,
+        )
 
     def own_chain(self, batch: Batch, prompt: torch.Tensor, step: int) -> list[torch.Tensor]:
         """The sampler's x0 at each of its levels but the last, run by the model itself (no

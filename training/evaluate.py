@@ -85,8 +85,13 @@ def run_story(model: LoadedModel, pool: StatePool, ev: EvalStory, index: int) ->
             key = ev.story.clip_key(s)
             for c in range(n):
                 reading = read_chunk(gen.next_chunk().frames)
-                read = {"background": reading.background, "colour": reading.colour,
-                        "shape": reading.shape, "framing": reading.framing, "motion": reading.motion}  # fmt: skip
+                read = {
+                    "background": reading.background,
+                    "colour": reading.colour,
+                    "shape": reading.shape,
+                    "framing": reading.framing,
+                    "motion": reading.motion,
+                }
                 results.append(
                     ChunkResult(index, s, c, key._asdict(), read, reading.agreement(key))
                 )

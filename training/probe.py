@@ -73,9 +73,13 @@ def read_frame(frame) -> FrameReading:
     h, w, _ = f.shape
     b = BORDER
     border = torch.cat(
-        [f[:b].reshape(-1, 3), f[-b:].reshape(-1, 3),
-         f[b:-b, :b].reshape(-1, 3), f[b:-b, -b:].reshape(-1, 3)]
-    )  # fmt: skip
+        [
+            f[:b].reshape(-1, 3),
+            f[-b:].reshape(-1, 3),
+            f[b:-b, :b].reshape(-1, 3),
+            f[b:-b, -b:].reshape(-1, 3),
+        ]
+    )
     bg = border.median(dim=0).values
     reading = FrameReading(nearest_colour(bg), tuple(bg.tolist()))
     diff = f - bg
@@ -103,9 +107,16 @@ def read_frame(frame) -> FrameReading:
     shape, size = _fit_shape(cov, area, cx, cy)
     framing = "close-up" if size / h > FRAMING_SPLIT else "wide"
     return FrameReading(
-        reading.background, reading.background_rgb, nearest_colour(obj), tuple(obj.tolist()),
-        shape, framing, (cx, cy), area, size,
-    )  # fmt: skip
+        reading.background,
+        reading.background_rgb,
+        nearest_colour(obj),
+        tuple(obj.tolist()),
+        shape,
+        framing,
+        (cx, cy),
+        area,
+        size,
+    )
 
 
 def _fit_shape(cov: torch.Tensor, area: float, cx: float, cy: float) -> tuple[str, float]:

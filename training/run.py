@@ -51,17 +51,27 @@ from training.vocab import vocabulary
 def _whole_shots(steps: int, **changes) -> DiTTrainConfig:
     """A start_train phase over whole shots, every chunk at one of the sampler's levels (the
     first half the time: it places the object) and later levels fed faded objects."""
-    base = dict(lr=5e-4, warmup=20, level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
-                fade_min=0.2, whole_shot=True)  # fmt: skip
+    base = dict(
+        lr=5e-4,
+        warmup=20,
+        level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
+        fade_min=0.2,
+        whole_shot=True,
+    )
     return DiTTrainConfig(steps=steps, **{**base, **changes})
 
 
 def _placement(steps: int, **changes) -> DiTTrainConfig:
     """A start_train phase of first chunks at sigma 1 only, first shots that stay still."""
     return DiTTrainConfig(
-        steps=steps, lr=1e-3, warmup=20, level_weights=(1.0, 0.0, 0.0, 0.0),
-        history_weights=(1.0,), still_only=True, **changes,
-    )  # fmt: skip
+        steps=steps,
+        lr=1e-3,
+        warmup=20,
+        level_weights=(1.0, 0.0, 0.0, 0.0),
+        history_weights=(1.0,),
+        still_only=True,
+        **changes,
+    )
 
 
 def _carry(steps: int) -> DiTTrainConfig:
@@ -69,9 +79,12 @@ def _carry(steps: int) -> DiTTrainConfig:
     turns (a later shot's colour comes from its own caption or from the context frames more
     often than from the global caption)."""
     return _whole_shots(
-        steps, object_weight=6.0, train_chunks=2, turn_prob=0.5,
+        steps,
+        object_weight=6.0,
+        train_chunks=2,
+        turn_prob=0.5,
         history_weights=(0.1, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08),
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -108,9 +121,13 @@ def full_recipe(seed: int = 0) -> TrainDemoConfig:
     DiT phase first, placement without the object weight, the plain whole-shot phase, then
     the object-weighted phases, each longer."""
     return TrainDemoConfig(
-        seed=seed, dit=DiTTrainConfig(), start=_placement(1500), follow=_whole_shots(800),
-        polish=_whole_shots(1500, object_weight=6.0, train_chunks=2), carry=_carry(1000),
-    )  # fmt: skip
+        seed=seed,
+        dit=DiTTrainConfig(),
+        start=_placement(1500),
+        follow=_whole_shots(800),
+        polish=_whole_shots(1500, object_weight=6.0, train_chunks=2),
+        carry=_carry(1000),
+    )
 
 
 RECIPES = {"quick": TrainDemoConfig, "full": full_recipe}  # name -> (seed) -> config
@@ -373,9 +390,13 @@ def run_train_demo(args) -> int:
         later[name] = phase if steps is None else replace(phase, steps=steps)
     tc = replace(base, vae=vae, dit=dit, **later)
     out = train_demo(
-        args.work, args.out, tc, resume=args.resume, threads=args.threads,
+        args.work,
+        args.out,
+        tc,
+        resume=args.resume,
+        threads=args.threads,
         vae_threads=args.vae_threads,
-    )  # fmt: skip
+    )
     print(f"weights written to {out}")
     return 0
 

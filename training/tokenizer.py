@@ -25,10 +25,26 @@ from training.vocab import COLOURS, DIRECTIONS, FRAMINGS, SHAPES
 
 SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in umT5
 WORDS = (
-    "a", "an", "on", "background", "shot", ":", "the", "moves", "stays", "still", "turns",
-    "and", *FRAMINGS, *DIRECTIONS, *COLOURS, *SHAPES, *"0123456789",
-    *(f"{c}_background" for c in COLOURS), *(f"turns_{c}" for c in COLOURS),
-)  # fmt: skip
+    "a",
+    "an",
+    "on",
+    "background",
+    "shot",
+    ":",
+    "the",
+    "moves",
+    "stays",
+    "still",
+    "turns",
+    "and",
+    *FRAMINGS,
+    *DIRECTIONS,
+    *COLOURS,
+    *SHAPES,
+    *"0123456789",
+    *(f"{c}_background" for c in COLOURS),
+    *(f"turns_{c}" for c in COLOURS),
+)
 VOCAB_SIZE = 96  # embedding rows: the words above, padded (unused rows are never looked up)
 
 

@@ -82,9 +82,14 @@ def test_shot_caption_parsing_is_tolerant(text, spec, shape):
 
 @pytest.mark.parametrize(
     "text",
-    ["a red circle on a red background", "a purple circle on a blue background",
-     "a red hexagon on a blue background", "a red circle", ""],
-)  # fmt: skip
+    [
+        "a red circle on a red background",
+        "a purple circle on a blue background",
+        "a red hexagon on a blue background",
+        "a red circle",
+        "",
+    ],
+)
 def test_outside_the_vocabulary_is_none(text):
     assert parse_global(text) is None
 
@@ -140,11 +145,21 @@ def test_a_colour_word_carries_its_role_in_its_token():
         return tok.encode(text, add_special_tokens=False).tokens
 
     assert tokens("a red circle on a blue background") == [
-        "a", "red", "circle", "on", "a", "blue_background"
-    ]  # fmt: skip
+        "a",
+        "red",
+        "circle",
+        "on",
+        "a",
+        "blue_background",
+    ]
     assert tokens("A Blue Circle on a  RED   Background.") == [
-        "a", "blue", "circle", "on", "a", "red_background"
-    ]  # fmt: skip
+        "a",
+        "blue",
+        "circle",
+        "on",
+        "a",
+        "red_background",
+    ]
     assert tokens("wide shot, the circle turns  green and stays still")[4] == "turns_green"
     ids = tok.encode("red red_background turns_red", add_special_tokens=False).ids
     assert len(set(ids)) == 3 and 2 not in ids  # three roles, three known tokens
@@ -228,8 +243,12 @@ def test_probe_reads_every_render_correctly():
                 hits[attr] += ok
             total += 1
     assert {k: v / total for k, v in hits.items()} == {
-        "background": 1.0, "colour": 1.0, "shape": 1.0, "framing": 1.0, "motion": 1.0
-    }  # fmt: skip
+        "background": 1.0,
+        "colour": 1.0,
+        "shape": 1.0,
+        "framing": 1.0,
+        "motion": 1.0,
+    }
 
 
 def test_probe_hardest_cases():

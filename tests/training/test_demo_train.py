@@ -133,9 +133,17 @@ def test_unrolled_levels_are_noised_from_the_models_own_previous_x0(tmp_path):
         s = sigma.repeat_interleave(f, dim=1)[..., None, None, None]
         noisy = (1 - s) * base + s * eps
         flow = teacher_forced_flow(
-            dit, batch.context, batch.context_flags, batch.clean, noisy, sigma * 1000,
-            batch.gen_flag, prompt, batch.caption_index, trainer.mask,
-        )  # fmt: skip
+            dit,
+            batch.context,
+            batch.context_flags,
+            batch.clean,
+            noisy,
+            sigma * 1000,
+            batch.gen_flag,
+            prompt,
+            batch.caption_index,
+            trainer.mask,
+        )
         err = ((noisy - s * flow) - batch.clean).pow(2).mean(dim=(2, 3, 4)).view(b, n, f).mean(2)
         torch.testing.assert_close(loss, (err / sigma).mean(), rtol=1e-5, atol=1e-6)
     finally:
@@ -384,9 +392,11 @@ def test_onset_shots_start_moving_at_a_later_chunk_and_train_only_from_it(tmp_pa
     vae = _per_frame_vae()
     trainer = st.StartTrainer(CFG, dit, text, vae, tok, all_scenes()[:12], tc, 5)
     try:
-        step = next(s for s in range(20) if len({
-            ex.story.shots[-1].motion == "still" for ex in trainer.examples(s)
-        }) == 2)  # fmt: skip
+        step = next(
+            s
+            for s in range(20)
+            if len({ex.story.shots[-1].motion == "still" for ex in trainer.examples(s)}) == 2
+        )
         batch, eps, weight = prepared = trainer._prepare(step)
         n, cf = CFG.chunks_per_shot, CFG.chunk_frames
         starts = st.noise_start(eps[:, 0], CFG)
