@@ -424,16 +424,17 @@ class Recorder:
             lines += [str(i), f"{_vtt_time(shot['start'])} --> {_vtt_time(shot['end'])}", title, ""]
         return "\n".join(lines)
 
-    async def mp4(self, rec: Recording) -> tuple[int, int]:
-        """An open file descriptor and the size of the recording as a progressive MP4 (the
-        caller closes it): the cached remux if the recording has not changed, else a new
-        one. The descriptor stays readable if the file is deleted meanwhile."""
+    async def mp4(self, rec: Recording) -> tuple[int, int, int]:
+        """An open file descriptor, the size and the version of the recording as a
+        progressive MP4 (the caller closes it): the cached remux if the recording has not
+        changed, else a new one. The descriptor stays readable if the file is deleted
+        meanwhile; the version names these bytes (a later chunk makes a new one)."""
         while True:
             version = rec.version
             if rec.cache is not None and rec.cache[0] == version:
                 with contextlib.suppress(FileNotFoundError):
                     fd = os.open(rec.cache[1], os.O_RDONLY)
-                    return fd, os.fstat(fd).st_size
+                    return fd, os.fstat(fd).st_size, version
             if rec.remux is None or rec.remux[0] != version:
                 fut = asyncio.ensure_future(self._remux(rec, version))
                 rec.remux = (version, fut)

@@ -7,8 +7,8 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from server import protocol as P
 from server.api.deps import ReadableSession, State
@@ -35,31 +35,88 @@ def _recording(state: State, sid: str):
 
 @router.get(
     "/{sid}/recording.mp4",
-    responses={**ERRORS, 200: {"content": {"video/mp4": {}}}},
+    responses={
+        **ERRORS,
+        200: {"content": {"video/mp4": {}}},
+        206: {"description": "the byte range asked for (`Range: bytes=...`)"},
+        416: {"description": "a range past the end; `Content-Range: bytes */SIZE`"},
+    },
     response_class=StreamingResponse,
 )
-async def recording_mp4(s: ReadableSession, state: State):
+async def recording_mp4(s: ReadableSession, state: State, request: Request):
     """The recording as a standard MP4 (index first, a chapter per shot), up to the last
     chunk sent: while the session runs too. `X-Recording-State` says whether it is
-    `recording`, `complete` or `incomplete` (see the timeline's `incomplete_reason`)."""
+    `recording`, `complete` or `incomplete` (see the timeline's `incomplete_reason`).
+    One byte range (`Range: bytes=A-B`, `A-`, `-N`) is answered 206, so players can seek
+    and a download can resume; `ETag` names these bytes, and a `Range` with an `If-Range`
+    naming older bytes (the session went on) gets the whole new file."""
     rec = _recording(state, s.id)
     try:
-        fd, size = await _recorder(state).mp4(rec)
+        fd, size, version = await _recorder(state).mp4(rec)
     except NotRecorded as exc:
         raise Refused(404, P.ErrorCode.NO_RECORDING, str(exc)) from exc
+    etag = f'"{s.id}-{version}"'
     headers = {
-        "Content-Length": str(size),
+        "Accept-Ranges": "bytes",
+        "ETag": etag,
         "Content-Disposition": f'attachment; filename="{s.id}.mp4"',
         "X-Recording-State": rec.state,
         "Cache-Control": "no-store",
     }
-    return StreamingResponse(_read(fd), media_type="video/mp4", headers=headers)
+    asked = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    span = byte_range(asked, size) if asked and if_range in (None, etag) else None
+    if span == "unsatisfiable":
+        os.close(fd)
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    if span is None:
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(_read(fd, 0, size), media_type="video/mp4", headers=headers)
+    start, end = span
+    headers["Content-Length"] = str(end - start + 1)
+    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return StreamingResponse(
+        _read(fd, start, end - start + 1), status_code=206, media_type="video/mp4", headers=headers
+    )
 
 
-async def _read(fd: int) -> AsyncIterator[bytes]:
-    """The open file, to its end (it may be deleted meanwhile: the descriptor keeps it)."""
+def byte_range(header: str, size: int) -> tuple[int, int] | str | None:
+    """The one byte range of a `Range` header as (first, last) inclusive, clipped to the
+    file; "unsatisfiable" if it starts past the end; None (send it all) if the header is
+    not a single well-formed `bytes` range, which RFC 9110 lets a server ignore."""
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first == "" or _digits(first)) or not (last == "" or _digits(last)):
+        return None
+    if not first:  # the last N bytes
+        if not last:
+            return None
+        n = int(last)
+        return (max(0, size - n), size - 1) if n > 0 and size > 0 else "unsatisfiable"
+    a, b = int(first), (int(last) if last else size - 1)
+    if a >= size:
+        return "unsatisfiable"
+    if b < a:
+        return None
+    return a, min(b, size - 1)
+
+
+def _digits(x: str) -> bool:
+    return x.isascii() and x.isdigit()
+
+
+async def _read(fd: int, offset: int, length: int) -> AsyncIterator[bytes]:
+    """`length` bytes of the open file from `offset` (it may be deleted meanwhile: the
+    descriptor keeps it)."""
     try:
-        while chunk := await asyncio.to_thread(os.read, fd, READ_BYTES):
+        while length > 0:
+            chunk = await asyncio.to_thread(os.pread, fd, min(READ_BYTES, length), offset)
+            if not chunk:
+                break
+            offset += len(chunk)
+            length -= len(chunk)
             yield chunk
     finally:
         os.close(fd)

@@ -102,6 +102,37 @@ def ffmpeg_decodes(path: Path) -> None:
     assert out.returncode == 0 and out.stderr == "", out.stderr
 
 
+def ranges_are_served(server, sid: str, token: str, whole: httpx.Response) -> None:
+    """One byte range is answered 206 with exactly those bytes (players seek, downloads
+    resume); a range past the end 416; an If-Range naming other bytes gets the whole file;
+    a header that is not one bytes range is ignored."""
+    body, size, etag = whole.content, len(whole.content), whole.headers["etag"]
+    assert whole.headers["accept-ranges"] == "bytes" and etag
+    url = f"{server.base}/v1/sessions/{sid}/recording.mp4"
+
+    def ask(**headers: str) -> httpx.Response:
+        return httpx.get(url, headers={**auth(token), **headers}, timeout=60)
+
+    for spec, (a, b) in {
+        "bytes=0-99": (0, 99),
+        f"bytes={size - 10}-": (size - 10, size - 1),
+        "bytes=-7": (size - 7, size - 1),
+        f"bytes=100-{size + 500}": (100, size - 1),
+    }.items():
+        r = ask(Range=spec)
+        assert r.status_code == 206, (spec, r.status_code)
+        assert r.headers["content-range"] == f"bytes {a}-{b}/{size}", spec
+        assert r.content == body[a : b + 1], spec
+    r = ask(Range=f"bytes={size}-")
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{size}"
+    assert ask(Range="bytes=0-1", **{"If-Range": etag}).status_code == 206
+    stale = ask(Range="bytes=0-1", **{"If-Range": '"older"'})
+    assert stale.status_code == 200 and stale.content == body
+    for ignored in ("bytes=0-1,5-9", "items=0-3", "bytes=9-2"):
+        r = ask(Range=ignored)
+        assert r.status_code == 200 and r.content == body, ignored
+
+
 def instance_folder(server) -> Path:
     (folder,) = [p for p in server.recordings.iterdir() if p.is_dir()]
     return folder
@@ -161,6 +192,7 @@ def test_the_recording_is_a_standard_mp4_of_what_the_owner_saw_with_a_chapter_pe
     assert r.headers["x-recording-state"] == "complete"
     path = tmp_path / "recording.mp4"
     path.write_bytes(r.content)
+    ranges_are_served(server, sid, d["token"], r)
     kinds = [b.kind for b in iter_boxes(r.content)]
     assert kinds.index("moov") < kinds.index("mdat") and "moof" not in kinds  # index first
     info = probe(path)
