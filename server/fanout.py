@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from server import protocol as P
 from server.delivery import CONTROL_LIMIT, Connection, MediaItem
+from server.media import with_decode_time
 
 KEEP_SENT_SEQS = 64  # chunks a viewer was sent that a later `withdraw` may name
 
@@ -50,6 +51,26 @@ class ViewerConnection(Connection):
     control: deque[dict[str, Any]] = field(default_factory=deque)  # pongs, errors, counts
     sent_seqs: deque[int] = field(default_factory=lambda: deque(maxlen=KEEP_SENT_SEQS))
     skipped: int = 0  # chunks skipped because this viewer was behind
+    # A viewer without `withdraw` keeps what a cut withdrew (it cannot remove it): later
+    # chunks are moved on its timeline past what it holds, `frame_shift` frames later, so
+    # its video stays continuous, as a version-1 cut behind the buffer plays.
+    frame_shift: int = 0
+    sent_end_frame: int = 0
+
+    def place(self, msg: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        """The chunk message and segment as this viewer gets them (see `frame_shift`)."""
+        if self.withdraw:
+            return msg, data
+        first = msg["first_frame"] + self.frame_shift
+        if first < self.sent_end_frame:
+            self.frame_shift += self.sent_end_frame - first
+            first = self.sent_end_frame
+        self.sent_end_frame = max(self.sent_end_frame, first + msg["frames"])
+        if first == msg["first_frame"]:
+            return msg, data
+        fps = round(msg["frames"] / msg["duration"])  # the session's (integer) frame rate
+        placed = {**msg, "first_frame": first, "pts": first / fps}
+        return placed, with_decode_time(data, first)
 
     __hash__ = object.__hash__  # identity: a connection is itself, whatever its fields
 

@@ -312,6 +312,29 @@ def trim_segment(data: bytes, keep: int) -> bytes:
     return moof_box + struct.pack(">I4s", 8 + len(samples), b"mdat") + samples
 
 
+def decode_frame(data: bytes) -> int:
+    """The decode time of a media segment's first frame (its `tfdt`), in frames."""
+    t0 = _tfdt_value(data)
+    return struct.unpack_from(">Q", data, t0)[0] // TICKS_PER_FRAME
+
+
+def with_decode_time(data: bytes, first_frame: int) -> bytes:
+    """A copy of a media segment that starts at `first_frame` of the stream (its `tfdt`
+    rewritten; the samples are untouched): the same video, placed later on the timeline."""
+    t0 = _tfdt_value(data)
+    return data[:t0] + struct.pack(">Q", first_frame * TICKS_PER_FRAME) + data[t0 + 8 :]
+
+
+def _tfdt_value(data: bytes) -> int:
+    """Offset of the 64-bit base media decode time in a segment as the server writes them."""
+    m0, m1 = _top_boxes(data, 0, len(data))[b"moof"]
+    t0, t1 = _top_boxes(data, m0 + 8, m1)[b"traf"]
+    d0, d1 = _top_boxes(data, t0 + 8, t1)[b"tfdt"]
+    if data[d0 + 8] != 1 or d1 - d0 != 20:
+        raise ValueError("a tfdt that is not version 1 (64-bit)")
+    return d0 + 12
+
+
 class H264Encoder:
     """One session's libx264 encoder and fMP4 packager: RGB chunks in, media segments out.
 

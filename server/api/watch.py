@@ -147,12 +147,15 @@ async def _send_item(
         await _send_json(ws, {**msg, "seqs": seqs}, timeout)
         conn.sent_end_pts = min(conn.sent_end_pts, msg["pts"])
         return
+    if item.data is None:
+        await _send_json(ws, msg, timeout)
+        return
+    msg, data = conn.place(msg, item.data)
     await _send_json(ws, msg, timeout)
-    if item.data is not None:
-        await asyncio.wait_for(ws.send_bytes(item.data), timeout)
-        conn.sent_seqs.append(item.seq)
-        conn.sent_end_pts = max(conn.sent_end_pts, msg["pts"] + msg["duration"])
-        metrics.viewer_bytes_sent.inc(len(item.data))
+    await asyncio.wait_for(ws.send_bytes(data), timeout)
+    conn.sent_seqs.append(item.seq)
+    conn.sent_end_pts = max(conn.sent_end_pts, msg["pts"] + msg["duration"])
+    metrics.viewer_bytes_sent.inc(len(data))
 
 
 async def _receiver(

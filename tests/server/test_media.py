@@ -20,8 +20,10 @@ from server.media import (
     Segment,
     SegmentPackager,
     avc_codec_string,
+    decode_frame,
     iter_boxes,
     split_annexb,
+    with_decode_time,
 )
 
 FPS = 16
@@ -202,6 +204,21 @@ def test_late_join_decodes_a_segment_alone(session: Session) -> None:
         ):
             assert t == pytest.approx(t_full)
             np.testing.assert_array_equal(pic, pic_full)
+
+
+def test_a_segment_moved_on_the_timeline_decodes_the_same_pictures_later(session: Session) -> None:
+    """with_decode_time rewrites only the tfdt: the samples are the same bytes and decode to
+    the same pictures, starting at the new frame."""
+    seg = session.segments[2]
+    later = seg.first_frame + 7
+    moved = with_decode_time(seg.data, later)
+    assert decode_frame(seg.data) == seg.first_frame and decode_frame(moved) == later
+    assert len(moved) == len(seg.data)
+    assert sum(a != b for a, b in zip(moved, seg.data, strict=True)) <= 8  # one 64-bit field
+    here, there = decode_rgb(session.init + seg.data), decode_rgb(session.init + moved)
+    assert [t for t, _ in there] == pytest.approx([t + 7 / FPS for t, _ in here])
+    for (_, a), (_, b) in zip(here, there, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @needs_ffprobe

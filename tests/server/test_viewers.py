@@ -7,18 +7,23 @@ viewer never slows the owner (deadline misses and stalls compared in one run).""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import time
 
+import av
 import httpx
 import pytest
 import websockets
 
+from clients.media import FragmentWriter
 from clients.stats import Playout
+from server.media import decode_frame
 from tests.support.server import ServerProcess, StreamClient
 
 PHASE_S = 14.0
+FPS = 16
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +140,74 @@ def test_viewers_get_the_owners_segments_from_the_chunk_they_joined(server):
     assert owner.of("ended") == [{"type": "ended", "reason": "stopped"}]
     assert server.wait_metric("shotstream_viewers", 0) == 0
     assert server.metric("shotstream_viewer_bytes_sent_total") > 0
+
+
+def test_a_viewer_without_instant_cuts_keeps_a_continuous_timeline_across_a_withdrawal(server):
+    """The owner takes instant cuts and cuts into video a version-1 viewer already holds:
+    that viewer is never sent `withdraw` and cannot remove what it holds, so the new shot is
+    placed after it (the same samples, later decode times): a file of its segments plays
+    without overlap. A viewer with `withdraw` gets the owner's bytes and the withdrawal."""
+    d = server.create(shots=["wide shot, the circle moves left"], seed=9)
+    link = mint(server, d).json()
+
+    async def go():
+        plain = StreamClient(watch_url(link), None)
+        cutting = StreamClient(watch_url(link, "withdraw"), None)
+        for v in (plain, cutting):
+            await v.__aenter__()
+            await v.until(lambda m: m["type"] == "hello")
+        owner = StreamClient(f"{d['stream_url']}?token={d['token']}&features=withdraw", None)
+        await owner.__aenter__()
+        await owner.chunks(3)
+        await plain.until(lambda m: m["type"] == "chunk" and m["seq"] >= 2)
+        await owner.send({"type": "playhead", "pts": 0.1})
+        await owner.send({"type": "prompt", "prompt": "close-up, the circle turns green"})
+        ack = await owner.until(lambda m: m["type"] == "prompt_ack")
+        target = ack["starts_at_seq"] + 2
+        everyone = (owner, plain, cutting)
+        await asyncio.gather(
+            *(c.until(lambda m, c=c: m["type"] == "chunk" and m["seq"] >= target) for c in everyone)
+        )
+        await owner.send({"type": "stop"})
+        return [await c.closed() for c in everyone]
+
+    owner, plain, cutting = asyncio.run(asyncio.wait_for(go(), 180))
+    (withdraw,) = owner.of("withdraw")
+    gone = set(withdraw["seqs"])
+    assert gone & {c.message["seq"] for c in plain.chunks}, (gone, withdraw)  # it held them
+
+    assert not plain.of("withdraw") and not plain.of("skipped")
+    end = 0
+    for c in plain.chunks:  # continuous: each chunk starts where the one before ended
+        m = c.message
+        assert m["first_frame"] == end, [
+            (x.message["seq"], x.message["first_frame"]) for x in plain.chunks
+        ]
+        assert decode_frame(c.data) == m["first_frame"] and m["pts"] == m["first_frame"] / FPS
+        end = m["first_frame"] + m["frames"]
+    shifted = [c for c in plain.chunks if c.message["seq"] >= withdraw_end(withdraw, owner)]
+    assert shifted and all(c.data != by_seq(owner)[c.message["seq"]].data for c in shifted)
+    held = io.BytesIO()
+    writer = FragmentWriter(held)
+    writer.write_init(plain.init)
+    for c in plain.chunks:
+        writer.write_segment(c.data, c.message["first_frame"], c.message["frames"])
+    with av.open(io.BytesIO(held.getvalue()), format="mp4") as f:
+        times = [fr.pts for fr in f.decode(video=0)]
+    assert len(times) == end and times == sorted(set(times))  # every frame, none overlapping
+
+    assert cutting.of("withdraw") and cutting.of("withdraw")[0]["pts"] == withdraw["pts"]
+    for c in cutting.chunks:
+        assert c.data == by_seq(owner)[c.message["seq"]].data
+
+
+def by_seq(stream) -> dict:
+    return {c.message["seq"]: c for c in stream.chunks}
+
+
+def withdraw_end(withdraw: dict, owner) -> int:
+    """The first seq after those the withdrawal removed: the new shot's first chunk."""
+    return min(c.message["seq"] for c in owner.chunks if c.message["seq"] > max(withdraw["seqs"]))
 
 
 def test_a_watch_link_reads_but_never_changes_and_is_revocable_and_expires(server):
