@@ -162,6 +162,12 @@ async def _create(
                 mode=cfg.mode,
                 features=("withdraw",) if cfg.instant_cuts else (),
             )
+            if time.monotonic() >= end:
+                # Admitted only after the run ended (a retry sent just before the end, let in
+                # once a session of this run stopped): it never streamed within the run.
+                with contextlib.suppress(ShotStreamError, TimeoutError):
+                    await session.delete()
+                return None
             return session, sent
         except (RateLimited, Overloaded) as exc:
             totals.refused[str(exc.status)] += 1

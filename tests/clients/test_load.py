@@ -81,7 +81,7 @@ def test_load_reports_refusals_with_their_retry_after(limits_server):
     result = asyncio.run(run_load(cfg))
     # One session per client: the second is refused (and retried after each Retry-After,
     # which may fit in the run once) until the run ends.
-    assert result["sessions_started"] == 1 and result["errors"] == {}
+    assert result["sessions_started"] == 1 and result["errors"] == {}, result
     refused = result["refused_by_status"]
     assert set(refused) == {"429"} and result["sessions_refused"] == refused["429"] >= 1
     assert result["retry_after_s"]["min"] >= 1 and result["chunks"] > 0
