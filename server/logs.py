@@ -9,6 +9,9 @@ import sys
 import time
 from urllib.parse import unquote_plus
 
+from huggingface_hub.utils import disable_progress_bars
+from transformers.utils import logging as transformers_logging
+
 # LogRecord attributes that are not extra fields.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {
     "message",
@@ -78,8 +81,5 @@ def setup_logging(level: str = "info") -> None:
 def _no_progress_bars() -> None:
     """Progress bars (transformers' "Loading weights", the hub's downloads) would write
     lines of their own to stderr, where every line is a JSON object."""
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
     disable_progress_bars()
     transformers_logging.disable_progress_bar()

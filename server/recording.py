@@ -38,6 +38,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import av
+
 from server.delivery import MediaItem
 from server.media import trim_segment
 from server.metrics import Metrics, gauge
@@ -561,8 +563,6 @@ def remux(src: Path, size: int, dst: Path, chapters: list[tuple[int, int, str]],
     """The first `size` bytes of fragmented MP4 `src` as a progressive MP4 `dst` with the
     index at the front and a chapter per (first frame, frames, title): stream copy, no
     re-encode, timestamps from 0. Returns the size written."""
-    import av  # PyAV, as the encoder uses
-
     tmp = dst.with_name(f"{dst.name}.{secrets.token_hex(4)}.tmp")
     tb = Fraction(1, fps * 1000)
     try:
