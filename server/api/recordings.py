@@ -33,8 +33,9 @@ def _recording(state: State, sid: str):
         raise Refused(404, P.ErrorCode.NO_RECORDING, str(exc)) from exc
 
 
-@router.get(
+@router.api_route(
     "/{sid}/recording.mp4",
+    methods=["GET", "HEAD"],
     responses={
         **ERRORS,
         200: {"content": {"video/mp4": {}}},
@@ -49,7 +50,8 @@ async def recording_mp4(s: ReadableSession, state: State, request: Request):
     `recording`, `complete` or `incomplete` (see the timeline's `incomplete_reason`).
     One byte range (`Range: bytes=A-B`, `A-`, `-N`) is answered 206, so players can seek
     and a download can resume; `ETag` names these bytes, and a `Range` with an `If-Range`
-    naming older bytes (the session went on) gets the whole new file."""
+    naming older bytes (the session went on) gets the whole new file. `HEAD` answers the
+    same headers without the body."""
     rec = _recording(state, s.id)
     try:
         fd, size, version = await _recorder(state).mp4(rec)
@@ -66,17 +68,21 @@ async def recording_mp4(s: ReadableSession, state: State, request: Request):
     asked = request.headers.get("range")
     if_range = request.headers.get("if-range")
     span = byte_range(asked, size) if asked and if_range in (None, etag) else None
-    if span == "unsatisfiable":
+    if isinstance(span, str):  # "unsatisfiable"
         os.close(fd)
         return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
-    if span is None:
-        headers["Content-Length"] = str(size)
-        return StreamingResponse(_read(fd, 0, size), media_type="video/mp4", headers=headers)
-    start, end = span
+    start, end, status = (0, size - 1, 200) if span is None else (*span, 206)
     headers["Content-Length"] = str(end - start + 1)
-    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    if status == 206:
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    if request.method == "HEAD":  # the same headers, no body
+        os.close(fd)
+        return Response(status_code=status, media_type="video/mp4", headers=headers)
     return StreamingResponse(
-        _read(fd, start, end - start + 1), status_code=206, media_type="video/mp4", headers=headers
+        _read(fd, start, end - start + 1),
+        status_code=status,
+        media_type="video/mp4",
+        headers=headers,
     )
 
 

@@ -73,7 +73,7 @@ def test_rest_api_never_answers_500(edge_server, mode):
             case.as_curl_command(),
             response.text[:300],
         )
-        if 400 <= code < 500 and code != 405:
+        if 400 <= code < 500 and code != 405 and case.method.upper() != "HEAD":  # HEAD: no body
             assert response.json()["detail"], response.text
         if code == 201 and case.path == "/v1/sessions":
             delete(edge_server, response.json())

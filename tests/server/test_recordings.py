@@ -105,7 +105,7 @@ def ffmpeg_decodes(path: Path) -> None:
 def ranges_are_served(server, sid: str, token: str, whole: httpx.Response) -> None:
     """One byte range is answered 206 with exactly those bytes (players seek, downloads
     resume); a range past the end 416; an If-Range naming other bytes gets the whole file;
-    a header that is not one bytes range is ignored."""
+    a header that is not one bytes range is ignored; HEAD gives the headers alone."""
     body, size, etag = whole.content, len(whole.content), whole.headers["etag"]
     assert whole.headers["accept-ranges"] == "bytes" and etag
     url = f"{server.base}/v1/sessions/{sid}/recording.mp4"
@@ -131,6 +131,14 @@ def ranges_are_served(server, sid: str, token: str, whole: httpx.Response) -> No
     for ignored in ("bytes=0-1,5-9", "items=0-3", "bytes=9-2"):
         r = ask(Range=ignored)
         assert r.status_code == 200 and r.content == body, ignored
+    head = httpx.head(url, headers=auth(token), timeout=60)  # the headers alone
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(size) and head.headers["etag"] == etag
+    head = httpx.head(url, headers={**auth(token), "Range": "bytes=-7"}, timeout=60)
+    assert (
+        head.status_code == 206
+        and head.headers["content-range"] == f"bytes {size - 7}-{size - 1}/{size}"
+    )
 
 
 def instance_folder(server) -> Path:
