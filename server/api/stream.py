@@ -12,16 +12,19 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from server import protocol as P
 from server.api.deps import bearer
 from server.delivery import Connection, MediaItem
-from server.sessions import Refused, Session, TokenBucket
+from server.fanout import ViewerLink
+from server.sessions import Refused, Session, SessionManager, TokenBucket
 from server.state import AppState
 
 log = logging.getLogger("shotstream.stream")
@@ -31,41 +34,18 @@ router = APIRouter()
 @router.websocket("/v1/sessions/{sid}/stream")
 async def stream(ws: WebSocket, sid: str):
     state: AppState = ws.app.state.shotstream
-    await ws.accept()
-    token = ws.query_params.get("token") or bearer(ws.headers)
-
-    async def refuse(code: str, message: str) -> None:
-        await _quietly(
-            "refusal",
-            ws.send_text(
-                json.dumps(P.ErrorMessage(code=code, message=message, fatal=True).model_dump())
-            ),
-        )
-        await _quietly("close", ws.close(int(P.close_code_for(code)), P.close_reason(message)))
-
-    m = state.manager
-    if m is None or not m.ready:
-        code = P.ErrorCode.DRAINING if m and m.draining else P.ErrorCode.OVER_CAPACITY
-        return await refuse(code, "server is not ready")
-    if not token:
-        return await refuse(
-            P.ErrorCode.UNAUTHORIZED, "missing token (?token= or Authorization: Bearer)"
-        )
-    try:
-        found = m.find_reader(sid, token)
-    except Refused as exc:  # a revoked or expired watch link
-        return await refuse(exc.code, exc.message)
-    if found is None:
-        return await refuse(P.ErrorCode.UNKNOWN_SESSION, f"no session {sid!r} for this token")
-    s, link = found
+    opened = await open_reader(state, ws, sid)
+    if opened is None:
+        return
+    m, s, link = opened
     if link is not None:
         return await refuse(
-            P.ErrorCode.FORBIDDEN, "a watch link's token streams at /watch, not /stream"
+            ws, P.ErrorCode.FORBIDDEN, "a watch link's token streams at /watch, not /stream"
         )
     if s.state == "queued" and not await _wait_in_queue(state, ws, s):
         return
     if not s.alive:
-        return await refuse(P.ErrorCode.UNKNOWN_SESSION, f"session {sid} has {s.state}")
+        return await refuse(ws, P.ErrorCode.UNKNOWN_SESSION, f"session {sid} has {s.state}")
     if s.conn is not None:
         # The newer connection wins: the old one is most likely dead without our knowing
         # (a frozen or vanished client), and a client resuming must not wait for that.
@@ -75,20 +55,97 @@ async def stream(ws: WebSocket, sid: str):
     conn.withdraw = P.FEATURE_WITHDRAW in features
     conn.viewer_counts = P.FEATURE_VIEWERS in features
     m.attach(s, conn, _last_seq(ws.query_params.get("last_seq", "")))
-    sender = asyncio.create_task(_sender(state, ws, s, conn), name=f"send-{sid}")
+    await serve_connection(
+        ws,
+        s,
+        _sender(state, ws, s, conn),
+        lambda sender: _receiver(state, ws, s, conn, sender),
+        lambda: m.detach(s, conn),
+        "stream",
+    )
+
+
+async def refuse(ws: WebSocket, code: str, message: str) -> None:
+    """A fatal `error`, then the close its code calls for (the socket may be gone already)."""
+    err = P.ErrorMessage(code=code, message=message, fatal=True)
+    await _quietly("refusal", ws.send_text(json.dumps(err.model_dump())))
+    await _quietly("close", ws.close(int(P.close_code_for(code)), P.close_reason(message)))
+
+
+async def open_reader(
+    state: AppState, ws: WebSocket, sid: str
+) -> tuple[SessionManager, Session, ViewerLink | None] | None:
+    """Accept a stream or watch connection and find the session its token reads: the
+    owner's token (link None) or a watch link's. None once it was refused and closed."""
+    await ws.accept()
+    token = ws.query_params.get("token") or bearer(ws.headers)
+    m = state.manager
+    if m is None or not m.ready:
+        code = P.ErrorCode.DRAINING if m and m.draining else P.ErrorCode.OVER_CAPACITY
+        await refuse(ws, code, "server is not ready")
+        return None
+    if not token:
+        await refuse(
+            ws, P.ErrorCode.UNAUTHORIZED, "missing token (?token= or Authorization: Bearer)"
+        )
+        return None
     try:
-        await _receiver(state, ws, s, conn, sender)
+        found = m.find_reader(sid, token)
+    except Refused as exc:  # a revoked or expired watch link
+        await refuse(ws, exc.code, exc.message)
+        return None
+    if found is None:
+        await refuse(ws, P.ErrorCode.UNKNOWN_SESSION, f"no session {sid!r} for this token")
+        return None
+    return m, *found
+
+
+async def serve_connection(
+    ws: WebSocket,
+    s: Session,
+    sender: Coroutine[Any, Any, None],
+    receive: Callable[[asyncio.Task], Awaitable[None]],
+    detach: Callable[[], None],
+    what: str,
+) -> None:
+    """Run an attached connection: its sender as a task, its receiver until either ends;
+    then stop the sender, detach the connection and close the socket if still open."""
+    task = asyncio.create_task(sender, name=f"{what}-{s.id}")
+    try:
+        await receive(task)
     finally:
-        sender.cancel()
+        task.cancel()
         try:
-            await sender
+            await task
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # a bug in the sender: the connection ends, the server goes on
-            log.error("stream sender failed", extra={"session_id": s.id, "error": repr(exc)})
-        m.detach(s, conn)
+            log.error(f"{what} sender failed", extra={"session_id": s.id, "error": repr(exc)})
+        detach()
         if ws.client_state == WebSocketState.CONNECTED:
             await _quietly("close", ws.close(1000))
+
+
+async def incoming(
+    ws: WebSocket, sender: asyncio.Task, s: Session, what: str
+) -> AsyncIterator[Message]:
+    """The client's frames as ASGI messages, until it leaves or the sender ends the
+    connection (closed it)."""
+    while True:
+        recv = asyncio.create_task(ws.receive())
+        done, _ = await asyncio.wait({recv, sender}, return_when=asyncio.FIRST_COMPLETED)
+        if recv not in done:  # the sender finished (closed the connection)
+            recv.cancel()
+            return
+        try:
+            msg = recv.result()
+        except (WebSocketDisconnect, RuntimeError) as exc:
+            # starlette raises RuntimeError for a receive after the disconnect message
+            log.debug(f"{what} receive ended", extra={"session_id": s.id, "error": repr(exc)})
+            return
+        if msg["type"] == "websocket.disconnect":
+            return
+        yield msg
 
 
 async def _wait_in_queue(state: AppState, ws: WebSocket, s: Session) -> bool:
@@ -107,10 +164,9 @@ async def _wait_in_queue(state: AppState, ws: WebSocket, s: Session) -> bool:
         last = None
         while s.state == "queued":
             if s.queue_waiter is not me:
-                msg = "a newer connection of this session took over"
-                err = P.ErrorMessage(code=P.ErrorCode.REPLACED, message=msg, fatal=True)
-                await _quietly("refusal", ws.send_text(json.dumps(err.model_dump())))
-                await _quietly("close", ws.close(int(P.CloseCode.REPLACED), msg))
+                await refuse(
+                    ws, P.ErrorCode.REPLACED, "a newer connection of this session took over"
+                )
                 return False
             info = m.queue_info(s)
             if info is not None and info != last:
@@ -250,20 +306,7 @@ async def _receiver(
     assert m is not None
     settings = state.settings
     bucket = TokenBucket(settings.ws_message_rate, 2 * settings.ws_message_rate)
-    while True:
-        recv = asyncio.create_task(ws.receive())
-        done, _ = await asyncio.wait({recv, sender}, return_when=asyncio.FIRST_COMPLETED)
-        if recv not in done:  # the sender finished (closed the connection)
-            recv.cancel()
-            return
-        try:
-            msg = recv.result()
-        except (WebSocketDisconnect, RuntimeError) as exc:
-            # starlette raises RuntimeError for a receive after the disconnect message
-            log.debug("stream receive ended", extra={"session_id": s.id, "error": repr(exc)})
-            return
-        if msg["type"] == "websocket.disconnect":
-            return
+    async for msg in incoming(ws, sender, s, "stream"):
         if conn.closing and conn.farewell is None:
             continue  # closed for abuse or the end: nothing more is read into the session
         # (A connection replaced by a newer one still has its client's messages read: they

@@ -9,16 +9,22 @@ the owner was sent, and from there what the owner is sent (server/fanout.py). It
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
 from fastapi import APIRouter, WebSocket
-from starlette.websockets import WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketDisconnect
 
 from server import protocol as P
-from server.api.deps import bearer
-from server.api.stream import _features, _quietly, _send_json
+from server.api.stream import (
+    _features,
+    _quietly,
+    _send_json,
+    incoming,
+    open_reader,
+    refuse,
+    serve_connection,
+)
 from server.delivery import MediaItem
 from server.fanout import ViewerConnection
 from server.metrics import Metrics
@@ -32,55 +38,26 @@ router = APIRouter()
 @router.websocket("/v1/sessions/{sid}/watch")
 async def watch(ws: WebSocket, sid: str):
     state: AppState = ws.app.state.shotstream
-    await ws.accept()
-    token = ws.query_params.get("token") or bearer(ws.headers)
-
-    async def refuse(code: str, message: str) -> None:
-        await _quietly(
-            "refusal",
-            ws.send_text(
-                json.dumps(P.ErrorMessage(code=code, message=message, fatal=True).model_dump())
-            ),
-        )
-        await _quietly("close", ws.close(int(P.close_code_for(code)), P.close_reason(message)))
-
-    m = state.manager
-    if m is None or not m.ready:
-        code = P.ErrorCode.DRAINING if m and m.draining else P.ErrorCode.OVER_CAPACITY
-        return await refuse(code, "server is not ready")
-    if not token:
-        return await refuse(
-            P.ErrorCode.UNAUTHORIZED, "missing token (?token= or Authorization: Bearer)"
-        )
-    try:
-        found = m.find_reader(sid, token)
-    except Refused as exc:  # a revoked or expired watch link
-        return await refuse(exc.code, exc.message)
-    if found is None:
-        return await refuse(P.ErrorCode.UNKNOWN_SESSION, f"no session {sid!r} for this token")
-    s, link = found
+    opened = await open_reader(state, ws, sid)
+    if opened is None:
+        return
+    m, s, link = opened
     if not s.alive and s.state != "queued":
-        return await refuse(P.ErrorCode.UNKNOWN_SESSION, f"session {sid} has {s.state}")
+        return await refuse(ws, P.ErrorCode.UNKNOWN_SESSION, f"session {sid} has {s.state}")
     conn = ViewerConnection(ws.send_text, ws.send_bytes, ws.close, time.monotonic(), link=link)
     conn.withdraw = P.FEATURE_WITHDRAW in _features(ws.query_params.get("features", ""))
     try:
         m.attach_viewer(s, conn)
     except Refused as exc:
-        return await refuse(exc.code, exc.message)
-    sender = asyncio.create_task(_sender(state, ws, s, conn), name=f"watch-{sid}")
-    try:
-        await _receiver(state, ws, s, conn, sender)
-    finally:
-        sender.cancel()
-        try:
-            await sender
-        except asyncio.CancelledError:
-            pass
-        except Exception as exc:  # a bug in the sender: the connection ends, the server goes on
-            log.error("watch sender failed", extra={"session_id": s.id, "error": repr(exc)})
-        m.detach_viewer(s, conn)
-        if ws.client_state == WebSocketState.CONNECTED:
-            await _quietly("close", ws.close(1000))
+        return await refuse(ws, exc.code, exc.message)
+    await serve_connection(
+        ws,
+        s,
+        _sender(state, ws, s, conn),
+        lambda sender: _receiver(state, ws, s, conn, sender),
+        lambda: m.detach_viewer(s, conn),
+        "watch",
+    )
 
 
 async def _sender(state: AppState, ws: WebSocket, s: Session, conn: ViewerConnection) -> None:
@@ -164,19 +141,7 @@ async def _receiver(
     m, settings = state.manager, state.settings
     assert m is not None
     bucket = TokenBucket(settings.ws_message_rate, 2 * settings.ws_message_rate)
-    while True:
-        recv = asyncio.create_task(ws.receive())
-        done, _ = await asyncio.wait({recv, sender}, return_when=asyncio.FIRST_COMPLETED)
-        if recv not in done:  # the sender finished (closed the connection)
-            recv.cancel()
-            return
-        try:
-            msg = recv.result()
-        except (WebSocketDisconnect, RuntimeError) as exc:
-            log.debug("watch receive ended", extra={"session_id": s.id, "error": repr(exc)})
-            return
-        if msg["type"] == "websocket.disconnect":
-            return
+    async for msg in incoming(ws, sender, s, "watch"):
         if conn.closing:
             continue
         if not bucket.take():
