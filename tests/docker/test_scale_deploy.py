@@ -219,10 +219,7 @@ def test_autoscaler_metric_comes_from_the_free_slots_gauges(tmp_path):
 
 def exported_gauges() -> set[str]:
     """The gauges an engine exports (a stand-in runner; no model needed)."""
-    from model.config import get_preset
-    from server.engine import Engine
-    from server.metrics import Metrics
-    from server.settings import Settings
+    from tests.support.engine import engine_metrics
 
     runner = SimpleNamespace(
         pool=SimpleNamespace(breakdown=lambda: {"kv": 0}, bytes_in_use=0),
@@ -230,20 +227,7 @@ def exported_gauges() -> set[str]:
         bytes_per_session=lambda: 1,
         free_device_bytes=lambda: 8,
     )
-    metrics = Metrics()
-    manager = SimpleNamespace(
-        runner=runner,
-        settings=Settings(),
-        cfg=get_preset("tiny"),
-        metrics=metrics,
-        active=[],
-        sessions={},
-        ended={},
-        waiting=[],
-        ready=True,
-        draining=False,
-    )
-    Engine(manager)
+    metrics = engine_metrics(runner)
     return {f.name for f in text_string_to_metric_families(metrics.render().decode())}
 
 

@@ -18,8 +18,7 @@ import time
 import pytest
 import websockets
 
-from clients.stats import Playout
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, play_in_real_time
 
 PHASE_S = 15.0
 
@@ -36,24 +35,6 @@ def server(tmp_path_factory):
     ).wait_ready()
     yield srv
     assert srv.stop() == 0
-
-
-async def honest(url: str, until: float) -> Playout:
-    """A viewer that reads everything and plays it at real time from its first chunk."""
-    player = Playout(tolerance_s=0.05)
-    async with websockets.connect(url, max_size=None) as ws:
-        while time.monotonic() < until:
-            try:
-                raw = await asyncio.wait_for(ws.recv(), max(0.1, until - time.monotonic()))
-            except TimeoutError:
-                break
-            msg = json.loads(raw)
-            if msg["type"] in ("init", "chunk"):
-                await ws.recv()
-            if msg["type"] == "chunk":
-                player.on_chunk(time.monotonic(), msg["duration"])
-        await ws.send(json.dumps({"type": "stop"}))
-    return player
 
 
 async def abuser(url: str, until: float) -> dict[str, int]:
@@ -97,7 +78,8 @@ def test_an_abusive_client_does_not_slow_honest_viewers(server):
         async def go():
             until = time.monotonic() + PHASE_S
             tasks = [
-                honest(f"{d['stream_url']}?token={d['token']}", until) for d in honest_sessions
+                play_in_real_time(f"{d['stream_url']}?token={d['token']}", until)
+                for d in honest_sessions
             ]
             if bad is not None:
                 tasks.append(abuser(f"{bad['stream_url']}?token={bad['token']}", until))

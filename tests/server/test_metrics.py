@@ -23,7 +23,8 @@ import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import VERBS, Metrics
+from server.metrics import VERBS
+from tests.support.engine import engine_metrics
 from tests.support.prometheus import ALERTS, prometheus, wait_scraped_after
 from tests.support.server import REPO, ServerProcess, Stream, StreamClient
 
@@ -213,30 +214,13 @@ def test_build_info(run):
 
 def test_gpu_memory_gauge_on_cuda():
     """The engine's gauges with a runner that reports CUDA memory (no GPU needed)."""
-    from model.config import get_preset
-    from server.engine import Engine
-    from server.settings import Settings
-
     runner = SimpleNamespace(
         pool=SimpleNamespace(breakdown=lambda: {"kv": 0, "decoder": 0}, bytes_in_use=0),
         memory_stats=lambda: {"allocated": 3 << 30, "reserved": 4 << 30},
         bytes_per_session=lambda: 1 << 30,
         free_device_bytes=lambda: 8 << 30,
     )
-    metrics = Metrics()
-    manager = SimpleNamespace(
-        runner=runner,
-        settings=Settings(),
-        cfg=get_preset("tiny"),
-        metrics=metrics,
-        active=[],
-        sessions={},
-        ended={},
-        waiting=[],
-        ready=True,
-        draining=False,
-    )
-    Engine(manager)
+    metrics = engine_metrics(runner)
     samples = parse(metrics.render().decode())
     assert value(samples, "shotstream_gpu_memory_bytes", kind="allocated") == 3 << 30
     assert value(samples, "shotstream_gpu_memory_bytes", kind="reserved") == 4 << 30

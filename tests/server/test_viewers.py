@@ -18,9 +18,8 @@ import pytest
 import websockets
 
 from clients.media import FragmentWriter
-from clients.stats import Playout
 from server.media import decode_frame
-from tests.support.server import ServerProcess, StreamClient
+from tests.support.server import ServerProcess, StreamClient, play_in_real_time
 
 PHASE_S = 14.0
 FPS = 16
@@ -290,24 +289,6 @@ def small_socket(url: str) -> socket.socket:
     return sock
 
 
-async def owner_plays(url: str, until: float) -> Playout:
-    """The owner: reads everything and plays it at real time from its first chunk."""
-    player = Playout(tolerance_s=0.05)
-    async with websockets.connect(url, max_size=None) as ws:
-        while time.monotonic() < until:
-            try:
-                raw = await asyncio.wait_for(ws.recv(), max(0.1, until - time.monotonic()))
-            except TimeoutError:
-                break
-            msg = json.loads(raw)
-            if msg["type"] in ("init", "chunk"):
-                await ws.recv()
-            if msg["type"] == "chunk":
-                player.on_chunk(time.monotonic(), msg["duration"])
-        await ws.send(json.dumps({"type": "stop"}))
-    return player
-
-
 async def stalled(url: str, until: float) -> tuple[int | None, list[dict]]:
     """A viewer that reads its hello, then nothing: the server must close it, not wait."""
     ws = await websockets.connect(url, max_size=None, max_queue=1, sock=small_socket(url))
@@ -354,7 +335,7 @@ def test_a_stalled_or_slow_viewer_never_slows_the_owner(server):
 
         async def go():
             until = time.monotonic() + PHASE_S
-            tasks = [owner_plays(f"{d['stream_url']}?token={d['token']}", until)]
+            tasks = [play_in_real_time(f"{d['stream_url']}?token={d['token']}", until)]
             if link is not None:
                 tasks += [stalled(watch_url(link), until), slow(watch_url(link), until)]
             return await asyncio.gather(*tasks)

@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import websockets
 
+from clients.stats import Playout
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -265,3 +267,22 @@ def ffprobe_frames(path: Path) -> list[dict]:
         check=True,
     )
     return json.loads(out.stdout)["frames"]
+
+
+async def play_in_real_time(url: str, until: float) -> Playout:
+    """A stream client that reads everything and plays it at real time from its first
+    chunk, until `until` (monotonic), then stops the session; its player's stalls."""
+    player = Playout(tolerance_s=0.05)
+    async with websockets.connect(url, max_size=None) as ws:
+        while time.monotonic() < until:
+            try:
+                raw = await asyncio.wait_for(ws.recv(), max(0.1, until - time.monotonic()))
+            except TimeoutError:
+                break
+            msg = json.loads(raw)
+            if msg["type"] in ("init", "chunk"):
+                await ws.recv()
+            if msg["type"] == "chunk":
+                player.on_chunk(time.monotonic(), msg["duration"])
+        await ws.send(json.dumps({"type": "stop"}))
+    return player
