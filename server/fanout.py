@@ -55,20 +55,19 @@ class ViewerConnection(Connection):
     # chunks are moved on its timeline past what it holds, `frame_shift` frames later, so
     # its video stays continuous, as a version-1 cut behind the buffer plays.
     frame_shift: int = 0
-    sent_end_frame: int = 0
 
     def place(self, msg: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
         """The chunk message and segment as this viewer gets them (see `frame_shift`)."""
         if self.withdraw:
             return msg, data
+        fps = round(msg["frames"] / msg["duration"])  # the session's (integer) frame rate
+        held = round(self.sent_end_pts * fps)  # frames this viewer was sent, to their end
         first = msg["first_frame"] + self.frame_shift
-        if first < self.sent_end_frame:
-            self.frame_shift += self.sent_end_frame - first
-            first = self.sent_end_frame
-        self.sent_end_frame = max(self.sent_end_frame, first + msg["frames"])
+        if first < held:
+            self.frame_shift += held - first
+            first = held
         if first == msg["first_frame"]:
             return msg, data
-        fps = round(msg["frames"] / msg["duration"])  # the session's (integer) frame rate
         placed = {**msg, "first_frame": first, "pts": first / fps}
         return placed, with_decode_time(data, first)
 
