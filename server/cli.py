@@ -222,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the small demo model on procedural shapes (2 CPU cores: under an hour)",
         description="Train the demo preset's VAE, then its causal DiT and text encoder, on "
         "procedural multi-shot clips, then a shot's first chunk at sigma 1 (object placement), "
-        "then whole shots at every level; checkpoints go to --work, the weights to --out. "
+        "then whole shots at every level, then (full recipe) whole shots that start centred "
+        "and the VAE decoder on the generator's own latents; checkpoints go to --work, the "
+        "weights to --out. "
         "Seeded: the same seed and step counts give the same batches, resumed or not.",
     )
     p.add_argument(
@@ -298,8 +300,38 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="steps of the last phase, the one before on longer stories with more "
+        help="steps of the phase that repeats the one before on longer stories with more "
         "colour changes (default 450; full 1000)",
+    )
+    p.add_argument(
+        "--centre-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the phase that repeats the object-weighted one with every shot "
+        "starting at the frame's centre (default 0; full 3000)",
+    )
+    p.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the last phase, the VAE decoder on the generator's own latents "
+        "(default 0; full 1000)",
+    )
+    p.add_argument(
+        "--decoder-stories",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generated stories the decoder phase trains on (default 150)",
+    )
+    p.add_argument(
+        "--start-from",
+        default=None,
+        metavar="DIR",
+        help="a weights folder that stands for phases 1 to 6 (skipped): the centred and "
+        "decoder phases continue from it",
     )
     p.add_argument(
         "--threads",

@@ -102,6 +102,9 @@ class DiTTrainConfig:
     # start_train with whole_shot: chunks of the target shot trained per example (0: all of
     # them); later chunks differ from the second only in how much history they see
     train_chunks: int = 0
+    # where shots put the object (training/render.py): "anchored" for the first version's
+    # phases (and, in start_train, a first chunk placed where its noise says)
+    layout: str = "centred"
 
 
 @dataclass(frozen=True)
@@ -290,7 +293,7 @@ class DiTTrainer:
     ):
         self.cfg, self.dit, self.text, self.tc, self.seed = cfg, dit, text, tc, seed
         self.tokenizer, self.scenes = tokenizer, scenes
-        self.geo = Geometry.for_config(cfg)
+        self.geo = Geometry.for_config(cfg, tc.layout)
         self.cache = LatentCache(vae, self.geo, cfg.latent_frames_per_shot)
         params = [*dit.parameters(), *text.parameters()]
         self.opt = torch.optim.AdamW(

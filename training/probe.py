@@ -31,7 +31,7 @@ from training.vocab import PALETTE, SHAPES
 BORDER = 2  # pixels of border that vote for the background colour
 MIN_CONTRAST = 30.0  # an object differs from the background by at least this (0..255 RGB)
 MIN_AREA = 12.0  # pixels; smaller blobs are not an object
-STILL_SPEED = 0.3  # pixels per frame; the demo moves 0.6 (vertical) to 1.25 (horizontal)
+STILL_SPEED = 0.3  # pixels per frame; the centred layout moves 0.36 to 0.79 (render.py)
 FRAMING_SPLIT = (SIZE["wide"] * SIZE["close-up"]) ** 0.5  # size / height between the two
 
 _NAMES = list(PALETTE)

@@ -4,11 +4,27 @@ A shot's pixels depend only on its `ClipKey` (background, object colour, shape, 
 motion), so the data is deterministic given the captions and the context: the few-step
 sampler predicts a conditional mean, and whatever the conditioning left open would blur.
 
-    framing  sets the size (bbox side as a fraction of the height) and where the object sits
-             across its motion (close-up: centred; wide: off-centre)
-    motion   a constant speed; the path is centred on the frame, so the object starts on
-             the side opposite its motion and stays in frame for the whole shot
+    framing  sets the size (bbox side as a fraction of the height)
+    motion   a constant speed that keeps the object in frame for the whole shot
     turn     a shot may recolour the object; the new colour persists into later shots
+
+Where a shot puts the object is the geometry's `layout`:
+
+    centred   every shot starts with the object at the frame's centre and moves from there
+              (0.9 of the room between the centre and the frame's edge in a whole shot);
+              the shipped weights' last DiT phase and the probe's framing split
+    anchored  the first version's paths, centred on the frame at mid-shot: the object starts
+              on the side opposite its motion, a still wide shot sits off-centre (0.35, 0.40)
+
+Why centred: the DiT has no absolute position (RoPE is relative), so at sigma 1 a shot's
+first chunk can place an object only where the edges of its token grid tell it to. The
+frame's centre is the one place every edge agrees on: it is symmetric, so a token needs to
+know how far it is from the edges, not which edge is which, and the object needs no help
+from the noise to be put there. Anchored paths ask for the side (measured: first chunks
+at sigma 1 from scratch end 15.9 px from an anchored start after 900 steps, 3.4 px from the
+centre of an odd token grid after 450); the first version answered with a placement
+decided by the noise (training/start_train.py), which the 4-step sampler could not keep
+sharp.
 """
 
 from __future__ import annotations
@@ -24,11 +40,16 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 from training.vocab import COLOURS, FRAMINGS, MOTIONS, PALETTE, SHAPES, Scene, ShotSpec
 
-# Object size: side of its bounding box, as a fraction of the frame height.
-SIZE = {"wide": 0.3, "close-up": 0.5}
-# Where a shot places the object (fractions of width, height) on the axes it does not move along.
+LAYOUTS = ("centred", "anchored")
+# Object size per layout: side of its bounding box, as a fraction of the frame height.
+SIZES = {"centred": {"wide": 0.3, "close-up": 0.45}, "anchored": {"wide": 0.3, "close-up": 0.5}}
+SIZE = SIZES["centred"]  # what the shipped weights draw
+# centred: the share of the room between the frame's centre and its edge (less half the
+# object) that a whole shot travels
+TRAVEL = 0.9
+# anchored: where a shot places the object (fractions of width, height) on the axes it does
+# not move along, and its speed per frame as a fraction of the frame width / height
 ANCHOR = {"wide": (0.35, 0.40), "close-up": (0.5, 0.5)}
-# Speed per frame: a fraction of the frame width (horizontal) or height (vertical).
 SPEED = {"horizontal": 0.013, "vertical": 0.0094}
 STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
 
@@ -41,18 +62,26 @@ class Geometry:
     width: int = 96
     shot_frames: int = 45  # pixel frames of a full shot
     supersample: int = 4  # anti-aliasing: render at this factor, then average
+    layout: str = "centred"  # see the module docstring
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
 
     @classmethod
-    def for_config(cls, cfg: ModelConfig) -> Geometry:
-        return cls(cfg.height, cfg.width, cfg.pixel_frames_per_shot)
+    def for_config(cls, cfg: ModelConfig, layout: str = "centred") -> Geometry:
+        return cls(cfg.height, cfg.width, cfg.pixel_frames_per_shot, layout=layout)
 
     def size(self, framing: str) -> float:
-        return SIZE[framing] * self.height
+        return SIZES[self.layout][framing] * self.height
 
-    def speed(self, motion: str) -> tuple[float, float]:
+    def speed(self, framing: str, motion: str) -> tuple[float, float]:
         """Pixels per frame along x and y."""
         sx, sy = STEP[motion]
-        return sx * SPEED["horizontal"] * self.width, sy * SPEED["vertical"] * self.height
+        if self.layout == "anchored":
+            return sx * SPEED["horizontal"] * self.width, sy * SPEED["vertical"] * self.height
+        size, n = self.size(framing), self.shot_frames - 1
+        return sx * TRAVEL * (self.width - size) / 2 / n, sy * TRAVEL * (self.height - size) / 2 / n
 
     def centres(
         self,
@@ -63,14 +92,16 @@ class Geometry:
         onset: int = 0,
     ) -> torch.Tensor:
         """Object centre (frames, 2) as (x, y) in pixels for the first `frames` of a shot:
-        from `start` at frame 0 when given (it may leave the frame), else the framing's path.
+        from `start` at frame 0 when given (it may leave the frame), else the layout's path.
         With a start, the object stands still until frame `onset`, then moves."""
-        ax, ay = ANCHOR[framing]
-        vx, vy = self.speed(motion)
+        vx, vy = self.speed(framing, motion)
         t = torch.arange(frames, dtype=torch.float64)
         if start is not None:
             t = (t - onset).clamp(min=0)
             return torch.stack([start[0] + vx * t, start[1] + vy * t], dim=1)
+        if self.layout == "centred":
+            return torch.stack([self.width / 2 + vx * t, self.height / 2 + vy * t], dim=1)
+        ax, ay = ANCHOR[framing]
         mid = (self.shot_frames - 1) / 2  # the path is centred on the anchor at mid-shot
         cx = (ax if vx == 0 else 0.5) * self.width + vx * (t - mid)
         cy = (ay if vy == 0 else 0.5) * self.height + vy * (t - mid)
@@ -118,8 +149,8 @@ class ClipKey(NamedTuple):
     shape: str
     framing: str
     motion: str
-    # the object's centre (x, y) in pixels at the shot's first frame; None: the framing's
-    # anchored path (start_train places first chunks where their noise says instead)
+    # the object's centre (x, y) in pixels at the shot's first frame; None: the layout's
+    # path (in the anchored layout start_train places first chunks where their noise says)
     start: tuple[float, float] | None = None
     # with a start: the pixel frame the motion begins at (start_train's motion onsets)
     onset: int = 0

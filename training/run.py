@@ -1,4 +1,4 @@
-"""`shotstream train-demo`: six phases with checkpoints and resume, then the export.
+"""`shotstream train-demo`: eight phases with checkpoints and resume, then the export.
 
     work/vae.pt        phase 1 checkpoint (model, optimiser, step); vae_final.pt when done
     work/dit.pt        phase 2 checkpoint (DiT, text encoder, optimiser, step)
@@ -9,7 +9,17 @@
                        two chunks per shot)
     work/carry.pt      phase 6 checkpoint (phase 5 again on longer stories with more colour
                        turns)
+    work/centre.pt     phase 7 checkpoint (phase 5 in the centred layout: every shot starts
+                       with the object at the frame's centre)
+    work/decoder_input/  the weights after phase 7, loaded as a server would for phase 8
+    work/decoder_data.pt phase 8's data: the generator's own latents and the frames they stand for
+    work/decoder.pt    phase 8 checkpoint (the VAE decoder fine-tuned on those latents)
     export/            generator.safetensors, vae/, text_encoder/, tokenizer/, vocabulary.json
+
+Phases 1 to 6 render the first version's anchored layout, 7 and 8 the centred one
+(training/render.py). `start_from` skips phases 1 to 6 and takes their result from a
+weights folder instead (the first version's weights: how the shipped second version was
+made from them).
 
 Checkpoints are written atomically every `checkpoint_s` seconds and at the end of a phase;
 `resume` continues from them. Data and noise are keyed by (seed, step), so a resumed run
@@ -30,8 +40,15 @@ from tqdm import tqdm
 
 from model.config import ModelConfig, get_preset
 from model.dit import CausalDiT, build_dit
+from model.generator import load_model
 from model.text import build_umt5, load_tokenizer
 from model.vae import WanVAE, build_autoencoder
+from training.decoder_train import (
+    DecoderTrainConfig,
+    decoder_step,
+    generated_frames,
+    make_decoder_optimizer,
+)
 from training.dit_train import DiTTrainConfig, DiTTrainer
 from training.render import ClipKey, Geometry, all_scenes, held_out_scenes, render_frames
 from training.start_train import StartTrainer
@@ -57,8 +74,15 @@ def _whole_shots(steps: int, **changes) -> DiTTrainConfig:
         level_weights=(0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3),
         fade_min=0.2,
         whole_shot=True,
+        layout="anchored",
     )
     return DiTTrainConfig(steps=steps, **{**base, **changes})
+
+
+def _centred(steps: int) -> DiTTrainConfig:
+    """The second version's DiT phase: the object-weighted two-chunk phase in the centred
+    layout (every shot starts with the object at the frame's centre; training/render.py)."""
+    return _whole_shots(steps, object_weight=6.0, train_chunks=2, layout="centred")
 
 
 def _placement(steps: int, **changes) -> DiTTrainConfig:
@@ -70,6 +94,7 @@ def _placement(steps: int, **changes) -> DiTTrainConfig:
         level_weights=(1.0, 0.0, 0.0, 0.0),
         history_weights=(1.0,),
         still_only=True,
+        layout="anchored",
         **changes,
     )
 
@@ -90,13 +115,14 @@ def _carry(steps: int) -> DiTTrainConfig:
 @dataclass(frozen=True)
 class TrainDemoConfig:
     """The `quick` recipe (the defaults): under an hour on 2 CPU cores (56.5 minutes
-    measured). `full_recipe()` is the longer one the shipped weights come from."""
+    measured), the first version's phases only. `full_recipe()` is the longer one the
+    shipped weights come from."""
 
     seed: int = 0
-    vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+    vae: VAETrainConfig = field(default_factory=lambda: VAETrainConfig(layout="anchored"))
     # phase 2: teacher-forced flow matching over every level and chunk from a fresh DiT;
     # the quick recipe skips it (the placement phase learns as fast from scratch)
-    dit: DiTTrainConfig = field(default_factory=lambda: DiTTrainConfig(steps=0))
+    dit: DiTTrainConfig = field(default_factory=lambda: DiTTrainConfig(steps=0, layout="anchored"))
     # phase 3 (start_train): sigma = 1 only, first shots that stay still; the object's latent
     # pixels weighted up (the plain objective learns the backgrounds long before the
     # object's colour)
@@ -113,20 +139,27 @@ class TrainDemoConfig:
     )
     # phase 6 (start_train): phase 5 on longer stories with more colour turns
     carry: DiTTrainConfig = field(default_factory=lambda: _carry(450))
+    # phase 7 (start_train): phase 5 in the centred layout; the quick recipe skips it
+    centre: DiTTrainConfig = field(default_factory=lambda: _centred(0))
+    # phase 8 (decoder_train): the VAE decoder on the generator's own latents; quick skips it
+    decoder: DecoderTrainConfig = field(default_factory=lambda: DecoderTrainConfig(steps=0))
     checkpoint_s: float = 120.0
 
 
 def full_recipe(seed: int = 0) -> TrainDemoConfig:
-    """The recipe of the shipped weights (164 minutes on 2 CPU cores): the teacher-forced
-    DiT phase first, placement without the object weight, the plain whole-shot phase, then
-    the object-weighted phases, each longer."""
+    """The recipe of the shipped weights: the first version's six phases (164 minutes on 2
+    CPU cores: the teacher-forced DiT phase first, placement without the object weight, the
+    plain whole-shot phase, then the object-weighted phases, each longer), then the centred
+    layout and the decoder phase."""
     return TrainDemoConfig(
         seed=seed,
-        dit=DiTTrainConfig(),
+        dit=DiTTrainConfig(layout="anchored"),
         start=_placement(1500),
         follow=_whole_shots(800),
         polish=_whole_shots(1500, object_weight=6.0, train_chunks=2),
         carry=_carry(1000),
+        centre=_centred(3000),
+        decoder=DecoderTrainConfig(steps=1000),
     )
 
 
@@ -143,12 +176,15 @@ def _load(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
 
 
-LATER_PHASES = ("start", "follow", "polish", "carry")  # phases after the DiT phase, in order
+LATER_PHASES = ("start", "follow", "polish", "carry", "centre")  # DiT phases after phase 2
 
 
 def _discard(work: Path, phases) -> None:
-    for name in phases:
+    """Remove the checkpoints of `phases` and phase 8's (all built on weights that are about
+    to change)."""
+    for name in (*phases, "decoder"):
         (work / f"{name}.pt").unlink(missing_ok=True)
+    (work / "decoder_data.pt").unlink(missing_ok=True)
 
 
 def _run_phase(
@@ -223,7 +259,7 @@ def train_vae_phase(cfg: ModelConfig, tc: TrainDemoConfig, work: Path, resume: b
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         start = ckpt["step"]
-    geo = Geometry.for_config(cfg)
+    geo = Geometry.for_config(cfg, tc.vae.layout)
     model.train()
     timer = _Checkpointer(tc.checkpoint_s)
     bar = tqdm(
@@ -328,6 +364,64 @@ def export_weights(
     return folder
 
 
+def train_decoder_phase(
+    cfg: ModelConfig,
+    tc: TrainDemoConfig,
+    work: Path,
+    dit: CausalDiT,
+    text: torch.nn.Module,
+    vae: WanVAE,
+    resume: bool,
+) -> WanVAE:
+    """Phase 8 (decoder_train): returns the VAE with its decoder fine-tuned on the latents the
+    generator makes with `dit` and `text` (`vae` itself when the phase has no steps)."""
+    dc = tc.decoder
+    if dc.steps == 0:
+        return vae
+    folder = export_weights(work / "decoder_input", cfg, dit, text, vae, {"phase": "decoder"})
+    model = load_model(cfg, folder, device="cpu")
+    data_path = work / "decoder_data.pt"
+    saved = _load(data_path) if resume else None
+    if saved is None:
+        _, scenes = _tokenizer_and_scenes(cfg, work)
+        bar = tqdm(total=dc.stories, desc="decoder data", unit="story")
+        data = generated_frames(model, scenes, dc, tc.seed, progress=lambda n: bar.update(1))
+        bar.close()
+        _save({"data": data}, data_path)
+    else:
+        data = saved["data"]
+    out = model.vae
+    opt = make_decoder_optimizer(out, dc)
+    start = 0
+    ckpt = _load(work / "decoder.pt") if resume else None
+    if ckpt is not None:
+        out.model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+    geo = Geometry.for_config(cfg, "centred")
+
+    def save(step: int) -> None:
+        state = {"model": out.model.state_dict(), "opt": opt.state_dict(), "step": step}
+        _save(state, work / "decoder.pt")
+
+    timer = _Checkpointer(tc.checkpoint_s)
+    bar = tqdm(range(start, dc.steps), desc="decoder", unit="step", initial=start, total=dc.steps)
+    for step in bar:
+        logs = decoder_step(out, opt, data, geo, dc, tc.seed, step)
+        bar.set_postfix(l1=f"{logs['l1']:.4f}")
+        if timer.due():
+            save(step + 1)
+    save(dc.steps)
+    out.model.eval().requires_grad_(False)
+    return out
+
+
+def load_start(cfg: ModelConfig, folder: Path) -> tuple[CausalDiT, torch.nn.Module, WanVAE]:
+    """The DiT, text encoder and VAE of a weights folder, ready to train further."""
+    model = load_model(cfg, folder, device="cpu")
+    return model.dit.requires_grad_(True), model.text.model.requires_grad_(True), model.vae
+
+
 def train_demo(
     work: str | Path,
     export: str | Path | None,
@@ -335,31 +429,43 @@ def train_demo(
     resume: bool = False,
     threads: int = 1,
     vae_threads: int = 0,
+    start_from: str | Path | None = None,
 ) -> Path:
     """Train the demo model end to end; returns the exported weights folder.
 
     `threads` serves the DiT phases: one by default, because their prefetch thread renders
     and encodes the next batch on another core, and on a busy 2-core host two OpenMP
     threads are often many times slower than one. The VAE phase runs alone, so it takes
-    `vae_threads` (0: every core; on 2 cores about 1.5x faster than one thread)."""
+    `vae_threads` (0: every core; on 2 cores about 1.5x faster than one thread).
+    `start_from`: a weights folder that stands for phases 1 to 6 (they are skipped)."""
     torch.set_flush_denormal(True)
     cfg = get_preset("demo")
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, int] = {}
-    t0 = time.time()
     vae_threads = vae_threads or os.cpu_count() or 1
-    torch.set_num_threads(vae_threads)
-    vae = train_vae_phase(cfg, tc, work, resume)
-    torch.set_num_threads(threads)
-    seconds["vae"] = round(time.time() - t0)
-    t0 = time.time()
-    dit, text, dit_start = train_dit_phase(cfg, tc, work, vae, resume)
-    seconds["dit"] = round(time.time() - t0)
-    for name in LATER_PHASES:
+    dit_start = 0
+    if start_from is None:
+        t0 = time.time()
+        torch.set_num_threads(vae_threads)
+        vae = train_vae_phase(cfg, tc, work, resume)
+        torch.set_num_threads(threads)
+        seconds["vae"] = round(time.time() - t0)
+        t0 = time.time()
+        dit, text, dit_start = train_dit_phase(cfg, tc, work, vae, resume)
+        seconds["dit"] = round(time.time() - t0)
+        phases = LATER_PHASES
+    else:
+        torch.set_num_threads(threads)
+        dit, text, vae = load_start(cfg, Path(start_from))
+        phases = LATER_PHASES[LATER_PHASES.index("centre") :]
+    for name in phases:
         t0 = time.time()
         train_start_phase(name, cfg, tc, work, vae, dit, text, resume)
         seconds[name] = round(time.time() - t0)
+    t0 = time.time()
+    vae = train_decoder_phase(cfg, tc, work, dit, text, vae, resume)
+    seconds["decoder"] = round(time.time() - t0)
     meta = {
         "preset": cfg.name,
         "recipe": next((n for n, make in RECIPES.items() if make(tc.seed) == tc), "custom"),
@@ -368,6 +474,7 @@ def train_demo(
         "torch_threads": {"vae": vae_threads, "dit": threads},
         "resumed": resume,
         "dit_started_at_step": dit_start,
+        "started_from": None if start_from is None else str(start_from),
     }
     out = Path(export) if export else work / "export"
     return export_weights(out, cfg, dit, text, vae, meta)
@@ -388,7 +495,12 @@ def run_train_demo(args) -> int:
     for name in LATER_PHASES:
         phase, steps = getattr(base, name), getattr(args, f"{name}_steps")
         later[name] = phase if steps is None else replace(phase, steps=steps)
-    tc = replace(base, vae=vae, dit=dit, **later)
+    decoder = base.decoder
+    if args.decoder_steps is not None:
+        decoder = replace(decoder, steps=args.decoder_steps)
+    if args.decoder_stories is not None:
+        decoder = replace(decoder, stories=args.decoder_stories)
+    tc = replace(base, vae=vae, dit=dit, decoder=decoder, **later)
     out = train_demo(
         args.work,
         args.out,
@@ -396,6 +508,7 @@ def run_train_demo(args) -> int:
         resume=args.resume,
         threads=args.threads,
         vae_threads=args.vae_threads,
+        start_from=args.start_from,
     )
     print(f"weights written to {out}")
     return 0

@@ -1,7 +1,9 @@
-"""Phases 3 to 6 of the demo recipe: the first chunk of a shot learns to place the object
+"""Phases 3 to 7 of the demo recipe: the first chunk of a shot learns to place the object
 where its noise says (3), and to keep it there through the sampler's later steps (4);
 phases 5 and 6 repeat 4 with the object's latent pixels weighted up (`object_weight`), 6 on
-longer stories with more colour turns.
+longer stories with more colour turns; phase 7 repeats 5 in the centred layout
+(training/render.py), where every shot starts with the object at the frame's centre, so the
+noise places nothing (`noise_start` serves the anchored layout of phases 3 to 6 only).
 
 Why. The DiT has no absolute position: RoPE is relative, and at sigma = 1 the first chunk of
 a shot sees only noise, a context of identical (zero or other-shot) frames and text. Such a
@@ -94,11 +96,10 @@ class StartTrainer(DiTTrainer):
     def _prepare(self, step: int) -> tuple[Batch, torch.Tensor, torch.Tensor]:
         examples = self.examples(step)
         eps = self.noise(step)
-        starts = noise_start(eps[:, 0], self.cfg).tolist()
-        keys = [
-            ex.story.clip_key(len(ex.story.shots) - 1)._replace(start=(x, y))
-            for ex, (x, y) in zip(examples, starts, strict=True)
-        ]
+        keys = [ex.story.clip_key(len(ex.story.shots) - 1) for ex in examples]
+        if self.tc.layout == "anchored":  # the first version: the noise places the object
+            starts = noise_start(eps[:, 0], self.cfg).tolist()
+            keys = [k._replace(start=(x, y)) for k, (x, y) in zip(keys, starts, strict=True)]
         keys, weight = self.onsets(step, keys)
         frames = self.n_chunks * self.cfg.chunk_frames
         batch = build_batch(examples, self.cfg, self.cache, self.tokenizer, keys, frames)

@@ -60,6 +60,7 @@ class VAETrainConfig:
     grad_clip: float = 1.0
     init_logvar: float = -6.0  # posterior log-variance at init (std 0.05)
     stats_frames: int = 256  # rendered frames that measure the latent mean and std
+    layout: str = "centred"  # where the rendered frames put the object (training/render.py)
 
 
 def init_vae(model: AutoencoderKLWan, init_logvar: float = -6.0) -> None:

@@ -14,8 +14,9 @@ import torch
 
 from model.text import CaptionSpec, tokenize_caption
 from model.vae import to_uint8
-from training.probe import read_chunk, read_frame
+from training.probe import STILL_SPEED, read_chunk, read_frame
 from training.render import (
+    STEP,
     ClipKey,
     Geometry,
     Story,
@@ -27,6 +28,7 @@ from training.render import (
 from training.tokenizer import build_tokenizer
 from training.vocab import (
     COLOURS,
+    FRAMINGS,
     MOTIONS,
     PALETTE,
     SHAPES,
@@ -179,6 +181,33 @@ def test_render_uses_the_exact_palette_and_stays_in_frame():
             centre_colours = {tuple(p.tolist()) for p in u8[:, GEO.height // 2].reshape(-1, 3)}
             if framing == "close-up":  # the object crosses the middle row
                 assert PALETTE["yellow"] in centre_colours
+
+
+def test_centred_shots_start_at_the_centre_and_stay_in_frame_to_the_end():
+    for framing in FRAMINGS:
+        half = GEO.size(framing) / 2
+        for motion in MOTIONS:
+            c = GEO.centres(framing, motion, GEO.shot_frames)
+            assert c[0].tolist() == [GEO.width / 2, GEO.height / 2]
+            assert (c[:, 0] >= half).all() and (c[:, 0] <= GEO.width - half).all()
+            assert (c[:, 1] >= half).all() and (c[:, 1] <= GEO.height - half).all()
+            vx, vy = GEO.speed(framing, motion)
+            sx, sy = STEP[motion]
+            assert (vx, vy) == (0.0, 0.0) if motion == "still" else vx * sx + vy * sy > 0
+            if motion != "still":  # fast enough for the probe to tell from still
+                assert abs(vx) + abs(vy) > STILL_SPEED
+
+
+def test_anchored_layout_keeps_the_first_versions_paths():
+    old = Geometry(layout="anchored")
+    assert old.size("close-up") == 0.5 * old.height and GEO.size("close-up") < old.size("close-up")
+    still = old.centres("wide", "still", 1)[0].tolist()
+    assert still == [0.35 * old.width, 0.40 * old.height]
+    right = old.centres("wide", "right", old.shot_frames)
+    assert right[(old.shot_frames - 1) // 2].tolist() == [old.width / 2, 0.40 * old.height]
+    assert right[0, 0] < old.width / 2  # it starts on the side opposite its motion
+    with pytest.raises(ValueError, match="layout"):
+        Geometry(layout="diagonal")
 
 
 def test_render_is_deterministic():

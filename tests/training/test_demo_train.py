@@ -3,6 +3,8 @@ teacher-forced batches, and a few real optimiser steps of each phase (tiny, no t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from model.config import get_preset
@@ -20,6 +22,7 @@ from training.vae_train import (
 
 CFG = get_preset("demo")
 GEO = Geometry.for_config(CFG)
+OLD = Geometry.for_config(CFG, "anchored")  # the layout the noise-placed phases render
 KEY = ClipKey("blue", "yellow", "circle", "wide", "right")
 
 
@@ -171,9 +174,9 @@ def test_a_start_places_the_object_and_its_motion_goes_on_from_there():
     u8 = ((frames.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     first, later = read_frame(u8[0]), read_frame(u8[1])
     assert abs(first.centre[0] - 30.0) < 0.5 and abs(first.centre[1] - 20.0) < 0.5
-    vx, _ = GEO.speed("right")
+    vx, _ = GEO.speed("wide", "right")
     assert abs(later.centre[0] - (30.0 + 8 * vx)) < 0.5 and abs(later.centre[1] - 20.0) < 0.5
-    # no start: the anchored path, unchanged
+    # no start: the layout's path, unchanged
     assert torch.equal(render_frames(KEY, GEO, [0]), render_clip(KEY, GEO, 1))
 
 
@@ -191,7 +194,7 @@ def test_start_phase_targets_sit_where_the_noise_says_and_a_step_trains(tmp_path
     torch.manual_seed(0)
     dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
     tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
-    tc = DiTTrainConfig(batch=3, steps=2, lr=1e-3, warmup=1)
+    tc = DiTTrainConfig(batch=3, steps=2, lr=1e-3, warmup=1, layout="anchored")
     vae = _per_frame_vae()
     trainer = StartTrainer(CFG, dit, text, vae, tok, all_scenes()[:12], tc, seed=1)
     try:
@@ -204,9 +207,9 @@ def test_start_phase_targets_sit_where_the_noise_says_and_a_step_trains(tmp_path
         for i, ex in enumerate(trainer.examples(5)):
             key = ex.story.clip_key(len(ex.story.shots) - 1)
             key = key._replace(start=tuple(starts[i].tolist()))
-            want = vae.encode_frames(render_frames(key, GEO, [0]))[0]
+            want = vae.encode_frames(render_frames(key, OLD, [0]))[0]
             torch.testing.assert_close(batch.clean[i, 0], want, rtol=1e-4, atol=1e-5)
-            u8 = ((render_frames(key, GEO, [0])[0].permute(1, 2, 0) + 1) * 127.5).to(torch.uint8)
+            u8 = ((render_frames(key, OLD, [0])[0].permute(1, 2, 0) + 1) * 127.5).to(torch.uint8)
             centre = read_frame(u8).centre
             if centre is not None:  # an object starting at an edge may be cut by the frame
                 assert abs(centre[0] - starts[i, 0]) < 3 and abs(centre[1] - starts[i, 1]) < 3
@@ -287,7 +290,9 @@ def test_whole_shot_phase_later_chunks_follow_the_placed_shot_with_fresh_noise(
 
     dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
     tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
-    tc = DiTTrainConfig(batch=6, level_weights=(0.5, 0.5, 0.0, 0.0), whole_shot=True)
+    tc = DiTTrainConfig(
+        batch=6, level_weights=(0.5, 0.5, 0.0, 0.0), whole_shot=True, layout="anchored"
+    )
     vae = _per_frame_vae()
     trainer = st.StartTrainer(CFG, dit, text, vae, tok, all_scenes()[:12], tc, 3)
     try:
@@ -301,7 +306,7 @@ def test_whole_shot_phase_later_chunks_follow_the_placed_shot_with_fresh_noise(
         for i, ex in enumerate(trainer.examples(0)):
             key = ex.story.clip_key(len(ex.story.shots) - 1)
             key = key._replace(start=tuple(starts[i].tolist()))
-            want = vae.encode_frames(render_frames(key, GEO, offsets))
+            want = vae.encode_frames(render_frames(key, OLD, offsets))
             torch.testing.assert_close(batch.clean[i], want, rtol=1e-4, atol=1e-5)
         trainer.loss(prepared, 0)
         noisy, sigma = seen[0]
@@ -366,7 +371,7 @@ def test_a_motion_onset_keeps_the_object_still_until_its_frame():
     key = KEY._replace(start=(30.0, 20.0), onset=8)
     centres = GEO.centres(key.framing, key.motion, 20, key.start, key.onset)
     assert torch.equal(centres[:9], centres[:1].expand(9, 2))  # still through frame 8
-    vx, _ = GEO.speed(key.motion)
+    vx, _ = GEO.speed(key.framing, key.motion)
     torch.testing.assert_close(
         centres[9:, 0] - centres[8, 0], vx * torch.arange(1.0, 12.0).double()
     )
@@ -388,7 +393,7 @@ def test_onset_shots_start_moving_at_a_later_chunk_and_train_only_from_it(tmp_pa
     dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
     torch.nn.init.normal_(dit.head.head.weight, std=0.02)
     tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
-    tc = DiTTrainConfig(batch=6, whole_shot=True, onset_prob=1.0)
+    tc = DiTTrainConfig(batch=6, whole_shot=True, onset_prob=1.0, layout="anchored")
     vae = _per_frame_vae()
     trainer = st.StartTrainer(CFG, dit, text, vae, tok, all_scenes()[:12], tc, 5)
     try:
@@ -409,7 +414,7 @@ def test_onset_shots_start_moving_at_a_later_chunk_and_train_only_from_it(tmp_pa
                 continue
             assert 1 <= c < n and torch.equal(weight[i, c:], torch.ones(n - c))
             key = key._replace(start=tuple(starts[i].tolist()), onset=offsets[c * cf - 1])
-            want = vae.encode_frames(render_frames(key, GEO, offsets))
+            want = vae.encode_frames(render_frames(key, OLD, offsets))
             torch.testing.assert_close(batch.clean[i], want, rtol=1e-4, atol=1e-5)
             still = batch.clean[i, : c * cf]
             torch.testing.assert_close(still, still[:1].expand_as(still), rtol=0, atol=1e-5)
@@ -522,5 +527,75 @@ def test_object_weight_counts_errors_on_the_object_more_and_train_chunks_trims_s
         expected = (per_frame.view(2, n, cf).mean(dim=2) / sigma).mean()
         torch.testing.assert_close(loss_for(on_object, 6.0), expected)
         assert loss_for(on_object, 6.0) > 2 * loss_for(on_object, 0.0)
+    finally:
+        trainer.close()
+
+
+# -- phase 8: the decoder on the generator's own latents ----------------------------------
+def test_the_decoder_phase_records_every_latent_with_the_frame_it_stands_for():
+    from training.decoder_train import DecoderTrainConfig, generated_frames
+    from training.evaluate import random_demo_model
+    from training.render import all_scenes
+
+    model = random_demo_model(CFG, seed=1)
+    data = generated_frames(model, all_scenes()[:5], DecoderTrainConfig(stories=2), seed=4)
+    again = generated_frames(model, all_scenes()[:5], DecoderTrainConfig(stories=2), seed=4)
+    assert len(data) == len(again) and all(
+        torch.equal(a.latent, b.latent) and a.key == b.key for a, b in zip(data, again, strict=True)
+    )  # a function of the seed
+    assert len(data) % CFG.chunk_frames == 0
+    assert all(d.latent.shape == CFG.latent_shape for d in data)
+    starts = [i for i, d in enumerate(data) if d.offset == 0]
+    assert len(starts) == 6  # three shots per story, two stories
+    for a, b in zip(starts, [*starts[1:], len(data)], strict=True):  # within a shot: 0, 4, 8, ...
+        assert [d.offset for d in data[a:b]] == [4 * j for j in range(b - a)]
+        assert len({d.key for d in data[a:b]}) == 1
+
+
+def test_a_decoder_step_trains_the_decoder_and_nothing_else():
+    from training.decoder_train import (
+        DecoderTrainConfig,
+        GeneratedFrame,
+        decoder_step,
+        make_decoder_optimizer,
+    )
+
+    vae = _per_frame_vae(seed=2)
+    tc = DecoderTrainConfig(steps=3, frame_batch=4)
+    geo = Geometry.for_config(CFG, "centred")
+    px = render_frames(KEY, geo, [0, 4])
+    data = [
+        GeneratedFrame(z.clone(), KEY, o)
+        for z, o in zip(vae.encode_frames(px), (0, 4), strict=True)
+    ]
+    before = {k: v.clone() for k, v in vae.model.state_dict().items()}
+    opt = make_decoder_optimizer(vae, tc)
+    losses = [decoder_step(vae, opt, data, geo, tc, seed=0, step=s)["l1"] for s in range(3)]
+    assert all(math.isfinite(x) for x in losses)
+    after = vae.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+
+
+def test_centred_start_phase_targets_ignore_the_noise(tmp_path):
+    """In the centred layout the first chunk's target is the caption's own shot, starting at
+    the frame's centre, whatever the placement noise says."""
+    from model.text import build_umt5, load_tokenizer
+    from training.dit_train import DiTTrainConfig
+    from training.render import all_scenes
+    from training.run import init_dit
+    from training.start_train import StartTrainer
+    from training.tokenizer import save_tokenizer
+
+    dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
+    tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
+    tc = DiTTrainConfig(batch=3, layout="centred")
+    trainer = StartTrainer(CFG, dit, text, _per_frame_vae(), tok, all_scenes()[:12], tc, seed=1)
+    try:
+        batch, _, _ = trainer._prepare(5)
+        keys = [ex.story.clip_key(len(ex.story.shots) - 1) for ex in trainer.examples(5)]
+        assert all(k.start is None for k in keys)
+        expected = torch.stack(trainer.cache.clips(keys, CFG.chunk_frames))
+        assert torch.equal(batch.clean, expected)
     finally:
         trainer.close()

@@ -1,5 +1,6 @@
-"""train-demo: a run stopped and resumed ends at the same weights as one never stopped, and
-its help states each phase's step count in both recipes."""
+"""train-demo: a run stopped and resumed ends at the same weights as one never stopped (all
+eight phases), a run can start from a weights folder instead of phases 1 to 6, and its help
+states each phase's step count in both recipes."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from training.decoder_train import DecoderTrainConfig
 from training.dit_train import DiTTrainConfig
 from training.run import RECIPES, TrainDemoConfig, train_demo
 from training.vae_train import VAETrainConfig
 
 
-def _tiny_run(work: Path, dit_steps: int, resume: bool = False) -> dict[str, torch.Tensor]:
-    tc = TrainDemoConfig(
+def _tiny_config(dit_steps: int) -> TrainDemoConfig:
+    return TrainDemoConfig(
         seed=3,
         vae=VAETrainConfig(steps=1, frame_batch=2, stats_frames=8),
         dit=DiTTrainConfig(steps=dit_steps, batch=1, warmup=30),
@@ -28,9 +30,25 @@ def _tiny_run(work: Path, dit_steps: int, resume: bool = False) -> dict[str, tor
         carry=DiTTrainConfig(
             steps=1, batch=1, whole_shot=True, object_weight=6.0, train_chunks=2, turn_prob=0.5
         ),
+        centre=DiTTrainConfig(
+            steps=1, batch=1, whole_shot=True, object_weight=6.0, train_chunks=2, layout="centred"
+        ),
+        decoder=DecoderTrainConfig(steps=2, stories=1, frame_batch=4),
     )
-    out = train_demo(work, work / "export", tc, resume=resume)
-    return load_file(str(out / "generator.safetensors"))
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return {
+        **load_file(str(out / "generator.safetensors")),
+        **{
+            f"vae.{k}": v
+            for k, v in load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors")).items()
+        },
+    }
+
+
+def _tiny_run(work: Path, dit_steps: int, resume: bool = False) -> dict[str, torch.Tensor]:
+    return _weights(train_demo(work, work / "export", _tiny_config(dit_steps), resume=resume))
 
 
 def test_train_demo_resumed_equals_uninterrupted(tmp_path):
@@ -47,6 +65,26 @@ def test_train_demo_resumed_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=1e-5)
 
 
+def test_train_demo_can_start_from_a_weights_folder(tmp_path):
+    """start_from stands for phases 1 to 6: the centred phase and the decoder phase continue
+    from the folder's weights; the decoder phase changes the decoder only."""
+    first = train_demo(tmp_path / "a", tmp_path / "a" / "export", _tiny_config(1))
+    before = _weights(first)
+    out = train_demo(tmp_path / "b", tmp_path / "b" / "export", _tiny_config(1), start_from=first)
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["started_from"] == str(first)
+    assert set(meta["seconds"]) == {"centre", "decoder"}  # phases 1 to 6 skipped
+    after = _weights(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(not k.startswith("vae.") for k in changed)  # the centred phase trained the DiT
+    assert any(k.startswith("vae.decoder.") for k in changed)  # the decoder phase its decoder
+    assert all(
+        k.startswith("vae.decoder.") or k.startswith("vae.post_quant_conv.")
+        for k in changed
+        if k.startswith("vae.")
+    )  # and nothing else of the VAE: the latents the DiT learned are the same
+
+
 def test_train_demo_help_states_the_recipes_step_counts():
     """Each --NAME-steps help says its phase's step count in the quick recipe (the default)
     and in the full one."""
@@ -61,7 +99,7 @@ def test_train_demo_help_states_the_recipes_step_counts():
     helps = {a.dest: a.help for a in train._actions}
     assert train.parse_args([]).recipe == "quick"
     quick, full = RECIPES["quick"](), RECIPES["full"]()
-    for name in ("vae", "dit", *LATER_PHASES):
+    for name in ("vae", "dit", *LATER_PHASES, "decoder"):
         text = helps[f"{name}_steps"]
         stated = re.search(r"\(default (\d+)", text)
         assert stated and int(stated[1]) == getattr(quick, name).steps, name
