@@ -357,6 +357,10 @@ def export_weights(
         str(folder / "generator.safetensors"),
     )
     vae.model.save_pretrained(str(folder / "vae"), safe_serialization=True)
+    conf_path = folder / "vae" / "config.json"  # a VAE loaded from a folder names it: drop that
+    conf = json.loads(conf_path.read_text())
+    if conf.pop("_name_or_path", None) is not None:
+        conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
     text.save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
     save_tokenizer(folder / "tokenizer")
     (folder / "vocabulary.json").write_text(json.dumps(vocabulary(), indent=2) + "\n")

@@ -66,35 +66,58 @@ def test_the_log_is_json_lines_only(server):
     assert any(e["event"] == "ready" for e in map(json.loads, lines))
 
 
-def test_midstream_colour_switch_shows_from_the_acked_seq(server):
-    # One stream, one seed: the model is not right every time (model card). Measured on the
-    # shipped weights through the generator, this scenario's colours were right in every
-    # chunk for 7 of the seeds 0-9, 3 among them; the failures read orange for red or yellow.
-    d = server.create(prompt=GLOBAL, shots=[FIRST_SHOT], seed=3)
+def _stream(server, shots: list[str], switch: str, seed: int, after: int):
+    """One stream: `shots` for two chunks, then `switch` sent mid-stream; returns the ack and,
+    per seq, the probe's reading of the decoded video's frames of that chunk."""
+    d = server.create(prompt=shots[0], shots=[shots[1]], seed=seed)
 
     async def go():
         async with StreamClient(d["stream_url"], d["token"]) as c:
             await c.chunks(2)
-            await c.send({"type": "prompt", "prompt": SWITCH})
+            await c.send({"type": "prompt", "prompt": switch})
             ack = await c.until(lambda m: m["type"] == "prompt_ack")
-            await c.until(lambda m: m["type"] == "chunk" and m["seq"] >= ack["starts_at_seq"] + 1)
+            last = ack["starts_at_seq"] + after - 1
+            await c.until(lambda m: m["type"] == "chunk" and m["seq"] >= last)
             await c.send({"type": "stop"})
             return ack, await c.closed()
 
     ack, st = asyncio.run(go())
     frames = decode_rgb(st.video())
     assert len(frames) == sum(c.message["frames"] for c in st.chunks)
-    start = ack["starts_at_seq"]
     seen = {}
     for c in st.chunks:
         first, n = c.message["first_frame"], c.message["frames"]
-        reading = read_chunk(frames[first : first + n])
-        seen[c.message["seq"]] = (reading.background, reading.colour, reading.shape)
-    before = [seen[s] for s in seen if s < start]
-    after = [seen[s] for s in seen if s >= start]
-    assert len(before) >= 2 and len(after) >= 2, seen
-    # the colours are what the switch is about; the shape is read right far less often (see
-    # the model card), so it is not asserted here
-    assert all(r[:2] == ("blue", "red") for r in before), seen
+        seen[c.message["seq"]] = read_chunk(frames[first : first + n])
+    return ack["starts_at_seq"], seen
+
+
+# Every seed of 0-9, none picked: measured through the generator on the shipped weights, this
+# scenario's colours were right in every chunk for all ten (the first version: 7 of 10).
+@pytest.mark.parametrize("seed", range(10))
+def test_midstream_colour_switch_shows_from_the_acked_seq(server, seed):
+    start, seen = _stream(server, [GLOBAL, FIRST_SHOT], SWITCH, seed, after=2)
+    colours = {s: (r.background, r.colour) for s, r in seen.items()}
+    before = [colours[s] for s in colours if s < start]
+    after = [colours[s] for s in colours if s >= start]
+    assert len(before) >= 2 and len(after) >= 2, colours
+    # the colours are what the switch is about; the shape is read right less often (see the
+    # model card), so it is not asserted here
+    assert all(c == ("blue", "red") for c in before), colours
     # the new colour from the acked seq on, the first chunk of the new shot included
-    assert all(r[:2] == ("blue", "yellow") for r in after), seen
+    assert all(c == ("blue", "yellow") for c in after), colours
+
+
+# A still shot, then a shot that moves right sent mid-stream: from the acked seq on, the
+# object's centroid travels right (every seed of 0-9; measured through the generator on the
+# shipped weights: 13 to 17 pixels over the three chunks, 0.8 pixels per frame asked for;
+# the first version stood still). Vertical motion is weaker and not asserted (model card).
+@pytest.mark.parametrize("seed", range(10))
+def test_midstream_motion_moves_the_object_from_the_acked_seq(server, seed):
+    shots = ["a green circle on a black background", "wide shot, the circle stays still"]
+    start, seen = _stream(server, shots, "wide shot, the circle moves right", seed, after=3)
+    path = [f.centre for s in sorted(seen) if s >= start for f in seen[s].frames if f.centre]
+    still = [f.centre for s in sorted(seen) if s < start for f in seen[s].frames if f.centre]
+    assert len(path) >= 20 and still, seen
+    dx, dy = path[-1][0] - path[0][0], path[-1][1] - path[0][1]
+    assert dx > 8.0 and abs(dy) < 4.0, (dx, dy)  # right, and not up or down
+    assert max(c[0] for c in still) - min(c[0] for c in still) < 4.0  # the still shot stood
