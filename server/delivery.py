@@ -213,6 +213,19 @@ class Outbox:
         self._sent_seconds = 0.0
         return settled
 
+    def held_end(self, last_seq: int | None) -> float:
+        """Where the media a resuming client holds ends (seconds): the end of the latest
+        chunk up to `last_seq` still kept (0.0 for a fresh player, or when none is kept).
+        Call it before `resume_after`, which forgets the sent ones."""
+        if last_seq is None:
+            return 0.0
+        ends = [
+            x.message["pts"] + x.message["duration"]
+            for x in (*self.sent, *self.media)
+            if x.data is not None and x.seq <= last_seq
+        ]
+        return max(ends, default=0.0)
+
     def first_media_seq(self) -> int:
         """The seq of the first chunk a new connection will carry."""
         first = next((x.seq for x in self.media if x.data is not None), None)

@@ -735,6 +735,9 @@ class SessionManager:
         # it ran dry while nobody was connected, that wait is the client's, not a miss.
         s.clock.rebase_if_dry(time.monotonic())
         s.playhead = None  # unknown until this connection's player reports
+        # A resuming player already holds (and may be playing) the media up to last_seq:
+        # its playhead reports are bounded by that, not by what this connection sent yet.
+        conn.sent_end_pts = max(conn.sent_end_pts, s.outbox.held_end(last_seq))
         for item in s.outbox.resume_after(last_seq):
             if item.data is not None and item.prompt is not None:
                 # its shot's prompt counts as applied; when it became visible is not known

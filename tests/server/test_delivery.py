@@ -46,6 +46,23 @@ def test_resume_settles_what_the_client_holds_and_replays_what_it_may_have_misse
     assert box2.first_media_seq() == 3
 
 
+def test_a_resuming_player_holds_the_media_up_to_its_last_seq():
+    def timed(seq: int) -> MediaItem:  # chunk seq plays from 0.75 seq to 0.75 (seq + 1)
+        item = chunk(seq)
+        item.message.update(pts=0.75 * seq, duration=0.75)
+        return item
+
+    box = Outbox(keep=4)
+    for seq in range(3):
+        box.media.append(timed(seq))
+        box.sent_whole(box.media[0])
+    box.media.append(timed(3))  # out whole, not yet popped
+    assert box.held_end(None) == 0.0  # a fresh player holds nothing
+    assert box.held_end(1) == pytest.approx(1.5)
+    assert box.held_end(3) == pytest.approx(3.0)
+    assert box.held_end(9) == pytest.approx(3.0)
+
+
 def test_a_fresh_player_starts_at_the_first_undelivered_chunk():
     box = Outbox(keep=4)
     assert box.first_media_seq() == 0

@@ -124,7 +124,8 @@ def test_a_resume_across_a_withdrawal_is_told_again_and_goes_on_from_the_cut(ser
     """The client's connection dies right after the `withdraw` arrived, before the client
     acted on it: resuming with the last chunk it holds (a withdrawn one), it is told again
     what was withdrawn, before the new shot's first chunk, and the stream goes on from the
-    cut. An impossible playhead is refused with an error, not believed."""
+    cut. An impossible playhead is refused with an error, not believed; one within the media
+    the resuming player holds is believed before the new connection sent any."""
     import websockets
 
     d = server.create(prompt=GLOBAL, shots=[FIRST_SHOT], seed=4)
@@ -155,6 +156,8 @@ def test_a_resume_across_a_withdrawal_is_told_again_and_goes_on_from_the_cut(ser
         first_w = msg
         ws.transport.abort()  # gone before acting on it
         resumed = await websockets.connect(f"{url}&last_seq={last}", max_size=None)
+        # the player plays on what it holds: a playhead before this connection sent anything
+        await resumed.send(json.dumps({"type": "playhead", "pts": 0.1}))
         seen = []
         while not (
             seen and seen[-1]["type"] == "chunk" and seen[-1]["shot_id"] == first_w["shot_id"]
@@ -170,6 +173,7 @@ def test_a_resume_across_a_withdrawal_is_told_again_and_goes_on_from_the_cut(ser
     kinds = [m["type"] for m in seen]
     assert seen[0]["type"] == "hello" and seen[0]["next_seq"] > last
     assert [m for m in seen if m["type"] == "withdraw"] == [first_w]  # told again
+    assert not [m for m in seen if m["type"] == "error"], seen  # the playhead was believed
     assert kinds.index("withdraw") < kinds.index("shot") < len(kinds) - 1
     shot = next(m for m in seen if m["type"] == "shot")
     assert shot["prompt"] == CUT and seen[-1]["seq"] == shot["starts_at_seq"]
