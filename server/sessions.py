@@ -17,7 +17,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -165,6 +165,11 @@ class SessionManager:
         self.waiting = WaitingRoom()  # queued sessions, in order (server/waiting.py)
         self._queue_tick: asyncio.TimerHandle | None = None
         self._queue_pending = 0  # places promised by `admit`, not yet taken by `create`
+        # Admissions `admit` granted whose `create` has not registered the session yet (it
+        # awaits the caption checks): counted against the slots and the client's quota, so
+        # two requests at once cannot both take the last one.
+        self._creating: Counter[str] = Counter()
+        self._creating_slots = 0
         self.ended: dict[str, Session] = {}  # tombstones for GET after the end
         self.engine: Engine | None = None
         self.recorder: Recorder | None = None  # set by AppState once the model is loaded
@@ -231,6 +236,7 @@ class SessionManager:
                 retry_after=5,
             )
         mine = sum(1 for s in (*self.active, *self.waiting) if s.client == client)
+        mine += self._creating[client]
         if mine >= self.settings.max_sessions_per_client:
             self.metrics.sessions_refused.labels("quota").inc()
             raise Refused(
@@ -241,12 +247,15 @@ class SessionManager:
             )
         self._admit_waiting()  # a free slot goes to those waiting first
         cap = self.capacity()
-        if len(self.active) + len(self.waiting) < cap:
+        if len(self.active) + len(self.waiting) + self._creating_slots < cap:
+            self._creating_slots += 1  # held while its captions are checked
+            self._creating[client] += 1
             return False
         room = self.settings.queue_max_length
         if wait and room:
             if len(self.waiting) + self._queue_pending < room:
                 self._queue_pending += 1  # held while its captions are checked
+                self._creating[client] += 1
                 return True
             self.metrics.sessions_refused.labels("queue_full").inc()
             raise Refused(
@@ -285,8 +294,14 @@ class SessionManager:
             shots = list(req.shots) or [""]
             reports = await self._check_captions(req.prompt, list(enumerate(shots)))
         finally:
-            if queued:
-                self._queue_pending -= 1
+            if self._creating[client] > 0:  # what `admit` held for this request
+                self._creating[client] -= 1
+                if queued:
+                    self._queue_pending -= 1
+                else:
+                    self._creating_slots -= 1
+            if not self._creating[client]:
+                del self._creating[client]
         if self.draining:  # the drain began while the captions were checked
             raise Refused(503, P.ErrorCode.DRAINING, "server is draining", retry_after=5)
         sid = f"{self.settings.replica_id}.{secrets.token_hex(12)}"

@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from clients.load import LoadConfig, is_loopback, run_load
@@ -85,3 +86,23 @@ def test_load_reports_refusals_with_their_retry_after(limits_server):
     refused = result["refused_by_status"]
     assert set(refused) == {"429"} and result["sessions_refused"] == refused["429"] >= 1
     assert result["retry_after_s"]["min"] >= 1 and result["chunks"] > 0
+
+
+def test_two_creates_at_once_cannot_both_take_the_last_slot(limits_server):
+    """One slot, one session per client: of two requests sent together, one is admitted and
+    the other refused, though both arrive while the first's captions are still checked."""
+
+    async def go():
+        async with httpx.AsyncClient(base_url=limits_server.base, timeout=30) as http:
+            body = {"prompt": "a red circle on a blue background"}
+            rs = await asyncio.gather(*(http.post("/v1/sessions", json=body) for _ in range(2)))
+            for r in rs:
+                if r.status_code == 201:
+                    d = r.json()
+                    auth = {"Authorization": f"Bearer {d['token']}"}
+                    await http.delete(f"/v1/sessions/{d['session_id']}", headers=auth)
+            return sorted(r.status_code for r in rs)
+
+    for _ in range(3):
+        codes = asyncio.run(go())
+        assert codes[0] == 201 and codes[1] in (429, 503), codes

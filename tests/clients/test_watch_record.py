@@ -56,7 +56,8 @@ class Owner:
                 if msg["type"] == "chunk":
                     self.chunks.append(msg)
             await c.send({"type": "stop"})
-            await c.closed()
+            # chunks the server got out before it read the stop count too (the recording has them)
+            self.chunks = [ch.message for ch in (await c.closed()).chunks]
 
     def end(self) -> None:
         self.stop.set()
