@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the demo preset's VAE, then its causal DiT and text encoder, on "
         "procedural multi-shot clips, then a shot's first chunk at sigma 1 (object placement), "
         "then whole shots at every level, then (full recipe) whole shots that start centred "
-        "and the VAE decoder on the generator's own latents; checkpoints go to --work, the "
+        "(at three learning rates, the last with a motion term) and the VAE decoder on the generator's own latents; checkpoints go to --work, the "
         "weights to --out. "
         "Seeded: the same seed and step counts give the same batches, resumed or not.",
     )
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["quick", "full"],
         default="quick",
         help="quick: under an hour on 2 CPU cores (57 minutes measured); full: the "
-        "shipped weights' recipe: eight phases, better adherence (230 minutes measured)",
+        "shipped weights' recipe: ten phases, better adherence (230 minutes measured)",
     )
     p.add_argument(
         "--vae-steps",
@@ -312,6 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
         "starting at the frame's centre (default 0; full 3000)",
     )
     p.add_argument(
+        "--settle-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the phase that repeats the centred one at a lower learning rate "
+        "(default 0; full 1200)",
+    )
+    p.add_argument(
+        "--motion-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the phase that repeats the one before at half its learning rate "
+        "with the motion term, on new stories (default 0; full 1200)",
+    )
+    p.add_argument(
         "--decoder-steps",
         type=int,
         default=None,
@@ -330,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--start-from",
         default=None,
         metavar="DIR",
-        help="a weights folder that stands for phases 1 to 6 (skipped): the centred and "
-        "decoder phases continue from it",
+        help="a weights folder that stands for phases 1 to 6 (skipped): the centred "
+        "phases and the decoder phase continue from it",
     )
     p.add_argument(
         "--threads",

@@ -57,6 +57,12 @@ class DecoderTrainConfig:
     frame_batch: int = 16
     real_share: float = 0.25  # share of a batch that is the encoder's latents of real frames
     object_weight: float = 4.0
+    # the object weight also where the decoded frame shows an object the target does not
+    # (its pixels off the background by more than `spill_threshold`): weighting the target's
+    # object alone makes missing object pixels cost more than spilled ones, and the decoder
+    # grows objects (wide shots read as close-ups)
+    weight_spill: bool = False
+    spill_threshold: float = 0.1
     grad_clip: float = 1.0
 
 
@@ -140,6 +146,19 @@ def lr_at(step: int, tc: DecoderTrainConfig) -> float:
     return tc.lr * min(1.0, (step + 1) / tc.warmup) * (0.1 + 0.9 * (1 - step / tc.steps))
 
 
+def loss_weight(
+    out: torch.Tensor, px: torch.Tensor, bg: torch.Tensor, tc: DecoderTrainConfig
+) -> torch.Tensor:
+    """Per-pixel L1 weight (B, 1, H, W) for decoded frames `out` against rendered frames
+    `px` (B, 3, H, W) on backgrounds `bg` (B, 3): 1 + object_weight on the target's object,
+    and with `weight_spill` also where `out` shows an object the target does not."""
+    mask = object_pixels(px, bg)
+    if tc.weight_spill:
+        drawn = (out - bg[:, :, None, None]).abs().amax(dim=1, keepdim=True)
+        mask = torch.maximum(mask, (drawn > tc.spill_threshold).float())
+    return 1.0 + tc.object_weight * mask
+
+
 def decoder_step(
     vae: WanVAE,
     opt: torch.optim.Optimizer,
@@ -166,7 +185,7 @@ def decoder_step(
         group["lr"] = lr_at(step, tc)
     out = vae.model.decode(vae.denormalize(z)).sample[:, :, 0]
     bg = torch.stack([background_value(k) for k in keys])
-    weight = 1.0 + tc.object_weight * object_pixels(px, bg)
+    weight = loss_weight(out.detach(), px, bg, tc)
     loss = ((out - px).abs() * weight).sum() / (weight.sum() * px.shape[1])
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -58,6 +58,10 @@ class DiTTrainConfig:
     warmup: int = 30
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    # added to the run's seed for this phase's batches and noise: batches are keyed by
+    # (seed, step), so a phase with its own offset draws stories the phases before it
+    # did not (0: the run's own seed, as every phase of the first two versions)
+    data_seed: int = 0
     level_prob: float = 0.8  # chance a chunk's sigma is one of the sampler's levels
     # how often each level is drawn when it is: the first (sigma 1, only text and context to
     # go on) sets colour and layout for the others and is the slowest to learn

@@ -531,7 +531,7 @@ def test_object_weight_counts_errors_on_the_object_more_and_train_chunks_trims_s
         trainer.close()
 
 
-# -- phase 8: the decoder on the generator's own latents ----------------------------------
+# -- phase 10: the decoder on the generator's own latents ----------------------------------
 def test_the_decoder_phase_records_every_latent_with_the_frame_it_stands_for():
     from training.decoder_train import DecoderTrainConfig, generated_frames
     from training.evaluate import random_demo_model
@@ -577,6 +577,27 @@ def test_a_decoder_step_trains_the_decoder_and_nothing_else():
     assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
 
 
+def test_the_decoder_loss_weights_spilled_object_pixels_only_when_asked():
+    """A decoded object larger than the target's: its spilled pixels weigh as much as the
+    target's object with `weight_spill`, and as background without."""
+    from training.decoder_train import DecoderTrainConfig, loss_weight
+    from training.render import background_value, object_pixels
+
+    geo = Geometry.for_config(CFG, "centred")
+    wide = render_frames(KEY, geo, [0])
+    close = render_frames(KEY._replace(framing="close-up"), geo, [0])  # same centre, larger
+    bg = background_value(KEY)[None]
+    target = object_pixels(wide, bg)[:, 0] > 0
+    spill = (object_pixels(close, bg)[:, 0] > 0) & ~target
+    assert spill.sum() > 50
+    plain = loss_weight(close, wide, bg, DecoderTrainConfig())[:, 0]
+    both = loss_weight(close, wide, bg, DecoderTrainConfig(weight_spill=True))[:, 0]
+    assert torch.all(plain[target] == 5.0) and torch.all(both[target] == 5.0)
+    assert torch.all(plain[spill] == 1.0)
+    assert (both[spill] == 5.0).float().mean() > 0.9  # all but the faint anti-aliased rim
+    assert torch.all(both[~target & ~spill] == 1.0)
+
+
 def test_centred_start_phase_targets_ignore_the_noise(tmp_path):
     """In the centred layout the first chunk's target is the caption's own shot, starting at
     the frame's centre, whatever the placement noise says."""
@@ -599,3 +620,42 @@ def test_centred_start_phase_targets_ignore_the_noise(tmp_path):
         assert torch.equal(batch.clean, expected)
     finally:
         trainer.close()
+
+
+def test_a_phase_data_seed_offsets_the_run_seed_of_its_batches(tmp_path):
+    """train_start_phase draws a phase's batches with the run's seed plus the phase's
+    `data_seed`: with 1 it trains exactly as a trainer seeded one higher, and not as the
+    run's own seed (phase 9 sees stories the phases before it did not)."""
+    from dataclasses import replace
+
+    from model.text import build_umt5
+    from training.dit_train import DiTTrainConfig
+    from training.run import TrainDemoConfig, _tokenizer_and_scenes, init_dit, train_start_phase
+    from training.start_train import StartTrainer
+
+    vae = _per_frame_vae()
+    phase = DiTTrainConfig(steps=1, batch=1, whole_shot=True, train_chunks=2, layout="centred")
+
+    def fresh():
+        torch.manual_seed(0)
+        return init_dit(CFG, 0), build_umt5(CFG.text)
+
+    def by_phase(data_seed: int) -> dict:
+        dit, text = fresh()
+        tc = TrainDemoConfig(seed=4, motion=replace(phase, data_seed=data_seed))
+        train_start_phase("motion", CFG, tc, tmp_path / f"w{data_seed}", vae, dit, text, False)
+        return dit.state_dict()
+
+    def by_trainer(seed: int) -> dict:
+        dit, text = fresh()
+        tok, scenes = _tokenizer_and_scenes(CFG, tmp_path / f"t{seed}")
+        trainer = StartTrainer(CFG, dit, text, vae, tok, scenes, phase, seed)
+        try:
+            trainer.step(0)
+        finally:
+            trainer.close()
+        return dit.state_dict()
+
+    offset, direct, own = by_phase(1), by_trainer(5), by_phase(0)
+    assert all(torch.equal(offset[k], direct[k]) for k in offset)
+    assert any(not torch.equal(offset[k], own[k]) for k in offset)

@@ -1,5 +1,5 @@
 """train-demo: a run stopped and resumed ends at the same weights as one never stopped (all
-eight phases), a run can start from a weights folder instead of phases 1 to 6, and its help
+ten phases), a run can start from a weights folder instead of phases 1 to 6, and its help
 states each phase's step count in both recipes."""
 
 from __future__ import annotations
@@ -32,6 +32,19 @@ def _tiny_config(dit_steps: int) -> TrainDemoConfig:
         ),
         centre=DiTTrainConfig(
             steps=1, batch=1, whole_shot=True, object_weight=6.0, train_chunks=2, layout="centred"
+        ),
+        settle=DiTTrainConfig(
+            steps=1, batch=1, whole_shot=True, object_weight=6.0, train_chunks=2, layout="centred"
+        ),
+        motion=DiTTrainConfig(
+            steps=1,
+            batch=1,
+            whole_shot=True,
+            train_chunks=2,
+            layout="centred",
+            motion_weight=1.0,
+            freeze_prob=0.25,
+            data_seed=1,
         ),
         decoder=DecoderTrainConfig(steps=2, stories=1, frame_batch=4),
     )
@@ -66,17 +79,22 @@ def test_train_demo_resumed_equals_uninterrupted(tmp_path):
 
 
 def test_train_demo_can_start_from_a_weights_folder(tmp_path):
-    """start_from stands for phases 1 to 6: the centred phase and the decoder phase continue
+    """start_from stands for phases 1 to 6: the centred phases and the decoder phase continue
     from the folder's weights; the decoder phase changes the decoder only."""
     first = train_demo(tmp_path / "a", tmp_path / "a" / "export", _tiny_config(1))
     before = _weights(first)
     out = train_demo(tmp_path / "b", tmp_path / "b" / "export", _tiny_config(1), start_from=first)
     meta = json.loads((out / "training.json").read_text())
     assert meta["started_from"] == str(first)
-    assert set(meta["seconds"]) == {"centre", "decoder"}  # phases 1 to 6 skipped
+    assert set(meta["seconds"]) == {
+        "centre",
+        "settle",
+        "motion",
+        "decoder",
+    }  # phases 1 to 6 skipped
     after = _weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert any(not k.startswith("vae.") for k in changed)  # the centred phase trained the DiT
+    assert any(not k.startswith("vae.") for k in changed)  # the centred phases trained the DiT
     assert any(k.startswith("vae.decoder.") for k in changed)  # the decoder phase its decoder
     assert all(
         k.startswith("vae.decoder.") or k.startswith("vae.post_quant_conv.")
