@@ -201,15 +201,8 @@ def _load(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
 
 
-LATER_PHASES = (
-    "start",
-    "follow",
-    "polish",
-    "carry",
-    "centre",
-    "settle",
-    "motion",
-)  # DiT phases after phase 2
+# the DiT phases after phase 2, in order
+LATER_PHASES = ("start", "follow", "polish", "carry", "centre", "settle", "motion")
 
 
 def _discard(work: Path, phases) -> None:
