@@ -18,6 +18,9 @@ from training.vae_train import VAETrainConfig
 
 
 def _tiny_config(dit_steps: int) -> TrainDemoConfig:
+    centred = DiTTrainConfig(
+        steps=1, batch=1, whole_shot=True, object_weight=6.0, train_chunks=2, layout="centred"
+    )
     return TrainDemoConfig(
         seed=3,
         vae=VAETrainConfig(steps=1, frame_batch=2, stats_frames=8),
@@ -30,12 +33,8 @@ def _tiny_config(dit_steps: int) -> TrainDemoConfig:
         carry=DiTTrainConfig(
             steps=1, batch=1, whole_shot=True, object_weight=6.0, train_chunks=2, turn_prob=0.5
         ),
-        centre=DiTTrainConfig(
-            steps=1, batch=1, whole_shot=True, object_weight=6.0, train_chunks=2, layout="centred"
-        ),
-        settle=DiTTrainConfig(
-            steps=1, batch=1, whole_shot=True, object_weight=6.0, train_chunks=2, layout="centred"
-        ),
+        centre=centred,
+        settle=centred,
         motion=DiTTrainConfig(
             steps=1,
             batch=1,
@@ -86,12 +85,8 @@ def test_train_demo_can_start_from_a_weights_folder(tmp_path):
     out = train_demo(tmp_path / "b", tmp_path / "b" / "export", _tiny_config(1), start_from=first)
     meta = json.loads((out / "training.json").read_text())
     assert meta["started_from"] == str(first)
-    assert set(meta["seconds"]) == {
-        "centre",
-        "settle",
-        "motion",
-        "decoder",
-    }  # phases 1 to 6 skipped
+    # phases 1 to 6 skipped
+    assert set(meta["seconds"]) == {"centre", "settle", "motion", "decoder"}
     after = _weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(not k.startswith("vae.") for k in changed)  # the centred phases trained the DiT
