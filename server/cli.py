@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the demo preset's VAE, then its causal DiT and text encoder, on "
         "procedural multi-shot clips, then a shot's first chunk at sigma 1 (object placement), "
         "then whole shots at every level, then (full recipe) whole shots that start centred "
-        "(at three learning rates, the last with a motion term) and the VAE decoder on the generator's own latents; checkpoints go to --work, the "
+        "(at three learning rates, the last with a motion term) and the VAE decoder, on the "
+        "generator's own latents and then on the encoder's; checkpoints go to --work, the "
         "weights to --out. "
         "Seeded: the same seed and step counts give the same batches, resumed or not.",
     )
@@ -332,8 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="steps of the last phase, the VAE decoder on the generator's own latents "
-        "(default 0; full 1000)",
+        help="steps of the VAE decoder phase on the generator's own latents (default 0; full 1000)",
+    )
+    p.add_argument(
+        "--sharpen-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the phase after it, the VAE decoder on the encoder's latents of "
+        "rendered frames (default 0; full 3000)",
     )
     p.add_argument(
         "--decoder-stories",
@@ -347,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="a weights folder that stands for phases 1 to 6 (skipped): the centred "
-        "phases and the decoder phase continue from it",
+        "phases and the decoder phases continue from it",
     )
     p.add_argument(
         "--threads",
@@ -359,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae-threads",
         type=int,
         default=0,
-        help="torch CPU threads of the VAE phase, which runs alone (0 = every core)",
+        help="torch CPU threads of the VAE and sharpen phases, which run alone (0 = every core)",
     )
     p.set_defaults(func=cmd_train_demo)
 
@@ -390,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate the first N held-out stories (default: all)",
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed of the stories")
+    p.add_argument(
+        "--round-trip",
+        action="store_true",
+        help="also read VAE round trips of rendered held-out shots (the decoder's ceiling; "
+        "about 30 s more)",
+    )
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.set_defaults(func=cmd_eval_demo)

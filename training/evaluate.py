@@ -16,10 +16,16 @@ ClipKey the prompts ask for.
                             caption, so only the context frames carry it
     switch_adherence        first chunks of shots started mid-stream whose colour, framing
                             and motion already follow the new prompt
+
+With `round_trip` it also reads the VAE alone: rendered shots of the held-out scenes,
+encoded and decoded, chunk by chunk as the generator would emit them. No generator can
+score above what its decoder draws from exact latents, so this is the ceiling of the
+figures above (`vae_round_trip`: the same fractions, over those chunks).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from dataclasses import dataclass
@@ -33,10 +39,10 @@ from model.config import ModelConfig, get_preset
 from model.dit import build_dit
 from model.generator import LoadedModel, ShotStreamGenerator, load_model
 from model.text import TextEncoder, load_tokenizer
-from model.vae import WanVAE
+from model.vae import WanVAE, to_uint8
 from training.probe import read_chunk
-from training.render import Story, held_out_scenes, sample_shot
-from training.vocab import ShotSpec
+from training.render import ClipKey, Geometry, Story, held_out_scenes, render_clip, sample_shot
+from training.vocab import FRAMINGS, MOTIONS, ShotSpec
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,35 @@ def summarize(stories: list[EvalStory], results: list[ChunkResult]) -> dict:
     }
 
 
+def round_trip(model: LoadedModel, every: int = 3) -> dict:
+    """The probe on VAE round trips of whole rendered shots: held-out scene i with the
+    (framing, motion) pairs k where (i + k) % every == 0, read in the generator's chunks."""
+    cfg, vae = model.cfg, model.vae
+    geo = Geometry.for_config(cfg)
+    first = 1 + cfg.vae.temporal_stride * (cfg.chunk_frames - 1)
+    later = cfg.vae.temporal_stride * cfg.chunk_frames
+    bounds = [0, *range(first, geo.shot_frames + 1, later)]
+    pairs = [(f, m) for f in FRAMINGS for m in MOTIONS]
+    agree: list[dict[str, bool]] = []
+    for i, scene in enumerate(sorted(held_out_scenes(), key=lambda s: s.caption)):
+        for k, (framing, motion) in enumerate(pairs):
+            if (i + k) % every:
+                continue
+            key = ClipKey(scene.background, scene.colour, scene.shape, framing, motion)
+            pixels = render_clip(key, geo)  # (T, 3, H, W)
+            z = vae.encode_clip(pixels.permute(1, 0, 2, 3)[None].to(model.dtype))
+            frames = to_uint8(vae.decode_whole(z)[0])
+            for a, b in itertools.pairwise(bounds):
+                agree.append(read_chunk(frames[a:b]).agreement(key))
+    return {
+        "color_adherence": _frac([x["background"] and x["colour"] for x in agree]),
+        "shape_adherence": _frac([x["shape"] for x in agree]),
+        "motion_adherence": _frac([x["motion"] for x in agree]),
+        "framing_adherence": _frac([x["framing"] for x in agree]),
+        "chunks": len(agree),
+    }
+
+
 def random_demo_model(cfg: ModelConfig, seed: int = 0) -> LoadedModel:
     """The demo preset with random weights (the baseline), and its shipped tokenizer."""
     tok_dir = cfg.bundled_weights_dir / "tokenizer" if cfg.bundled_weights_dir else None
@@ -163,6 +198,7 @@ def evaluate(
     stories: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    with_round_trip: bool = False,
 ) -> dict:
     """Run the evaluation; `weights` None = the bundled demo weights."""
     cfg = get_preset("demo")
@@ -183,6 +219,8 @@ def evaluate(
     for i in it:
         results += run_story(model, pool, evs[i], i)
     out = summarize(evs, results)
+    if with_round_trip:
+        out["vae_round_trip"] = round_trip(model)
     out.update(
         weights=model.weights,
         preset=cfg.name,

@@ -1,4 +1,4 @@
-"""`shotstream train-demo`: ten phases with checkpoints and resume, then the export.
+"""`shotstream train-demo`: eleven phases with checkpoints and resume, then the export.
 
     work/vae.pt        phase 1 checkpoint (model, optimiser, step); vae_final.pt when done
     work/dit.pt        phase 2 checkpoint (DiT, text encoder, optimiser, step)
@@ -18,9 +18,11 @@
     work/decoder_input/  the weights after phase 9, loaded as a server would for phase 10
     work/decoder_data.pt phase 10's data: the generator's own latents and the frames they stand for
     work/decoder.pt    phase 10 checkpoint (the VAE decoder fine-tuned on those latents)
+    work/sharpen.pt    phase 11 checkpoint (the VAE decoder trained on the encoder's latents
+                       of rendered frames, to draw corners)
     export/            generator.safetensors, vae/, text_encoder/, tokenizer/, vocabulary.json
 
-Phases 1 to 6 render the first version's anchored layout, 7 to 10 the centred one
+Phases 1 to 6 render the first version's anchored layout, 7 to 11 the centred one
 (training/render.py). `start_from` skips phases 1 to 6 and takes their result from a
 weights folder instead (the first version's weights: how the shipped second version was
 made from them, and the third from the second's phase 7).
@@ -166,14 +168,22 @@ class TrainDemoConfig:
     motion: DiTTrainConfig = field(default_factory=lambda: _motion(0))
     # phase 10 (decoder_train): the VAE decoder on the generator's own latents; quick skips it
     decoder: DecoderTrainConfig = field(default_factory=lambda: DecoderTrainConfig(steps=0))
+    # phase 11 (decoder_train): the VAE decoder on the encoder's latents of rendered frames
+    sharpen: DecoderTrainConfig = field(default_factory=lambda: _sharpen(0))
     checkpoint_s: float = 120.0
+
+
+def _sharpen(steps: int) -> DecoderTrainConfig:
+    """Phase 11: rendered frames only (no generated stories), batches of its own."""
+    return DecoderTrainConfig(steps=steps, stories=0, real_share=1.0, data_seed=7)
 
 
 def full_recipe(seed: int = 0) -> TrainDemoConfig:
     """The recipe of the shipped weights: the first version's six phases (164 minutes on 2
     CPU cores: the teacher-forced DiT phase first, placement without the object weight, the
     plain whole-shot phase, then the object-weighted phases, each longer), then the centred
-    layout at three learning rates (the last with the motion term) and the decoder phase."""
+    layout at three learning rates (the last with the motion term) and the two decoder
+    phases."""
     return TrainDemoConfig(
         seed=seed,
         dit=DiTTrainConfig(layout="anchored"),
@@ -185,6 +195,7 @@ def full_recipe(seed: int = 0) -> TrainDemoConfig:
         settle=_settle(1200),
         motion=_motion(1200),
         decoder=DecoderTrainConfig(steps=1000),
+        sharpen=_sharpen(3000),
     )
 
 
@@ -203,12 +214,14 @@ def _load(path: Path) -> dict | None:
 
 # the DiT phases after phase 2, in order
 LATER_PHASES = ("start", "follow", "polish", "carry", "centre", "settle", "motion")
+# the VAE decoder phases after them, in order
+DECODER_PHASES = ("decoder", "sharpen")
 
 
 def _discard(work: Path, phases) -> None:
-    """Remove the checkpoints of `phases` and phase 10's (all built on weights that are about
-    to change)."""
-    for name in (*phases, "decoder"):
+    """Remove the checkpoints of `phases` and of the decoder phases (all built on weights
+    that are about to change)."""
+    for name in (*phases, *DECODER_PHASES):
         (work / f"{name}.pt").unlink(missing_ok=True)
     (work / "decoder_data.pt").unlink(missing_ok=True)
 
@@ -420,30 +433,59 @@ def train_decoder_phase(
         _save({"data": data}, data_path)
     else:
         data = saved["data"]
-    out = model.vae
-    opt = make_decoder_optimizer(out, dc)
+    return _train_decoder("decoder", cfg, model.vae, data, dc, tc, work, resume)
+
+
+def _train_decoder(
+    name: str,
+    cfg: ModelConfig,
+    vae: WanVAE,
+    data: list,
+    dc: DecoderTrainConfig,
+    tc: TrainDemoConfig,
+    work: Path,
+    resume: bool,
+) -> WanVAE:
+    """Train `vae`'s decoder for `dc.steps` decoder steps on `data` (generated frames) and
+    encoded rendered ones, checkpointing to work/NAME.pt; returns `vae`, trained. When it
+    trains at all, the decoder phases after `name` are discarded."""
+    opt = make_decoder_optimizer(vae, dc)
+    path = work / f"{name}.pt"
     start = 0
-    ckpt = _load(work / "decoder.pt") if resume else None
+    ckpt = _load(path) if resume else None
     if ckpt is not None:
-        out.model.load_state_dict(ckpt["model"])
+        vae.model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         start = ckpt["step"]
+    if start < dc.steps:
+        for later in DECODER_PHASES[DECODER_PHASES.index(name) + 1 :]:
+            (work / f"{later}.pt").unlink(missing_ok=True)
     geo = Geometry.for_config(cfg, "centred")
 
     def save(step: int) -> None:
-        state = {"model": out.model.state_dict(), "opt": opt.state_dict(), "step": step}
-        _save(state, work / "decoder.pt")
+        state = {"model": vae.model.state_dict(), "opt": opt.state_dict(), "step": step}
+        _save(state, path)
 
     timer = _Checkpointer(tc.checkpoint_s)
-    bar = tqdm(range(start, dc.steps), desc="decoder", unit="step", initial=start, total=dc.steps)
+    bar = tqdm(range(start, dc.steps), desc=name, unit="step", initial=start, total=dc.steps)
     for step in bar:
-        logs = decoder_step(out, opt, data, geo, dc, tc.seed, step)
+        logs = decoder_step(vae, opt, data, geo, dc, tc.seed, step)
         bar.set_postfix(l1=f"{logs['l1']:.4f}")
         if timer.due():
             save(step + 1)
     save(dc.steps)
-    out.model.eval().requires_grad_(False)
-    return out
+    vae.model.eval().requires_grad_(False)
+    return vae
+
+
+def train_sharpen_phase(
+    cfg: ModelConfig, tc: TrainDemoConfig, work: Path, vae: WanVAE, resume: bool
+) -> WanVAE:
+    """Phase 11 (decoder_train, `real_share` 1): returns the VAE with its decoder trained on
+    the encoder's latents of rendered frames (`vae` itself when the phase has no steps)."""
+    if tc.sharpen.steps == 0:
+        return vae
+    return _train_decoder("sharpen", cfg, vae, [], tc.sharpen, tc, work, resume)
 
 
 def load_start(cfg: ModelConfig, folder: Path) -> tuple[CausalDiT, torch.nn.Module, WanVAE]:
@@ -465,8 +507,8 @@ def train_demo(
 
     `threads` serves the DiT phases: one by default, because their prefetch thread renders
     and encodes the next batch on another core, and on a busy 2-core host two OpenMP
-    threads are often many times slower than one. The VAE phase runs alone, so it takes
-    `vae_threads` (0: every core; on 2 cores about 1.5x faster than one thread).
+    threads are often many times slower than one. The VAE and sharpen phases run alone, so
+    they take `vae_threads` (0: every core; on 2 cores about 1.5x faster than one thread).
     `start_from`: a weights folder that stands for phases 1 to 6 (they are skipped)."""
     torch.set_flush_denormal(True)
     cfg = get_preset("demo")
@@ -496,6 +538,10 @@ def train_demo(
     t0 = time.time()
     vae = train_decoder_phase(cfg, tc, work, dit, text, vae, resume)
     seconds["decoder"] = round(time.time() - t0)
+    t0 = time.time()
+    torch.set_num_threads(vae_threads)  # like the VAE phase it runs alone
+    vae = train_sharpen_phase(cfg, tc, work, vae, resume)
+    seconds["sharpen"] = round(time.time() - t0)
     meta = {
         "preset": cfg.name,
         "recipe": next((n for n, make in RECIPES.items() if make(tc.seed) == tc), "custom"),
@@ -530,7 +576,10 @@ def run_train_demo(args) -> int:
         decoder = replace(decoder, steps=args.decoder_steps)
     if args.decoder_stories is not None:
         decoder = replace(decoder, stories=args.decoder_stories)
-    tc = replace(base, vae=vae, dit=dit, decoder=decoder, **later)
+    sharpen = base.sharpen
+    if args.sharpen_steps is not None:
+        sharpen = replace(sharpen, steps=args.sharpen_steps)
+    tc = replace(base, vae=vae, dit=dit, decoder=decoder, sharpen=sharpen, **later)
     out = train_demo(
         args.work,
         args.out,
@@ -551,7 +600,12 @@ def run_eval_demo(args) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     result = evaluate(
-        args.weights, args.random_weights, args.stories, args.seed, progress=not args.json
+        args.weights,
+        args.random_weights,
+        args.stories,
+        args.seed,
+        progress=not args.json,
+        with_round_trip=args.round_trip,
     )
     print(json.dumps(result), flush=True)
     return 0

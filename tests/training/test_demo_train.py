@@ -577,6 +577,30 @@ def test_a_decoder_step_trains_the_decoder_and_nothing_else():
     assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
 
 
+def test_the_sharpen_step_trains_on_rendered_frames_alone_with_its_own_batches():
+    """real_share 1 needs no generated frames; data_seed offsets the run seed of the batches
+    (the same steps as a run seeded that much higher, others than the run's own seed)."""
+    from dataclasses import replace
+
+    from training.decoder_train import DecoderTrainConfig, decoder_step, make_decoder_optimizer
+
+    geo = Geometry.for_config(CFG, "centred")
+    tc = DecoderTrainConfig(steps=2, stories=0, frame_batch=2, real_share=1.0)
+
+    def trained(tc: DecoderTrainConfig, seed: int) -> dict[str, torch.Tensor]:
+        vae = _per_frame_vae(seed=3)
+        opt = make_decoder_optimizer(vae, tc)
+        for s in range(2):
+            assert math.isfinite(decoder_step(vae, opt, [], geo, tc, seed=seed, step=s)["l1"])
+        return {k: v.clone() for k, v in vae.model.decoder.state_dict().items()}
+
+    own = trained(replace(tc, data_seed=7), seed=1)
+    same = trained(tc, seed=8)
+    other = trained(tc, seed=1)
+    assert all(torch.equal(own[k], same[k]) for k in own)
+    assert any(not torch.equal(own[k], other[k]) for k in own)
+
+
 def test_the_decoder_loss_weights_spilled_object_pixels_only_when_asked():
     """A decoded object larger than the target's: its spilled pixels weigh as much as the
     target's object with `weight_spill`, and as background without."""

@@ -1,5 +1,5 @@
 """train-demo: a run stopped and resumed ends at the same weights as one never stopped (all
-ten phases), a run can start from a weights folder instead of phases 1 to 6, and its help
+eleven phases), a run can start from a weights folder instead of phases 1 to 6, and its help
 states each phase's step count in both recipes."""
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def _tiny_config(dit_steps: int) -> TrainDemoConfig:
             data_seed=1,
         ),
         decoder=DecoderTrainConfig(steps=2, stories=1, frame_batch=4),
+        sharpen=DecoderTrainConfig(steps=2, stories=0, frame_batch=4, real_share=1.0, data_seed=7),
     )
 
 
@@ -78,19 +79,19 @@ def test_train_demo_resumed_equals_uninterrupted(tmp_path):
 
 
 def test_train_demo_can_start_from_a_weights_folder(tmp_path):
-    """start_from stands for phases 1 to 6: the centred phases and the decoder phase continue
-    from the folder's weights; the decoder phase changes the decoder only."""
+    """start_from stands for phases 1 to 6: the centred phases and the decoder phases continue
+    from the folder's weights; the decoder phases change the decoder only."""
     first = train_demo(tmp_path / "a", tmp_path / "a" / "export", _tiny_config(1))
     before = _weights(first)
     out = train_demo(tmp_path / "b", tmp_path / "b" / "export", _tiny_config(1), start_from=first)
     meta = json.loads((out / "training.json").read_text())
     assert meta["started_from"] == str(first)
     # phases 1 to 6 skipped
-    assert set(meta["seconds"]) == {"centre", "settle", "motion", "decoder"}
+    assert set(meta["seconds"]) == {"centre", "settle", "motion", "decoder", "sharpen"}
     after = _weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(not k.startswith("vae.") for k in changed)  # the centred phases trained the DiT
-    assert any(k.startswith("vae.decoder.") for k in changed)  # the decoder phase its decoder
+    assert any(k.startswith("vae.decoder.") for k in changed)  # the decoder phases its decoder
     assert all(
         k.startswith("vae.decoder.") or k.startswith("vae.post_quant_conv.")
         for k in changed
@@ -105,14 +106,14 @@ def test_train_demo_help_states_the_recipes_step_counts():
     import re
 
     from server.cli import build_parser
-    from training.run import LATER_PHASES
+    from training.run import DECODER_PHASES, LATER_PHASES
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     train = sub.choices["train-demo"]
     helps = {a.dest: a.help for a in train._actions}
     assert train.parse_args([]).recipe == "quick"
     quick, full = RECIPES["quick"](), RECIPES["full"]()
-    for name in ("vae", "dit", *LATER_PHASES, "decoder"):
+    for name in ("vae", "dit", *LATER_PHASES, *DECODER_PHASES):
         text = helps[f"{name}_steps"]
         stated = re.search(r"\(default (\d+)", text)
         assert stated and int(stated[1]) == getattr(quick, name).steps, name
