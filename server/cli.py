@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["quick", "full"],
         default="quick",
         help="quick: under an hour on 2 CPU cores (57 minutes measured); full: the "
-        "shipped weights' recipe: ten phases, better adherence (230 minutes measured)",
+        "shipped weights' recipe: eleven phases, better adherence (283 minutes measured)",
     )
     p.add_argument(
         "--vae-steps",
