@@ -20,9 +20,9 @@ the encoder's latents of rendered frames, so the decoder keeps decoding those.
 The sharpen phase (the recipe's last, phase 11) runs the same step with `real_share` 1: the
 encoder's latents of rendered frames only, no generator. Phase 1 trains the decoder for
 only as long as the encoder needs; decoded round trips of held-out scenes still rounded
-most wide squares into circles (the probe read 73 % of shapes right). A decoder trained
-on for longer draws their corners, and the generator's chunks, which aim at the same
-latents, decode sharper with it.
+most wide squares into circles (the probe read 67 % of shapes right, `eval-demo
+--round-trip`). A decoder trained on for longer draws their corners (99 %), and the
+generator's chunks, which aim at the same latents, decode sharper with it.
 
 Objective: L1 against the rendered frame, object pixels weighted up (as in phase 1). Only
 the decoder and its post-quant conv train; the encoder, and with it every latent the DiT
