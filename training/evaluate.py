@@ -149,9 +149,8 @@ def round_trip(model: LoadedModel, every: int = 3) -> dict:
     (framing, motion) pairs k where (i + k) % every == 0, read in the generator's chunks."""
     cfg, vae = model.cfg, model.vae
     geo = Geometry.for_config(cfg)
-    first = 1 + cfg.vae.temporal_stride * (cfg.chunk_frames - 1)
-    later = cfg.vae.temporal_stride * cfg.chunk_frames
-    bounds = [0, *range(first, geo.shot_frames + 1, later)]
+    sizes = (cfg.chunk_pixel_frames(c) for c in range(cfg.chunks_per_shot))
+    bounds = [0, *itertools.accumulate(sizes)]
     pairs = [(f, m) for f in FRAMINGS for m in MOTIONS]
     agree: list[dict[str, bool]] = []
     for i, scene in enumerate(sorted(held_out_scenes(), key=lambda s: s.caption)):
