@@ -106,6 +106,11 @@ def _motion(steps: int) -> DiTTrainConfig:
     return replace(_centred(steps), lr=1.5e-4, motion_weight=1.0, freeze_prob=0.25, data_seed=1)
 
 
+def _sharpen(steps: int) -> DecoderTrainConfig:
+    """Phase 11: rendered frames only (no generated stories), batches of its own."""
+    return DecoderTrainConfig(steps=steps, stories=0, real_share=1.0, data_seed=7)
+
+
 def _placement(steps: int, **changes) -> DiTTrainConfig:
     """A start_train phase of first chunks at sigma 1 only, first shots that stay still."""
     return DiTTrainConfig(
@@ -171,11 +176,6 @@ class TrainDemoConfig:
     # phase 11 (decoder_train): the VAE decoder on the encoder's latents of rendered frames
     sharpen: DecoderTrainConfig = field(default_factory=lambda: _sharpen(0))
     checkpoint_s: float = 120.0
-
-
-def _sharpen(steps: int) -> DecoderTrainConfig:
-    """Phase 11: rendered frames only (no generated stories), batches of its own."""
-    return DecoderTrainConfig(steps=steps, stories=0, real_share=1.0, data_seed=7)
 
 
 def full_recipe(seed: int = 0) -> TrainDemoConfig:
@@ -567,19 +567,13 @@ def run_train_demo(args) -> int:
         dit = replace(dit, batch=args.dit_batch)
     if args.dit_unroll is not None:
         dit = replace(dit, unroll_prob=args.dit_unroll)
-    later = {}  # each of LATER_PHASES, with its --NAME-steps when given
-    for name in LATER_PHASES:
+    later = {}  # each of LATER_PHASES and DECODER_PHASES, with its --NAME-steps when given
+    for name in (*LATER_PHASES, *DECODER_PHASES):
         phase, steps = getattr(base, name), getattr(args, f"{name}_steps")
         later[name] = phase if steps is None else replace(phase, steps=steps)
-    decoder = base.decoder
-    if args.decoder_steps is not None:
-        decoder = replace(decoder, steps=args.decoder_steps)
     if args.decoder_stories is not None:
-        decoder = replace(decoder, stories=args.decoder_stories)
-    sharpen = base.sharpen
-    if args.sharpen_steps is not None:
-        sharpen = replace(sharpen, steps=args.sharpen_steps)
-    tc = replace(base, vae=vae, dit=dit, decoder=decoder, sharpen=sharpen, **later)
+        later["decoder"] = replace(later["decoder"], stories=args.decoder_stories)
+    tc = replace(base, vae=vae, dit=dit, **later)
     out = train_demo(
         args.work,
         args.out,
