@@ -3,8 +3,9 @@ where its noise says (3), and to keep it there through the sampler's later steps
 phases 5 and 6 repeat 4 with the object's latent pixels weighted up (`object_weight`), 6 on
 longer stories with more colour turns; phase 7 repeats 5 in the centred layout
 (training/render.py), where every shot starts with the object at the frame's centre, so the
-noise places nothing (phase 8 repeats 7 at a lower learning rate, phase 9 at a lower one still with the
-motion term below) (`noise_start` serves the anchored layout of phases 3 to 6 only).
+noise places nothing (`noise_start` serves the anchored layout of phases 3 to 6 only);
+phase 8 repeats 7 at a lower learning rate, phase 9 at a lower one still with the motion
+term below.
 
 Why. The DiT has no absolute position: RoPE is relative, and at sigma = 1 the first chunk of
 a shot sees only noise, a context of identical (zero or other-shot) frames and text. Such a
@@ -31,10 +32,10 @@ chunk put the object anew where its own noise said, so it jumped from chunk to c
 Three options aim at motion (all off by default; in the anchored layout none made objects
 move as their captions say; phase 9 of the full recipe, in the centred layout, uses the
 first and the third, with per-chunk motion 0.48 -> 0.52 on the held-out stories):
-`motion_weight` adds the error of each chunk's
-frame-to-frame change to the loss, `onset_prob` trains shots that start moving at a later
-chunk from a still history (the still chunks carry no loss), and `freeze_prob` hands later
-levels a still object (the chunk's first frame held) while the target moves.
+`motion_weight` adds the error of each chunk's frame-to-frame change to the loss,
+`onset_prob` trains shots that start moving at a later chunk from a still history (the
+still chunks carry no loss), and `freeze_prob` hands later levels a still object (the
+chunk's first frame held) while the target moves.
 
 Every batch is a pure function of (seed, step), so a resumed run sees the same data.
 """
