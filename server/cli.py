@@ -397,7 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="evaluate the first N held-out stories (default: all)",
     )
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the stories")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the first story set (stories and noise)"
+    )
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="story sets pooled, seeds SEED .. SEED+N-1, 27 stories each (default 3: one set "
+        "is too few to tell small changes apart; each set's own figures are in by_seed)",
+    )
     p.add_argument(
         "--round-trip",
         action="store_true",

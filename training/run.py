@@ -600,6 +600,7 @@ def run_eval_demo(args) -> int:
         args.seed,
         progress=not args.json,
         with_round_trip=args.round_trip,
+        seeds=args.seeds,
     )
     print(json.dumps(result), flush=True)
     return 0
