@@ -25,10 +25,11 @@ from model.config import ModelConfig, get_preset
 
 
 def random_preset(name: str) -> ModelConfig:
-    """`name`'s preset, runnable without a weights folder (a bundled one still loads)."""
+    """`name`'s preset, runnable without a weights folder (a bundled one still loads, with
+    the tokenizer it ships: the demo's word-level one has ids only for its own 96 words)."""
     cfg = get_preset(name)
     text = cfg.text
-    if text.tokenizer == "umt5":
+    if text.tokenizer == "umt5" and not cfg.bundled_weights:
         text = dataclasses.replace(text, tokenizer="byt5")
     return cfg.replace(random_weights_ok=True, text=text)
 

@@ -29,6 +29,14 @@ def test_generate_reports_every_verb_and_fps():
     assert row["fps"] > 0 and row["session_bytes"] == sum(row["session_bytes_by_kind"].values())
 
 
+def test_generate_runs_the_demo_preset_on_its_bundled_weights_and_tokenizer():
+    # its word-level tokenizer has 96 ids: ByT5's stand-in (for presets without bundled
+    # weights) would index past the text encoder's embedding
+    (row,) = run_bench("bench.generate", "--preset", "demo", "--shots", "1", "--chunks", "1")
+    assert row["preset"] == "demo" and row["weights"] == "real"  # the bundled, trained ones
+    assert row["frames"] == 9 and row["fps"] > 0
+
+
 def test_serve_runs_a_real_server_under_load_and_compares_variants():
     rows = run_bench(
         "bench.serve",
