@@ -37,6 +37,36 @@ def test_generate_runs_the_demo_preset_on_its_bundled_weights_and_tokenizer():
     assert row["frames"] == 9 and row["fps"] > 0
 
 
+def test_demo_sizes_times_variants_of_the_demo_preset():
+    rows = run_bench(
+        "bench.demo_sizes",
+        "--variant",
+        "patch=1,dim=32,layers=1",
+        "--variant",
+        "",
+        "--shots",
+        "1",
+        "--train-steps",
+        "1",
+    )
+    small, shipped = rows
+    assert small["variant"] == {"patch": 1, "dim": 32, "layers": 1}
+    assert (
+        small["tokens_per_latent_frame"] == 8 * 12 and shipped["tokens_per_latent_frame"] == 4 * 6
+    )
+    assert small["dit_params"] < shipped["dit_params"] == 1_226_944  # the shipped DiT's size
+    for r in rows:
+        assert r["frames"] == 9 + 3 * 12 and r["realtime_factor"] > 0 and r["train_step_s"] > 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "bench.demo_sizes", "--variant", "heads=3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "bad variant item 'heads=3'" in bad.stderr
+
+
 def test_serve_runs_a_real_server_under_load_and_compares_variants():
     rows = run_bench(
         "bench.serve",
