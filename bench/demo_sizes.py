@@ -4,11 +4,12 @@ centred DiT phase, for variants of the demo preset.
 
     python -m bench.demo_sizes --variant patch=2 --variant patch=1 --train-steps 4
 
-A variant changes the preset's sizes: `patch` (the DiT's spatial patch), `dim`, `layers`
-(the DiT), `base` (the VAE's base width), `height`, `width` (the frame). Every network is
-random (speed does not depend on the weights) with the shipped word-level tokenizer, and the
-prompts are the vocabulary's, so shots run as a served stream's would. One JSON line per
-variant; the first shot is a warm-up.
+A variant changes the preset's sizes: `patch` (the DiT's spatial patch: `1`, or `1x2` for
+one latent pixel high and two wide), `dim`, `layers` (the DiT), `base` (the VAE's base
+width), `height`, `width` (the frame). Every network is random (speed does not depend on the
+weights) with the shipped word-level tokenizer, and the prompts are the vocabulary's, so
+shots run as a served stream's would. One JSON line per variant; the first shot is a
+warm-up.
 """
 
 from __future__ import annotations
@@ -30,18 +31,22 @@ GLOBAL = "a red square on a blue background"
 SHOTS = ("wide shot, the square moves right", "close-up shot, the square moves up")
 
 
-def variant(spec: str) -> tuple[dict[str, int], ModelConfig]:
-    """`patch=1,dim=96` -> the demo preset with those sizes."""
-    changes = {}
+def variant(spec: str) -> tuple[dict[str, int | str], ModelConfig]:
+    """`patch=1,dim=96` (or `patch=1x2`: 1 latent pixel high, 2 wide) -> the demo preset with
+    those sizes."""
+    changes: dict[str, int | str] = {}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
-        if key not in KEYS or not value.isdigit():
+        sizes = value.split("x") if key == "patch" else [value]
+        if key not in KEYS or len(sizes) > 2 or not all(v.isdigit() for v in sizes):
             raise ValueError(f"bad variant item {item!r}: one of {', '.join(KEYS)} = an integer")
-        changes[key] = int(value)
+        changes[key] = int(value) if len(sizes) == 1 else value
     cfg = get_preset("demo")
     dit, vae = cfg.dit, cfg.vae
     if "patch" in changes:
-        dit = dataclasses.replace(dit, patch_size=(1, changes["patch"], changes["patch"]))
+        patch = str(changes["patch"])
+        ph, pw = (int(v) for v in (patch.split("x") if "x" in patch else (patch, patch)))
+        dit = dataclasses.replace(dit, patch_size=(1, ph, pw))
     if "dim" in changes:
         dit = dataclasses.replace(dit, dim=changes["dim"], ffn_dim=4 * changes["dim"])
     if "layers" in changes:

@@ -44,16 +44,19 @@ def test_demo_sizes_times_variants_of_the_demo_preset():
         "patch=1,dim=32,layers=1",
         "--variant",
         "",
+        "--variant",
+        "patch=1x2,dim=32,layers=1",
         "--shots",
         "1",
         "--train-steps",
         "1",
     )
-    small, shipped = rows
+    small, shipped, tall = rows
     assert small["variant"] == {"patch": 1, "dim": 32, "layers": 1}
     assert (
         small["tokens_per_latent_frame"] == 8 * 12 and shipped["tokens_per_latent_frame"] == 4 * 6
     )
+    assert tall["variant"]["patch"] == "1x2" and tall["tokens_per_latent_frame"] == 8 * 6
     assert small["dit_params"] < shipped["dit_params"] == 1_226_944  # the shipped DiT's size
     for r in rows:
         assert r["frames"] == 9 + 3 * 12 and r["realtime_factor"] > 0 and r["train_step_s"] > 0
