@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,7 @@ from bench.common import emit, environment
 from cache.kv import KVLayout
 from cache.pool import StatePool
 from model.config import ModelConfig, get_preset
+from model.dit import build_dit
 from model.generator import ShotStreamGenerator
 
 KEYS = ("patch", "dim", "layers", "base", "height", "width")
@@ -35,18 +38,17 @@ def variant(spec: str) -> tuple[dict[str, int | str], ModelConfig]:
     """`patch=1,dim=96` (or `patch=1x2`: 1 latent pixel high, 2 wide) -> the demo preset with
     those sizes."""
     changes: dict[str, int | str] = {}
+    cfg = get_preset("demo")
+    dit, vae = cfg.dit, cfg.vae
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         sizes = value.split("x") if key == "patch" else [value]
         if key not in KEYS or len(sizes) > 2 or not all(v.isdigit() for v in sizes):
             raise ValueError(f"bad variant item {item!r}: one of {', '.join(KEYS)} = an integer")
         changes[key] = int(value) if len(sizes) == 1 else value
-    cfg = get_preset("demo")
-    dit, vae = cfg.dit, cfg.vae
-    if "patch" in changes:
-        patch = str(changes["patch"])
-        ph, pw = (int(v) for v in (patch.split("x") if "x" in patch else (patch, patch)))
-        dit = dataclasses.replace(dit, patch_size=(1, ph, pw))
+        if key == "patch":  # one size: square
+            ph, pw = int(sizes[0]), int(sizes[-1])
+            dit = dataclasses.replace(dit, patch_size=(1, ph, pw))
     if "dim" in changes:
         dit = dataclasses.replace(dit, dim=changes["dim"], ffn_dim=4 * changes["dim"])
     if "layers" in changes:
@@ -90,9 +92,6 @@ def time_generator(cfg: ModelConfig, shots: int) -> dict:
 
 def time_training(cfg: ModelConfig, steps: int) -> dict:
     """Seconds per step of the centred DiT phase (batch 8, its data prefetched on a thread)."""
-    import tempfile
-    from pathlib import Path
-
     from training.evaluate import random_demo_model
     from training.run import _centred, _tokenizer_and_scenes
     from training.start_train import StartTrainer
@@ -139,18 +138,12 @@ def main() -> None:
             "variant": changes,
             "frame": [cfg.height, cfg.width],
             "tokens_per_latent_frame": cfg.grid_h * cfg.grid_w,
-            "dit_params": sum(p.numel() for p in _dit(cfg).parameters()),
+            "dit_params": sum(p.numel() for p in build_dit(cfg, meta=True).parameters()),
             **time_generator(cfg, args.shots),
         }
         if args.train_steps:
             row.update(time_training(cfg, args.train_steps))
         emit({**row, **environment(torch.device("cpu")), "threads": args.threads}, args.save)
-
-
-def _dit(cfg: ModelConfig) -> torch.nn.Module:
-    from model.dit import build_dit
-
-    return build_dit(cfg, meta=True)
 
 
 if __name__ == "__main__":
