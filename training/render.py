@@ -15,6 +15,10 @@ Where a shot puts the object is the geometry's `layout`:
               the shipped weights' last DiT phase and the probe's framing split
     anchored  the first version's paths, centred on the frame at mid-shot: the object starts
               on the side opposite its motion, a still wide shot sits off-centre (0.35, 0.40)
+    crossing  centred, except that a shot moving up or down starts near the edge opposite
+              its motion and crosses the frame, passing the centre at mid-shot (twice the
+              centred layout's vertical travel and speed, which the frame's 64 rows make
+              the slowest)
 
 Why centred: the DiT has no absolute position (RoPE is relative), so at sigma 1 a shot's
 first chunk can place an object only where the edges of its token grid tell it to. The
@@ -40,9 +44,13 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 from training.vocab import COLOURS, FRAMINGS, MOTIONS, PALETTE, SHAPES, Scene, ShotSpec
 
-LAYOUTS = ("centred", "anchored")
+LAYOUTS = ("centred", "anchored", "crossing")
 # Object size per layout: side of its bounding box, as a fraction of the frame height.
-SIZES = {"centred": {"wide": 0.3, "close-up": 0.45}, "anchored": {"wide": 0.3, "close-up": 0.5}}
+SIZES = {
+    "centred": {"wide": 0.3, "close-up": 0.45},
+    "anchored": {"wide": 0.3, "close-up": 0.5},
+    "crossing": {"wide": 0.3, "close-up": 0.45},
+}
 SIZE = SIZES["centred"]  # what the shipped weights draw
 # centred: the share of the room between the frame's centre and its edge (less half the
 # object) that a whole shot travels
@@ -81,7 +89,10 @@ class Geometry:
         if self.layout == "anchored":
             return sx * SPEED["horizontal"] * self.width, sy * SPEED["vertical"] * self.height
         size, n = self.size(framing), self.shot_frames - 1
-        return sx * TRAVEL * (self.width - size) / 2 / n, sy * TRAVEL * (self.height - size) / 2 / n
+        room_x, room_y = (self.width - size) / 2, (self.height - size) / 2
+        if self.layout == "crossing":  # vertical shots cross the frame: twice the travel
+            room_y *= 2
+        return sx * TRAVEL * room_x / n, sy * TRAVEL * room_y / n
 
     def centres(
         self,
@@ -101,6 +112,9 @@ class Geometry:
             return torch.stack([start[0] + vx * t, start[1] + vy * t], dim=1)
         if self.layout == "centred":
             return torch.stack([self.width / 2 + vx * t, self.height / 2 + vy * t], dim=1)
+        if self.layout == "crossing":  # a vertical shot is at the centre at mid-shot
+            y0 = self.height / 2 - vy * (self.shot_frames - 1) / 2
+            return torch.stack([self.width / 2 + vx * t, y0 + vy * t], dim=1)
         ax, ay = ANCHOR[framing]
         mid = (self.shot_frames - 1) / 2  # the path is centred on the anchor at mid-shot
         cx = (ax if vx == 0 else 0.5) * self.width + vx * (t - mid)

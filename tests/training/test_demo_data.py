@@ -198,6 +198,31 @@ def test_centred_shots_start_at_the_centre_and_stay_in_frame_to_the_end():
                 assert abs(vx) + abs(vy) > STILL_SPEED
 
 
+def test_crossing_shots_cross_the_frame_vertically_and_stay_in_frame():
+    """The crossing layout: still and sideways shots as in the centred one; a vertical shot
+    starts on the side opposite its motion, passes the centre at mid-shot and moves twice
+    as fast as a centred one, inside the frame throughout."""
+    cross = Geometry(layout="crossing")
+    mid = (cross.shot_frames - 1) // 2
+    for framing in FRAMINGS:
+        half = cross.size(framing) / 2
+        assert cross.size(framing) == GEO.size(framing)
+        for motion in MOTIONS:
+            c = cross.centres(framing, motion, cross.shot_frames)
+            assert (c[:, 0] >= half).all() and (c[:, 0] <= cross.width - half).all()
+            assert (c[:, 1] >= half).all() and (c[:, 1] <= cross.height - half).all()
+            if motion in ("up", "down"):
+                sign = 1 if motion == "down" else -1
+                assert sign * (c[0, 1] - cross.height / 2) < -half / 2  # opposite its motion
+                torch.testing.assert_close(
+                    c[mid], torch.tensor([cross.width / 2, cross.height / 2], dtype=c.dtype)
+                )
+                vy, centred_vy = cross.speed(framing, motion)[1], GEO.speed(framing, motion)[1]
+                assert vy == pytest.approx(2 * centred_vy)
+            else:
+                assert torch.equal(c, GEO.centres(framing, motion, GEO.shot_frames))
+
+
 def test_anchored_layout_keeps_the_first_versions_paths():
     old = Geometry(layout="anchored")
     assert old.size("close-up") == 0.5 * old.height and GEO.size("close-up") < old.size("close-up")
