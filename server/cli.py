@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["quick", "full"],
         default="quick",
         help="quick: under an hour on 2 CPU cores (57 minutes measured); full: the "
-        "shipped weights' recipe: eleven phases, better adherence (283 minutes measured)",
+        "shipped weights' recipe: fifteen phases, better adherence (372 minutes measured)",
     )
     p.add_argument(
         "--vae-steps",
@@ -344,6 +344,38 @@ def build_parser() -> argparse.ArgumentParser:
         "rendered frames (default 0; full 3000)",
     )
     p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the phase after the decoder phases, the lower-rate centred one again "
+        "(default 0; full 2000)",
+    )
+    p.add_argument(
+        "--fresh-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the phase that repeats the one before on stories of its own "
+        "(default 0; full 2000)",
+    )
+    p.add_argument(
+        "--cross-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the phase that repeats the one before with vertical shots crossing "
+        "the frame (default 0; full 3000)",
+    )
+    p.add_argument(
+        "--extend-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the last phase, the one before again on stories of its own "
+        "(default 0; full 2000)",
+    )
+    p.add_argument(
         "--decoder-stories",
         type=int,
         default=None,
@@ -355,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="a weights folder that stands for phases 1 to 6 (skipped): the centred "
-        "phases and the decoder phases continue from it",
+        "phases, the decoder phases and the last phase continue from it",
     )
     p.add_argument(
         "--threads",

@@ -1,11 +1,13 @@
 """train-demo: a run stopped and resumed ends at the same weights as one never stopped (all
-eleven phases), a run can start from a weights folder instead of phases 1 to 6, and its help
-states each phase's step count in both recipes."""
+fifteen phases), a run can start from a weights folder instead of phases 1 to 6, the DiT phase
+after the decoder phases keeps their checkpoints, and its help states each phase's step count
+in both recipes."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,6 +49,10 @@ def _tiny_config(dit_steps: int) -> TrainDemoConfig:
         ),
         decoder=DecoderTrainConfig(steps=2, stories=1, frame_batch=4),
         sharpen=DecoderTrainConfig(steps=2, stories=0, frame_batch=4, real_share=1.0, data_seed=7),
+        refine=replace(centred, lr=3e-4),
+        fresh=replace(centred, lr=3e-4, data_seed=5),
+        cross=replace(centred, lr=3e-4, layout="crossing", data_seed=6),
+        extend=replace(centred, lr=3e-4, layout="crossing", data_seed=8),
     )
 
 
@@ -87,7 +93,17 @@ def test_train_demo_can_start_from_a_weights_folder(tmp_path):
     meta = json.loads((out / "training.json").read_text())
     assert meta["started_from"] == str(first)
     # phases 1 to 6 skipped
-    assert set(meta["seconds"]) == {"centre", "settle", "motion", "decoder", "sharpen"}
+    assert set(meta["seconds"]) == {
+        "centre",
+        "settle",
+        "motion",
+        "decoder",
+        "sharpen",
+        "refine",
+        "fresh",
+        "cross",
+        "extend",
+    }
     after = _weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(not k.startswith("vae.") for k in changed)  # the centred phases trained the DiT
@@ -99,6 +115,33 @@ def test_train_demo_can_start_from_a_weights_folder(tmp_path):
     )  # and nothing else of the VAE: the latents the DiT learned are the same
 
 
+def test_the_last_dit_phase_keeps_the_decoder_phases(tmp_path):
+    """Phase 12 trains the DiT after the decoder phases: run longer with --resume, it trains
+    on from its checkpoint and keeps the decoder phases' (a marked sharpen checkpoint is what
+    the export's VAE holds), while a DiT phase before the decoder phases that trains again
+    discards them (the mark is gone)."""
+    tc = _tiny_config(1)
+    first = _weights(train_demo(tmp_path, tmp_path / "export", tc))
+    key = "decoder.conv_out.bias"
+    sharpen = torch.load(tmp_path / "sharpen.pt", weights_only=False)
+    sharpen["model"][key] += 0.5  # a mark only a kept checkpoint carries into the export
+    torch.save(sharpen, tmp_path / "sharpen.pt")
+    marked = sharpen["model"][key].clone()
+
+    longer = replace(tc, refine=replace(tc.refine, steps=2))
+    out = train_demo(tmp_path, tmp_path / "export", longer, resume=True)
+    after = _weights(out)
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["config"]["refine"]["steps"] == 2
+    assert torch.load(tmp_path / "refine.pt", weights_only=False)["step"] == 2
+    assert torch.equal(after[f"vae.{key}"], marked)  # the sharpen checkpoint was kept
+    assert any(not torch.equal(first[k], after[k]) for k in first if not k.startswith("vae."))
+
+    motion_longer = replace(longer, motion=replace(longer.motion, steps=2))
+    again = _weights(train_demo(tmp_path, tmp_path / "export", motion_longer, resume=True))
+    assert not torch.equal(again[f"vae.{key}"], marked)  # the decoder phases trained anew
+
+
 def test_train_demo_help_states_the_recipes_step_counts():
     """Each --NAME-steps help says its phase's step count in the quick recipe (the default)
     and in the full one."""
@@ -106,14 +149,14 @@ def test_train_demo_help_states_the_recipes_step_counts():
     import re
 
     from server.cli import build_parser
-    from training.run import DECODER_PHASES, LATER_PHASES
+    from training.run import PHASE_ORDER
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     train = sub.choices["train-demo"]
     helps = {a.dest: a.help for a in train._actions}
     assert train.parse_args([]).recipe == "quick"
     quick, full = RECIPES["quick"](), RECIPES["full"]()
-    for name in ("vae", "dit", *LATER_PHASES, *DECODER_PHASES):
+    for name in ("vae", "dit", *PHASE_ORDER):
         text = helps[f"{name}_steps"]
         stated = re.search(r"\(default (\d+)", text)
         assert stated and int(stated[1]) == getattr(quick, name).steps, name
