@@ -107,17 +107,36 @@ def test_midstream_colour_switch_shows_from_the_acked_seq(server, seed):
     assert all(c == ("blue", "yellow") for c in after), colours
 
 
-# A still shot, then a shot that moves right sent mid-stream: from the acked seq on, the
-# object's centroid travels right (every seed of 0-9; measured through the generator on the
-# shipped weights: 13 to 17 pixels over the three chunks, 0.8 pixels per frame asked for;
-# the first version stood still). Vertical motion is weaker and not asserted (model card).
-@pytest.mark.parametrize("seed", range(10))
-def test_midstream_motion_moves_the_object_from_the_acked_seq(server, seed):
-    shots = ["a green circle on a black background", "wide shot, the circle stays still"]
-    start, seen = _stream(server, shots, "wide shot, the circle moves right", seed, after=3)
+def _moves(server, seed: int, shots: list[str], switch: str) -> tuple[float, float, float]:
+    """A still shot, then `switch` sent mid-stream: the centroid's travel (dx, dy) over the
+    three chunks from the acked seq on, and how far it wandered in the still shot."""
+    start, seen = _stream(server, shots, switch, seed, after=3)
     path = [f.centre for s in sorted(seen) if s >= start for f in seen[s].frames if f.centre]
     still = [f.centre for s in sorted(seen) if s < start for f in seen[s].frames if f.centre]
     assert len(path) >= 20 and still, seen
-    dx, dy = path[-1][0] - path[0][0], path[-1][1] - path[0][1]
+    wander = max(max(c[i] for c in still) - min(c[i] for c in still) for i in (0, 1))
+    return path[-1][0] - path[0][0], path[-1][1] - path[0][1], wander
+
+
+# A still shot, then a shot that moves right sent mid-stream: from the acked seq on, the
+# object's centroid travels right (every seed of 0-9; measured through the generator on the
+# shipped weights: 19 to 21 pixels over the three chunks, 25 asked for; the first version
+# stood still).
+@pytest.mark.parametrize("seed", range(10))
+def test_midstream_motion_moves_the_object_from_the_acked_seq(server, seed):
+    shots = ["a green circle on a black background", "wide shot, the circle stays still"]
+    dx, dy, wander = _moves(server, seed, shots, "wide shot, the circle moves right")
     assert dx > 8.0 and abs(dy) < 4.0, (dx, dy)  # right, and not up or down
-    assert max(c[0] for c in still) - min(c[0] for c in still) < 4.0  # the still shot stood
+    assert wander < 4.0  # the still shot stood
+
+
+# The same for vertical motion, which the crossing layout made the model follow (measured
+# through the generator on the shipped weights, every seed of 0-9: 21 to 23 pixels up, 29
+# asked for; the fourth version moved it 2 to 10 pixels in nine seeds of ten). Moving down
+# is followed less often (model card) and not asserted.
+@pytest.mark.parametrize("seed", range(10))
+def test_midstream_vertical_motion_moves_the_object_up(server, seed):
+    shots = ["a white circle on a orange background", "close-up shot, the circle stays still"]
+    dx, dy, wander = _moves(server, seed, shots, "wide shot, the circle moves up")
+    assert dy < -8.0 and abs(dx) < 4.0, (dx, dy)  # up, and not sideways
+    assert wander < 4.0
