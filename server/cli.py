@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="a weights folder that stands for phases 1 to 6 (skipped): the centred "
-        "phases, the decoder phases and the last phase continue from it",
+        "phases, the decoder phases and the DiT phases after them continue from it",
     )
     p.add_argument(
         "--threads",

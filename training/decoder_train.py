@@ -17,7 +17,7 @@ and the pixel frame each latent frame stands for (the VAE is per-frame: latent f
 shot is the image of pixel frame 4j). A quarter of each batch (`real_share`) is instead
 the encoder's latents of rendered frames, so the decoder keeps decoding those.
 
-The sharpen phase (the recipe's last, phase 11) runs the same step with `real_share` 1: the
+The sharpen phase (the recipe's phase 11) runs the same step with `real_share` 1: the
 encoder's latents of rendered frames only, no generator. Phase 1 trains the decoder for
 only as long as the encoder needs; decoded round trips of held-out scenes still rounded
 most wide squares into circles (the probe read 67 % of shapes right, `eval-demo

@@ -12,13 +12,13 @@ Where a shot puts the object is the geometry's `layout`:
 
     centred   every shot starts with the object at the frame's centre and moves from there
               (0.9 of the room between the centre and the frame's edge in a whole shot);
-              the shipped weights' last DiT phase and the probe's framing split
+              phases 7 to 13 of the shipped weights' recipe and the probe's framing split
     anchored  the first version's paths, centred on the frame at mid-shot: the object starts
               on the side opposite its motion, a still wide shot sits off-centre (0.35, 0.40)
     crossing  centred, except that a shot moving up or down starts near the edge opposite
               its motion and crosses the frame, passing the centre at mid-shot (twice the
               centred layout's vertical travel and speed, which the frame's 64 rows make
-              the slowest)
+              the slowest); phases 14 and 15, what the shipped weights draw
 
 Why centred: the DiT has no absolute position (RoPE is relative), so at sigma 1 a shot's
 first chunk can place an object only where the edges of its token grid tell it to. The
@@ -51,7 +51,7 @@ SIZES = {
     "anchored": {"wide": 0.3, "close-up": 0.5},
     "crossing": {"wide": 0.3, "close-up": 0.45},
 }
-SIZE = SIZES["centred"]  # what the shipped weights draw
+SIZE = SIZES["centred"]  # the centred and crossing layouts', what the shipped weights draw
 # centred: the share of the room between the frame's centre and its edge (less half the
 # object) that a whole shot travels
 TRAVEL = 0.9

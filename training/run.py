@@ -421,7 +421,7 @@ def train_start_phase(
     text: torch.nn.Module,
     resume: bool,
 ) -> None:
-    """Phases 3 to 9 and 12 (start_train, `name` one of LATER_PHASES or FINAL_PHASES): a
+    """Phases 3 to 9 and 12 to 15 (start_train, `name` one of LATER_PHASES or FINAL_PHASES): a
     shot's first chunk places the object, then the whole shot keeps it through the sampler's
     later steps and later chunks; trains `dit` and `text` in place and leaves them in eval
     mode."""
