@@ -46,11 +46,8 @@ from training.vocab import COLOURS, FRAMINGS, MOTIONS, PALETTE, SHAPES, Scene, S
 
 LAYOUTS = ("centred", "anchored", "crossing")
 # Object size per layout: side of its bounding box, as a fraction of the frame height.
-SIZES = {
-    "centred": {"wide": 0.3, "close-up": 0.45},
-    "anchored": {"wide": 0.3, "close-up": 0.5},
-    "crossing": {"wide": 0.3, "close-up": 0.45},
-}
+SIZES = {"centred": {"wide": 0.3, "close-up": 0.45}, "anchored": {"wide": 0.3, "close-up": 0.5}}
+SIZES["crossing"] = SIZES["centred"]  # the centred layout but for its vertical paths
 SIZE = SIZES["centred"]  # the centred and crossing layouts', what the shipped weights draw
 # centred: the share of the room between the frame's centre and its edge (less half the
 # object) that a whole shot travels

@@ -561,6 +561,13 @@ def train_demo(
     seconds: dict[str, int] = {}
     vae_threads = vae_threads or os.cpu_count() or 1
     dit_start = 0
+
+    def dit_phases(names) -> None:  # start_train phases, timed one by one
+        for name in names:
+            t0 = time.time()
+            train_start_phase(name, cfg, tc, work, vae, dit, text, resume)
+            seconds[name] = round(time.time() - t0)
+
     if start_from is None:
         t0 = time.time()
         torch.set_num_threads(vae_threads)
@@ -575,10 +582,7 @@ def train_demo(
         torch.set_num_threads(threads)
         dit, text, vae = load_start(cfg, Path(start_from))
         phases = LATER_PHASES[LATER_PHASES.index("centre") :]
-    for name in phases:
-        t0 = time.time()
-        train_start_phase(name, cfg, tc, work, vae, dit, text, resume)
-        seconds[name] = round(time.time() - t0)
+    dit_phases(phases)
     t0 = time.time()
     vae = train_decoder_phase(cfg, tc, work, dit, text, vae, resume)
     seconds["decoder"] = round(time.time() - t0)
@@ -587,10 +591,7 @@ def train_demo(
     vae = train_sharpen_phase(cfg, tc, work, vae, resume)
     seconds["sharpen"] = round(time.time() - t0)
     torch.set_num_threads(threads)
-    for name in FINAL_PHASES:
-        t0 = time.time()
-        train_start_phase(name, cfg, tc, work, vae, dit, text, resume)
-        seconds[name] = round(time.time() - t0)
+    dit_phases(FINAL_PHASES)
     meta = {
         "preset": cfg.name,
         "recipe": next((n for n, make in RECIPES.items() if make(tc.seed) == tc), "custom"),
