@@ -1,5 +1,5 @@
 """train-demo: a run stopped and resumed ends at the same weights as one never stopped (all
-fifteen phases), a run can start from a weights folder instead of phases 1 to 6, the DiT phase
+sixteen phases), a run can start from a weights folder instead of phases 1 to 6, the DiT phase
 after the decoder phases keeps their checkpoints, and its help states each phase's step count
 in both recipes."""
 
@@ -53,6 +53,7 @@ def _tiny_config(dit_steps: int) -> TrainDemoConfig:
         fresh=replace(centred, lr=3e-4, data_seed=5),
         cross=replace(centred, lr=3e-4, layout="crossing", data_seed=6),
         extend=replace(centred, lr=3e-4, layout="crossing", data_seed=8),
+        extra=replace(centred, lr=3e-4, layout="crossing", data_seed=9),
     )
 
 
@@ -103,6 +104,7 @@ def test_train_demo_can_start_from_a_weights_folder(tmp_path):
         "fresh",
         "cross",
         "extend",
+        "extra",
     }
     after = _weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
