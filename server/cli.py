@@ -384,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 0; full 2000)",
     )
     p.add_argument(
+        "--extra-rounds",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="rounds of the last phase, each with a fresh optimiser on stories of its own "
+        "(default 1; full 3)",
+    )
+    p.add_argument(
         "--decoder-stories",
         type=int,
         default=None,

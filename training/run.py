@@ -1,4 +1,5 @@
-"""`shotstream train-demo`: sixteen phases with checkpoints and resume, then the export.
+"""`shotstream train-demo`: sixteen phases (the last in rounds) with checkpoints and resume,
+then the export.
 
     work/vae.pt        phase 1 checkpoint (model, optimiser, step); vae_final.pt when done
     work/dit.pt        phase 2 checkpoint (DiT, text encoder, optimiser, step)
@@ -27,7 +28,8 @@
     work/cross.pt      phase 14 checkpoint (phase 13 in the crossing layout: vertical shots
                        cross the frame, twice as fast)
     work/extend.pt     phase 15 checkpoint (phase 14 again on stories of its own)
-    work/extra.pt      phase 16 checkpoint (phase 15 again on stories of its own)
+    work/extra.pt      phase 16 checkpoint (phase 15 again on stories of its own); its later
+                       rounds (each again on stories of its own) in extra2.pt, extra3.pt, ...
     export/            generator.safetensors, vae/, text_encoder/, tokenizer/, vocabulary.json
 
 Phases 1 to 6 render the first version's anchored layout, 7 to 13 the centred one, 14 to
@@ -213,8 +215,10 @@ class TrainDemoConfig:
     cross: DiTTrainConfig = field(default_factory=lambda: _cross(0))
     # phase 15 (start_train): phase 14 again on stories of its own; quick skips it
     extend: DiTTrainConfig = field(default_factory=lambda: _extend(0))
-    # phase 16 (start_train): phase 15 again on stories of its own; quick skips it
+    # phase 16 (start_train): phase 15 again on stories of its own, in rounds (each a fresh
+    # optimiser on stories of its own: round k draws data_seed + k - 1); quick skips it
     extra: DiTTrainConfig = field(default_factory=lambda: _extra(0))
+    extra_rounds: int = 1
     checkpoint_s: float = 120.0
 
 
@@ -246,6 +250,7 @@ def full_recipe(seed: int = 0) -> TrainDemoConfig:
         cross=_cross(3000),
         extend=_extend(2000),
         extra=_extra(2000),
+        extra_rounds=3,
     )
 
 
@@ -272,14 +277,43 @@ FINAL_PHASES = ("refine", "fresh", "cross", "extend", "extra")
 PHASE_ORDER = (*LATER_PHASES, *DECODER_PHASES, *FINAL_PHASES)
 
 
+def round_name(k: int) -> str:
+    """The checkpoint name of the last phase's round `k` (1, 2, ...): extra, extra2, ..."""
+    return "extra" if k == 1 else f"extra{k}"
+
+
+def _round_of(name: str) -> int | None:
+    """The round a phase name stands for (None: not a round of the last phase)."""
+    if name == "extra":
+        return 1
+    rest = name.removeprefix("extra")
+    return int(rest) if rest != name and rest.isdigit() and int(rest) > 1 else None
+
+
+def extra_rounds(tc: TrainDemoConfig) -> list[tuple[str, DiTTrainConfig]]:
+    """The last phase's rounds, (name, config) each: round k draws the stories of
+    `data_seed` + k - 1, with an optimiser of its own."""
+    return [
+        (round_name(k), replace(tc.extra, data_seed=tc.extra.data_seed + k - 1))
+        for k in range(1, tc.extra_rounds + 1)
+    ]
+
+
 def _discard_after(work: Path, name: str) -> None:
     """Remove the checkpoints of every phase after `name` ("dit": all of them), which were
-    built on weights that are about to change."""
-    later = PHASE_ORDER[PHASE_ORDER.index(name) + 1 :] if name in PHASE_ORDER else PHASE_ORDER
-    for phase in later:
-        (work / f"{phase}.pt").unlink(missing_ok=True)
-    if "decoder" in later:
-        (work / "decoder_data.pt").unlink(missing_ok=True)
+    built on weights that are about to change (the last phase's later rounds included)."""
+    k = _round_of(name)
+    if k is None:  # a phase before the rounds: every round comes after it
+        later = PHASE_ORDER[PHASE_ORDER.index(name) + 1 :] if name in PHASE_ORDER else PHASE_ORDER
+        for phase in later:
+            (work / f"{phase}.pt").unlink(missing_ok=True)
+        if "decoder" in later:
+            (work / "decoder_data.pt").unlink(missing_ok=True)
+        k = 0
+    for path in work.glob("extra*.pt"):
+        later_round = _round_of(path.stem)
+        if later_round is not None and later_round > k:
+            path.unlink(missing_ok=True)
 
 
 def _run_phase(
@@ -430,12 +464,13 @@ def train_start_phase(
     dit: CausalDiT,
     text: torch.nn.Module,
     resume: bool,
+    pc: DiTTrainConfig | None = None,
 ) -> None:
-    """Phases 3 to 9 and 12 to 16 (start_train, `name` one of LATER_PHASES or FINAL_PHASES): a
-    shot's first chunk places the object, then the whole shot keeps it through the sampler's
-    later steps and later chunks; trains `dit` and `text` in place and leaves them in eval
-    mode."""
-    pc: DiTTrainConfig = getattr(tc, name)
+    """Phases 3 to 9 and 12 on (start_train, `name` one of LATER_PHASES or FINAL_PHASES, or a
+    round of the last phase with its config `pc`): a shot's first chunk places the object,
+    then the whole shot keeps it through the sampler's later steps and later chunks; trains
+    `dit` and `text` in place and leaves them in eval mode."""
+    pc = getattr(tc, name) if pc is None else pc
     tokenizer, scenes = _tokenizer_and_scenes(cfg, work)
     trainer = StartTrainer(cfg, dit, text, vae, tokenizer, scenes, pc, tc.seed + pc.data_seed)
     _run_phase(name, trainer, work, tc.checkpoint_s, resume)
@@ -572,10 +607,10 @@ def train_demo(
     vae_threads = vae_threads or os.cpu_count() or 1
     dit_start = 0
 
-    def dit_phases(names) -> None:  # start_train phases, timed one by one
-        for name in names:
+    def dit_phases(phases) -> None:  # start_train phases, (name, config) each, timed one by one
+        for name, pc in phases:
             t0 = time.time()
-            train_start_phase(name, cfg, tc, work, vae, dit, text, resume)
+            train_start_phase(name, cfg, tc, work, vae, dit, text, resume, pc)
             seconds[name] = round(time.time() - t0)
 
     if start_from is None:
@@ -587,12 +622,12 @@ def train_demo(
         t0 = time.time()
         dit, text, dit_start = train_dit_phase(cfg, tc, work, vae, resume)
         seconds["dit"] = round(time.time() - t0)
-        phases = LATER_PHASES
+        names = LATER_PHASES
     else:
         torch.set_num_threads(threads)
         dit, text, vae = load_start(cfg, Path(start_from))
-        phases = LATER_PHASES[LATER_PHASES.index("centre") :]
-    dit_phases(phases)
+        names = LATER_PHASES[LATER_PHASES.index("centre") :]
+    dit_phases([(name, getattr(tc, name)) for name in names])
     t0 = time.time()
     vae = train_decoder_phase(cfg, tc, work, dit, text, vae, resume)
     seconds["decoder"] = round(time.time() - t0)
@@ -601,7 +636,8 @@ def train_demo(
     vae = train_sharpen_phase(cfg, tc, work, vae, resume)
     seconds["sharpen"] = round(time.time() - t0)
     torch.set_num_threads(threads)
-    dit_phases(FINAL_PHASES)
+    # the last of FINAL_PHASES, "extra", runs in rounds
+    dit_phases([(name, getattr(tc, name)) for name in FINAL_PHASES[:-1]] + extra_rounds(tc))
     meta = {
         "preset": cfg.name,
         "recipe": next((n for n, make in RECIPES.items() if make(tc.seed) == tc), "custom"),
@@ -633,6 +669,8 @@ def run_train_demo(args) -> int:
         later[name] = phase if steps is None else replace(phase, steps=steps)
     if args.decoder_stories is not None:
         later["decoder"] = replace(later["decoder"], stories=args.decoder_stories)
+    if args.extra_rounds is not None:
+        base = replace(base, extra_rounds=args.extra_rounds)
     tc = replace(base, vae=vae, dit=dit, **later)
     out = train_demo(
         args.work,

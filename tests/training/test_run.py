@@ -1,7 +1,8 @@
 """train-demo: a run stopped and resumed ends at the same weights as one never stopped (all
-sixteen phases), a run can start from a weights folder instead of phases 1 to 6, the DiT phase
-after the decoder phases keeps their checkpoints, and its help states each phase's step count
-in both recipes."""
+sixteen phases, the last in two rounds), a run can start from a weights folder instead of
+phases 1 to 6, the DiT phase after the decoder phases keeps their checkpoints, the last
+phase's rounds draw stories of their own and a later round keeps the earlier ones', and its
+help states each phase's step count in both recipes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from training.decoder_train import DecoderTrainConfig
 from training.dit_train import DiTTrainConfig
-from training.run import RECIPES, TrainDemoConfig, train_demo
+from training.run import RECIPES, TrainDemoConfig, extra_rounds, train_demo
 from training.vae_train import VAETrainConfig
 
 
@@ -54,6 +55,7 @@ def _tiny_config(dit_steps: int) -> TrainDemoConfig:
         cross=replace(centred, lr=3e-4, layout="crossing", data_seed=6),
         extend=replace(centred, lr=3e-4, layout="crossing", data_seed=8),
         extra=replace(centred, lr=3e-4, layout="crossing", data_seed=9),
+        extra_rounds=2,
     )
 
 
@@ -105,6 +107,7 @@ def test_train_demo_can_start_from_a_weights_folder(tmp_path):
         "cross",
         "extend",
         "extra",
+        "extra2",
     }
     after = _weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -158,10 +161,44 @@ def test_train_demo_help_states_the_recipes_step_counts():
     helps = {a.dest: a.help for a in train._actions}
     assert train.parse_args([]).recipe == "quick"
     quick, full = RECIPES["quick"](), RECIPES["full"]()
+    stated_counts = {}
     for name in ("vae", "dit", *PHASE_ORDER):
-        text = helps[f"{name}_steps"]
+        stated_counts[f"{name}_steps"] = (getattr(quick, name).steps, getattr(full, name).steps)
+    stated_counts["extra_rounds"] = (quick.extra_rounds, full.extra_rounds)
+    for dest, (in_quick, in_full) in stated_counts.items():
+        text = helps[dest]
         stated = re.search(r"\(default (\d+)", text)
-        assert stated and int(stated[1]) == getattr(quick, name).steps, name
+        assert stated and int(stated[1]) == in_quick, dest
         stated_full = re.search(r"full (\d+)", text)
-        full_steps = int(stated_full[1]) if stated_full else int(stated[1])  # "both recipes"
-        assert full_steps == getattr(full, name).steps, name
+        full_count = int(stated_full[1]) if stated_full else int(stated[1])  # "both recipes"
+        assert full_count == in_full, dest
+
+
+def test_the_last_phase_runs_in_rounds_on_stories_of_their_own(tmp_path):
+    """Round k of the last phase draws the stories of data_seed + k - 1 (its own batches);
+    a run with one more round trains that round only, from the checkpoints of the others,
+    and a round that trains again discards the rounds after it."""
+    tc = _tiny_config(1)
+    assert [(name, pc.data_seed) for name, pc in extra_rounds(tc)] == [("extra", 9), ("extra2", 10)]
+    assert {pc.steps for _, pc in extra_rounds(tc)} == {tc.extra.steps}
+    full = RECIPES["full"]()
+    seeds = [pc.data_seed for _, pc in extra_rounds(full)]
+    assert len(seeds) == full.extra_rounds and len(set(seeds)) == len(seeds)
+    earlier = {getattr(full, name).data_seed for name in ("refine", "fresh", "cross", "extend")}
+    assert not earlier & set(seeds)  # stories none of the DiT phases after the decoder drew
+
+    first = _weights(train_demo(tmp_path, tmp_path / "export", tc))
+    second_round = torch.load(tmp_path / "extra2.pt", weights_only=False)
+    three = replace(tc, extra_rounds=3)
+    out = train_demo(tmp_path, tmp_path / "export", three, resume=True)
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["config"]["extra_rounds"] == 3 and "extra3" in meta["seconds"]
+    kept = torch.load(tmp_path / "extra2.pt", weights_only=False)
+    assert all(torch.equal(kept["dit"][k], second_round["dit"][k]) for k in kept["dit"])
+    after = _weights(out)
+    assert any(not torch.equal(first[k], after[k]) for k in first if not k.startswith("vae."))
+
+    longer = replace(three, extra=replace(three.extra, steps=2))  # round 1 trains again
+    train_demo(tmp_path, tmp_path / "export", replace(longer, extra_rounds=1), resume=True)
+    assert (tmp_path / "extra.pt").is_file()
+    assert not (tmp_path / "extra2.pt").exists() and not (tmp_path / "extra3.pt").exists()
