@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["quick", "full"],
         default="quick",
         help="quick: under an hour on 2 CPU cores (57 minutes measured); full: the "
-        "shipped weights' recipe: sixteen phases, better adherence (388 minutes measured)",
+        "shipped weights' recipe: sixteen phases, better adherence (421 minutes measured)",
     )
     p.add_argument(
         "--vae-steps",
