@@ -63,6 +63,7 @@ class Connection:
     withdraw: bool = False  # feature `withdraw`: instant cuts (playhead in, withdraw out)
     viewer_counts: bool = False  # feature `viewers`: told how many viewers watch
     sent_end_pts: float = 0.0  # end of the media sent on it (seconds): the playhead's bound
+    sending: MediaItem | None = None  # the media item its sender is sending now
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def close_after_flush(self, code: int, reason: str) -> None:

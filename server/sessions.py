@@ -137,6 +137,10 @@ class Session:
         self.prompt_bucket = TokenBucket(settings.prompt_rate, 8)
         self.timer: asyncio.TimerHandle | None = None
         self.audience = Audience()  # watch links and viewers (server/fanout.py)
+        # Set when the session ended while a chunk was on its way to the owner: the reason
+        # the recording waits for (it finishes once that send is done, with the chunk if it
+        # arrived whole: SessionManager.settle_recording).
+        self.recording_end: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -582,6 +586,11 @@ class SessionManager:
                 m.viewer_chunks_skipped.inc(skipped)
             if self.recorder is not None:
                 self.recorder.delivered(s, item)
+        elif not item.replay and s.recording_end is not None:
+            # In flight when the session ended, and sent whole: the recording has it too.
+            if self.recorder is not None:
+                self.recorder.delivered(s, item)
+            self.settle_recording(s)
         if item.data is None:  # a `shot` or `withdraw` message
             return
         m.frames_sent.inc(item.frames)
@@ -877,7 +886,10 @@ class SessionManager:
         s.audience.close_all([last], vcode, error[1] if error else reason)
         s.audience.join = []
         if self.recorder is not None:
-            self.recorder.finish(s, reason)
+            if conn is not None and conn.sending is not None and not conn.sending.replay:
+                s.recording_end = reason  # the owner may yet get that chunk whole
+            else:
+                self.recorder.finish(s, reason)
         self._admit_waiting()  # its slot, to the first waiting
         self.sessions.pop(s.id, None)
         self.ended[s.id] = s
@@ -886,6 +898,14 @@ class SessionManager:
         if not s.inflight:
             self.release(s)
         self._wake_engine()
+
+    def settle_recording(self, s: Session) -> None:
+        """Finish the recording that the session's end left open for the chunk then in
+        flight (the sender calls this when it stops; idempotent)."""
+        if s.recording_end is not None:
+            reason, s.recording_end = s.recording_end, None
+            if self.recorder is not None:
+                self.recorder.finish(s, reason)
 
     def release(self, s: Session) -> None:
         """Free the session's encoder now and its device state at the next step (idempotent)."""

@@ -273,6 +273,7 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
                 return
             if box.media and s.conn is conn:
                 item: MediaItem = box.media[0]
+                conn.sending = item
                 t0 = time.perf_counter()
                 msg = dict(item.message)
                 if item.data is not None:
@@ -282,6 +283,7 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
                 await _send_json(ws, msg, timeout)
                 if item.data is not None:
                     await asyncio.wait_for(ws.send_bytes(item.data), timeout)
+                conn.sending = None
                 if s.conn is not conn:  # replaced meanwhile: the new connection sends it
                     continue
                 # Sent whole: only now does it leave the outbox (a reconnect resends the rest).
@@ -297,6 +299,11 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
         # The connection went away under a send (starlette raises RuntimeError for a send
         # after the close); the receiver sees the disconnect and detaches.
         log.debug("stream send ended", extra={"session_id": s.id, "error": repr(exc)})
+    finally:
+        # A chunk still in flight now never reached its owner whole: a recording the
+        # session's end left open for it finishes without it.
+        conn.sending = None
+        m.settle_recording(s)
 
 
 async def _receiver(

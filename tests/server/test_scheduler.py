@@ -540,3 +540,57 @@ def test_a_playhead_past_what_was_sent_is_refused():
         assert s.playhead[0] == 0.5
 
     run(body)
+
+
+# -- the recording at a session's end ------------------------------------------------------
+class RecorderLog:
+    """What the manager tells its recorder, in order (the real recorder's files are checked
+    against real servers in test_recordings.py and tests/clients/test_watch_record.py)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def delivered(self, s, item: MediaItem) -> None:
+        self.calls.append((item.message["type"], item.seq))
+
+    def finish(self, s, reason: str) -> None:
+        self.calls.append(("finish", reason))
+
+
+@pytest.mark.parametrize("arrives", [True, False])
+def test_a_chunk_in_flight_at_the_end_is_recorded_if_its_owner_got_it(arrives):
+    """A session that ends while its sender is sending a chunk: the owner may still get it
+    whole, so the recording (which holds what the owner was sent) finishes after that send,
+    with the chunk when it arrived and without it when the send failed."""
+
+    async def body(h):
+        h.manager.recorder = rec = RecorderLog()
+        s = await h.create()
+        keep_up(s)
+        run_and_send(h, s, time.monotonic(), sent=False)
+        shot, chunk = list(s.outbox.media)
+        h.manager.delivered(s, shot, 0.0)
+        s.conn.sending = chunk  # the sender is writing it to the socket
+        h.manager.end(s, "stopped")
+        assert rec.calls == [("shot", 0)]  # not finished yet
+        s.conn.sending = None
+        if arrives:
+            h.manager.delivered(s, chunk, 0.0)
+        h.manager.settle_recording(s)  # the sender stops
+        h.manager.settle_recording(s)  # (idempotent)
+        got = [("chunk", 0)] if arrives else []
+        assert rec.calls == [("shot", 0), *got, ("finish", "stopped")]
+
+    run(body)
+
+
+def test_a_session_ending_between_sends_finishes_its_recording_at_once():
+    async def body(h):
+        h.manager.recorder = rec = RecorderLog()
+        s = await h.create()
+        h.manager.end(s, "deleted")
+        assert rec.calls == [("finish", "deleted")]
+        h.manager.settle_recording(s)
+        assert rec.calls == [("finish", "deleted")]
+
+    run(body)
