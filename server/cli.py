@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["quick", "full"],
         default="quick",
         help="quick: under an hour on 2 CPU cores (57 minutes measured); full: the "
-        "shipped weights' recipe: sixteen phases, better adherence (453 minutes measured)",
+        "shipped weights' recipe: sixteen phases, better adherence (469 minutes measured)",
     )
     p.add_argument(
         "--vae-steps",
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="rounds of the last phase, each with a fresh optimiser on stories of its own "
-        "(default 1; full 5)",
+        "(default 1; full 6)",
     )
     p.add_argument(
         "--decoder-stories",
