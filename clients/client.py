@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeAlias
@@ -183,8 +183,8 @@ def parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def error_from_response(resp: httpx.Response) -> ShotStreamError:
@@ -608,7 +608,10 @@ class Session:
             return fut.result()
 
         try:
-            return await asyncio.wait_for(drive(), timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that arrives as its operation completes
+            async with asyncio.timeout(timeout):
+                return await drive()
         except TimeoutError:
             fut.cancel()
             raise TimeoutError(f"no answer from the server in {timeout} s") from None
@@ -706,7 +709,8 @@ class Session:
                 retry_after=parse_retry_after(r.headers.get("Retry-After")),
             ) from exc
         try:
-            raw = await asyncio.wait_for(ws.recv(), timeout)
+            async with asyncio.timeout(timeout):
+                raw = await ws.recv()
             msg = P.parse_server_message(raw) if isinstance(raw, str) else None
             if isinstance(msg, P.ErrorMessage):
                 raise error_from_message(msg)

@@ -94,8 +94,11 @@ class Engine:
             if plan.empty:
                 self._wake.clear()
                 timeout = None if look_again is None else max(0.0, look_again - now)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancellation that arrives as the wake-up does, and the loop would go on
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
                 continue
             await self._execute(plan)
 

@@ -231,8 +231,17 @@ async def _quietly(what: str, op) -> None:
         log.debug("stream %s on a closed connection", what, extra={"error": repr(exc)})
 
 
+async def _bounded(op: Awaitable[None], timeout: float) -> None:
+    """Await one send or close for at most `timeout` seconds (TimeoutError past it).
+
+    Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives as its
+    operation completes, and a sender cancelled at that moment would live on."""
+    async with asyncio.timeout(timeout):
+        await op
+
+
 async def _send_json(ws: WebSocket, msg: dict[str, Any], timeout: float) -> None:
-    await asyncio.wait_for(ws.send_text(json.dumps(msg)), timeout)
+    await _bounded(ws.send_text(json.dumps(msg)), timeout)
 
 
 async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) -> None:
@@ -259,17 +268,17 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
         )
         await _send_json(ws, hello.model_dump(), timeout)
         await _send_json(ws, P.InitMessage(bytes=len(init)).model_dump(), timeout)
-        await asyncio.wait_for(ws.send_bytes(init), timeout)
+        await _bounded(ws.send_bytes(init), timeout)
         state.metrics.bytes_sent.inc(len(init))
         while True:
             if conn.farewell is not None:  # replaced: the session's lanes are not ours now
                 await _send_json(ws, conn.farewell, timeout)
-                await asyncio.wait_for(ws.close(conn.close_code, conn.close_reason), timeout)
+                await _bounded(ws.close(conn.close_code, conn.close_reason), timeout)
                 return
             while box.control and s.conn is conn:
                 await _send_json(ws, box.control.popleft(), timeout)
             if conn.closing:
-                await asyncio.wait_for(ws.close(conn.close_code, conn.close_reason), timeout)
+                await _bounded(ws.close(conn.close_code, conn.close_reason), timeout)
                 return
             if box.media and s.conn is conn:
                 item: MediaItem = box.media[0]
@@ -282,7 +291,7 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: Connection) 
                     )
                 await _send_json(ws, msg, timeout)
                 if item.data is not None:
-                    await asyncio.wait_for(ws.send_bytes(item.data), timeout)
+                    await _bounded(ws.send_bytes(item.data), timeout)
                 conn.sending = None
                 if s.conn is not conn:  # replaced meanwhile: the new connection sends it
                     continue

@@ -17,6 +17,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from server import protocol as P
 from server.api.stream import (
+    _bounded,
     _features,
     _quietly,
     _send_json,
@@ -81,7 +82,7 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: ViewerConnec
         )
         await _send_json(ws, hello.model_dump(), timeout)
         await _send_json(ws, P.InitMessage(bytes=len(init)).model_dump(), timeout)
-        await asyncio.wait_for(ws.send_bytes(init), timeout)
+        await _bounded(ws.send_bytes(init), timeout)
         metrics.viewer_bytes_sent.inc(len(init))
         while True:
             link = conn.link
@@ -93,7 +94,7 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: ViewerConnec
             while conn.control:
                 await _send_json(ws, conn.control.popleft(), timeout)
             if conn.closing:
-                await asyncio.wait_for(ws.close(conn.close_code, conn.close_reason), timeout)
+                await _bounded(ws.close(conn.close_code, conn.close_reason), timeout)
                 return
             if conn.queue:
                 await _send_item(ws, conn, conn.queue.popleft(), timeout, metrics)
@@ -102,8 +103,10 @@ async def _sender(state: AppState, ws: WebSocket, s: Session, conn: ViewerConnec
             # Wake for news, or at the link's expiry (the viewer is then closed).
             left = None if link is None else max(0.0, link.expires_mono - time.monotonic())
             waiter = asyncio.ensure_future(conn.wake.wait())
-            await asyncio.wait({waiter}, timeout=left)
-            waiter.cancel()
+            try:
+                await asyncio.wait({waiter}, timeout=left)
+            finally:
+                waiter.cancel()
     except TimeoutError:
         metrics.errors.labels("slow_viewer").inc()
         log.warning("slow viewer closed", extra={"session_id": s.id, "skipped": conn.skipped})
@@ -129,7 +132,7 @@ async def _send_item(
         return
     msg, data = conn.place(msg, item.data)
     await _send_json(ws, msg, timeout)
-    await asyncio.wait_for(ws.send_bytes(data), timeout)
+    await _bounded(ws.send_bytes(data), timeout)
     conn.sent_seqs.append(item.seq)
     conn.sent_end_pts = max(conn.sent_end_pts, msg["pts"] + msg["duration"])
     metrics.viewer_bytes_sent.inc(len(data))

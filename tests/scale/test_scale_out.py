@@ -25,6 +25,7 @@ import pytest
 
 from tests.support.proxy import DOMAIN, POOL, Names, Nginx, Replica, dns
 from tests.support.server import StreamClient, free_port
+from tests.support.watchdog import run_within
 
 PER_REPLICA = 2  # max_sessions of each replica
 DRAIN_GRACE_S = 3.0
@@ -112,10 +113,10 @@ class Reader:
             await self.client.__aexit__()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(360)
 def test_sessions_spread_stick_to_their_owner_and_survive_a_drain(cluster):
     proxy, replicas = cluster
-    asyncio.run(scenario(proxy, replicas))
+    run_within(scenario(proxy, replicas), 270)
 
 
 async def scenario(proxy: Nginx, replicas: dict[str, Replica]) -> None:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.support.server import ServerProcess, StreamClient, ffprobe_frames, reconnect
+from tests.support.server import ServerProcess, StreamClient, ffprobe_frames, reconnect, recv_within
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def status(server: ServerProcess, d: dict) -> dict:
 async def recv_json(ws, timeout: float = 60) -> dict:
     """The next JSON message on a raw connection; binary frames are skipped."""
     while True:
-        raw = await asyncio.wait_for(ws.recv(), timeout)
+        raw = await recv_within(ws, timeout)
         if isinstance(raw, str):
             return json.loads(raw)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from server.protocol import (
     parse_server_message,
 )
 
-NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def keys(names: str) -> set[str]:

@@ -19,7 +19,7 @@ import websockets
 
 from clients.media import FragmentWriter
 from server.media import decode_frame
-from tests.support.server import ServerProcess, StreamClient, play_in_real_time
+from tests.support.server import ServerProcess, StreamClient, play_in_real_time, recv_within
 
 PHASE_S = 14.0
 FPS = 16
@@ -296,7 +296,7 @@ async def stalled(url: str, until: float) -> tuple[int | None, list[dict]]:
     await asyncio.sleep(max(0.0, until - time.monotonic()))
     try:
         while True:
-            raw = await asyncio.wait_for(ws.recv(), 10)
+            raw = await recv_within(ws, 10)
             if isinstance(raw, str):
                 seen.append(json.loads(raw))
     except websockets.ConnectionClosed:
@@ -315,7 +315,7 @@ async def slow(url: str, until: float) -> list[dict]:
             burst = time.monotonic() + 1.0
             while time.monotonic() < burst:  # then read what is there, quickly
                 try:
-                    raw = await asyncio.wait_for(ws.recv(), 0.5)
+                    raw = await recv_within(ws, 0.5)
                 except TimeoutError:
                     break
                 if isinstance(raw, str):

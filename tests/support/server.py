@@ -164,6 +164,14 @@ class Stream:
         return self.init + b"".join(c.data for c in self.chunks)
 
 
+async def recv_within(ws, timeout: float):
+    """`ws.recv()` for at most `timeout` seconds (TimeoutError past it). Not asyncio.wait_for:
+    on Python 3.11 it swallows a cancellation that arrives as a message does, and a reading
+    task cancelled at that moment reads on (a test awaiting it then waits forever)."""
+    async with asyncio.timeout(timeout):
+        return await ws.recv()
+
+
 class StreamClient:
     """A raw WebSocket reader: pairs each announcement with its binary frame."""
 
@@ -185,7 +193,7 @@ class StreamClient:
     async def next(self, timeout: float = 60.0) -> dict | None:
         """The next JSON message (its binary read too), or None once the server closed."""
         try:
-            raw = await asyncio.wait_for(self.ws.recv(), timeout)
+            raw = await recv_within(self.ws, timeout)
         except websockets.ConnectionClosed as exc:
             self.stream.close_code = exc.rcvd.code if exc.rcvd else None
             self.stream.close_reason = exc.rcvd.reason if exc.rcvd else ""
@@ -194,7 +202,7 @@ class StreamClient:
         msg = json.loads(raw)
         self.stream.messages.append(msg)
         if msg["type"] in ("init", "chunk"):
-            data = await asyncio.wait_for(self.ws.recv(), timeout)
+            data = await recv_within(self.ws, timeout)
             assert isinstance(data, bytes) and len(data) == msg["bytes"]
             if msg["type"] == "init":
                 self.stream.init = data
@@ -276,7 +284,7 @@ async def play_in_real_time(url: str, until: float) -> Playout:
     async with websockets.connect(url, max_size=None) as ws:
         while time.monotonic() < until:
             try:
-                raw = await asyncio.wait_for(ws.recv(), max(0.1, until - time.monotonic()))
+                raw = await recv_within(ws, max(0.1, until - time.monotonic()))
             except TimeoutError:
                 break
             msg = json.loads(raw)
