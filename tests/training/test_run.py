@@ -56,6 +56,7 @@ def _tiny_config(dit_steps: int) -> TrainDemoConfig:
         extend=replace(centred, lr=3e-4, layout="crossing", data_seed=8),
         extra=replace(centred, lr=3e-4, layout="crossing", data_seed=9),
         extra_rounds=2,
+        whole=replace(centred, lr=3e-4, layout="crossing", data_seed=16, train_chunks=0),
     )
 
 
@@ -108,6 +109,7 @@ def test_train_demo_can_start_from_a_weights_folder(tmp_path):
         "extend",
         "extra",
         "extra2",
+        "whole",
     }
     after = _weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -174,27 +176,33 @@ def test_train_demo_help_states_the_recipes_step_counts():
         assert full_count == in_full, dest
 
 
-def test_the_last_phase_runs_in_rounds_on_stories_of_their_own(tmp_path):
-    """Round k of the last phase draws the stories of data_seed + k - 1 (its own batches);
-    a run with one more round trains that round only, from the checkpoints of the others,
-    and a round that trains again discards the rounds after it."""
+def test_phase_16_runs_in_rounds_on_stories_of_their_own(tmp_path):
+    """Round k of phase 16 draws the stories of data_seed + k - 1 (its own batches); a run
+    with one more round trains that round and phase 17 after it only, from the checkpoints
+    of the others, and a round that trains again discards the rounds and phase after it."""
     tc = _tiny_config(1)
     assert [(name, pc.data_seed) for name, pc in extra_rounds(tc)] == [("extra", 9), ("extra2", 10)]
     assert {pc.steps for _, pc in extra_rounds(tc)} == {tc.extra.steps}
     full = RECIPES["full"]()
     seeds = [pc.data_seed for _, pc in extra_rounds(full)]
     assert len(seeds) == full.extra_rounds and len(set(seeds)) == len(seeds)
-    earlier = {getattr(full, name).data_seed for name in ("refine", "fresh", "cross", "extend")}
+    others = ("refine", "fresh", "cross", "extend", "whole")
+    earlier = {getattr(full, name).data_seed for name in others}
     assert not earlier & set(seeds)  # stories none of the DiT phases after the decoder drew
+    assert full.whole.train_chunks == 0 and full.extra.train_chunks == 2
 
     first = _weights(train_demo(tmp_path, tmp_path / "export", tc))
     second_round = torch.load(tmp_path / "extra2.pt", weights_only=False)
+    whole_before = torch.load(tmp_path / "whole.pt", weights_only=False)
     three = replace(tc, extra_rounds=3)
     out = train_demo(tmp_path, tmp_path / "export", three, resume=True)
     meta = json.loads((out / "training.json").read_text())
     assert meta["config"]["extra_rounds"] == 3 and "extra3" in meta["seconds"]
     kept = torch.load(tmp_path / "extra2.pt", weights_only=False)
     assert all(torch.equal(kept["dit"][k], second_round["dit"][k]) for k in kept["dit"])
+    # phase 17 trained again, from the third round's weights
+    whole_after = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert any(not torch.equal(whole_after["dit"][k], v) for k, v in whole_before["dit"].items())
     after = _weights(out)
     assert any(not torch.equal(first[k], after[k]) for k in first if not k.startswith("vae."))
 
@@ -202,3 +210,17 @@ def test_the_last_phase_runs_in_rounds_on_stories_of_their_own(tmp_path):
     train_demo(tmp_path, tmp_path / "export", replace(longer, extra_rounds=1), resume=True)
     assert (tmp_path / "extra.pt").is_file()
     assert not (tmp_path / "extra2.pt").exists() and not (tmp_path / "extra3.pt").exists()
+    anew = torch.load(tmp_path / "whole.pt", weights_only=False)  # trained anew
+    assert any(not torch.equal(anew["dit"][k], v) for k, v in whole_after["dit"].items())
+
+    # phase 17 trained longer keeps every round
+    rounds = {p.name for p in tmp_path.glob("extra*.pt")}
+    once = replace(longer, extra_rounds=1)
+    train_demo(
+        tmp_path,
+        tmp_path / "export",
+        replace(once, whole=replace(once.whole, steps=2)),
+        resume=True,
+    )
+    assert {p.name for p in tmp_path.glob("extra*.pt")} == rounds
+    assert torch.load(tmp_path / "whole.pt", weights_only=False)["step"] == 2
