@@ -332,7 +332,9 @@ def _discard_after(work: Path, name: str) -> None:
         (work / f"{phase}.pt").unlink(missing_ok=True)
     if "decoder" in later:
         (work / "decoder_data.pt").unlink(missing_ok=True)
-    for path in work.glob("extra*.pt") if k is not None else ():
+    if k is None:  # a phase after the rounds
+        return
+    for path in work.glob("extra*.pt"):
         later_round = _round_of(path.stem)
         if later_round is not None and later_round > k:
             path.unlink(missing_ok=True)
