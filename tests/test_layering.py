@@ -18,9 +18,8 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.sources import REPO, package_sources
 
 # what each package may import from the project (itself included)
 ALLOWED = {
@@ -77,11 +76,7 @@ def layering_violations(path: str, source: str) -> list[str]:
 
 
 def _sources() -> dict[str, str]:
-    return {
-        p.relative_to(REPO).as_posix(): p.read_text(encoding="utf-8")
-        for package in ALLOWED
-        for p in sorted((REPO / package).rglob("*.py"))
-    }
+    return package_sources(ALLOWED)
 
 
 def test_no_import_runs_up_the_layers_or_into_training():

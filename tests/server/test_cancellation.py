@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import ast
 import asyncio
-from pathlib import Path
 
 from server.api.stream import _bounded
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.sources import package_sources
 
 
 def _cancelled_as_an_item_arrives(bounded) -> bool:
@@ -46,14 +44,13 @@ def test_a_bounded_send_cancelled_as_it_completes_ends_its_task():
 
 def test_the_serving_code_and_the_client_never_bound_an_await_with_wait_for():
     calls = []
-    for package in ("server", "clients", "model", "cache"):
-        for path in sorted((REPO / package).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if (
-                    isinstance(node, ast.Attribute)
-                    and node.attr == "wait_for"
-                    and isinstance(node.value, ast.Name)
-                    and node.value.id == "asyncio"
-                ):
-                    calls.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    for path, source in package_sources(("server", "clients", "model", "cache")).items():
+        for node in ast.walk(ast.parse(source)):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "wait_for"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "asyncio"
+            ):
+                calls.append(f"{path}:{node.lineno}")
     assert calls == []
