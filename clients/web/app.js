@@ -90,6 +90,7 @@ class Session {
     this.log = { hellos: 0, chunks: [], shots: [], acks: [], dropped: [], errors: [], duplicates: 0, withdrawals: [],
       queued: [], skipped: [] };
     this.firstFrameWallMs = null;
+    this.firstFrameMediaTime = null; // a viewer's first frame is where it joined, not 0
     this.endReason = null;
     this.pingSentAt = null;
     this.disposed = false;
@@ -228,7 +229,10 @@ class Session {
   }
 
   frameShown(mediaTime, wallMs) {
-    if (this.firstFrameWallMs === null) this.firstFrameWallMs = wallMs;
+    if (this.firstFrameWallMs === null) {
+      this.firstFrameWallMs = wallMs;
+      this.firstFrameMediaTime = mediaTime;
+    }
     this.stats.frameShown(wallMs);
     const shot = this.timeline.shown(mediaTime, wallMs);
     if (shot) {
@@ -400,6 +404,7 @@ class Session {
       bufferAhead: this.player.bufferAhead(),
       waits: this.player.waits,
       firstFrameWallMs: this.firstFrameWallMs,
+      firstFrameMediaTime: this.firstFrameMediaTime,
       firstFrameMs: this.stats.firstFrameMs,
       promptLatenciesMs: this.stats.promptLatencies,
       reconnects: this.stats.reconnects,
