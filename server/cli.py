@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=["quick", "full"],
         default="quick",
-        help="quick: under an hour on 2 CPU cores (57 minutes measured); full: the "
+        help="quick: under an hour on 2 CPU cores (52 minutes measured); full: the "
         "shipped weights' recipe: seventeen phases, better adherence (520 minutes measured)",
     )
     p.add_argument(
@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="steps of the phase that teaches a shot's first chunk to place the "
-        "object where its noise says (default 800; full 1500)",
+        "object (default 500, where its framing and motion start it; full 1500, where its "
+        "noise says)",
     )
     p.add_argument(
         "--follow-steps",
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="steps of the phase that repeats the one before with the object's "
-        "pixels weighted up (default 900; full 1500)",
+        "pixels weighted up (default 0; full 1500)",
     )
     p.add_argument(
         "--carry-steps",
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="steps of the phase that repeats the one before on longer stories with more "
-        "colour changes (default 450; full 1000)",
+        "colour changes (default 0; full 1000)",
     )
     p.add_argument(
         "--centre-steps",
@@ -365,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="steps of the phase that repeats the one before with vertical shots crossing "
-        "the frame (default 0; full 3000)",
+        "the frame (default 2500, straight after placement; full 3000)",
     )
     p.add_argument(
         "--extend-steps",
@@ -397,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="steps of the phase after those rounds, their config with every chunk of a shot "
-        "trained (default 0; full 2000)",
+        "trained (default 1600, straight after the crossing phase; full 2000)",
     )
     p.add_argument(
         "--decoder-stories",
