@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=["quick", "full"],
         default="quick",
-        help="quick: under an hour on 2 CPU cores (52 minutes measured); full: the "
+        help="quick: under an hour on 2 CPU cores (56 minutes measured); full: the "
         "shipped weights' recipe: seventeen phases, better adherence (520 minutes measured)",
     )
     p.add_argument(
@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="steps of the phase after it, the VAE decoder on the encoder's latents of "
-        "rendered frames (default 0; full 3000)",
+        "rendered frames (default 1000; full 3000)",
     )
     p.add_argument(
         "--refine-steps",
@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="steps of the phase that repeats the one before with vertical shots crossing "
-        "the frame (default 2500, straight after placement; full 3000)",
+        "the frame (default 2500, from a DiT trained only to place; full 3000)",
     )
     p.add_argument(
         "--extend-steps",
