@@ -324,7 +324,11 @@ def test_retention_deletes_a_recording_while_a_download_of_it_goes_on(server, tm
             return await c.closed()
 
     st = asyncio.run(asyncio.wait_for(go(), 120))
+    # the recording's timeline.json is written just after the stream ends, off the loop
     folder = instance_folder(server) / sid
+    deadline = time.monotonic() + 30
+    while not (folder / "timeline.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert (folder / "stream.mp4").is_file() and (folder / "timeline.json").is_file()
     # a slow download: the request, the headers and a little of the body, then a pause
     sock = small_socket(server.port)
