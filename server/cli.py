@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate multi-shot stories on held-out prompts through the production "
         "generator, with mid-stream prompt cuts, and read every chunk's pixels: colour, "
         "shape and motion adherence, consistency across cuts, and the first chunk after "
-        "a switch.",
+        "a switch; each chunk figure also by prompted shape, motion and framing, shot and "
+        "chunk, with the shapes read for each prompted one.",
     )
     p.add_argument(
         "--weights",

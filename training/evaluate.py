@@ -17,6 +17,11 @@ ClipKey the prompts ask for.
     switch_adherence        first chunks of shots started mid-stream whose colour, framing
                             and motion already follow the new prompt
 
+`by_prompt` breaks the chunk figures down by what was prompted (shape, motion, framing)
+and by where the chunk falls (its shot in the story, its chunk in the shot), and
+`shape_read` counts the shapes the probe read for each prompted one: where a model's
+shapes fail (the quick recipe's, for one, mostly draws squares round).
+
 With `round_trip` it also reads the VAE alone: rendered shots of the held-out scenes,
 encoded and decoded, chunk by chunk as the generator would emit them. No generator can
 score above what its decoder draws from exact latents, so this is the ceiling of the
@@ -144,6 +149,44 @@ def summarize(stories: list[EvalStory], results: list[ChunkResult]) -> dict:
     }
 
 
+BROKEN_DOWN = ("colour", "shape", "motion", "framing")  # the chunk attributes by_prompt gives
+
+
+def breakdown(results: list[ChunkResult]) -> dict:
+    """`by_prompt` and `shape_read` of the module docstring: for each group, the fraction
+    of its chunks whose colour (background and object), shape, motion and framing agree,
+    and its chunk count."""
+    groups: dict[str, dict[str, list[dict[str, bool]]]] = {}
+    for r in results:
+        where = {
+            "shape": r.expected["shape"],
+            "motion": r.expected["motion"],
+            "framing": r.expected["framing"],
+            "shot": str(r.shot),
+            "chunk": str(r.chunk),
+        }
+        for by, value in where.items():
+            groups.setdefault(by, {}).setdefault(value, []).append(r.agreement)
+
+    def figures(agree: list[dict[str, bool]]) -> dict:
+        out = {k: _frac([a[k] for a in agree]) for k in BROKEN_DOWN}
+        out["colour"] = _frac([a["background"] and a["colour"] for a in agree])
+        return out | {"chunks": len(agree)}
+
+    shape_read: dict[str, dict[str, int]] = {}
+    for r in results:
+        read = str(r.read["shape"])  # "None": no object found
+        row = shape_read.setdefault(r.expected["shape"], {})
+        row[read] = row.get(read, 0) + 1
+    return {
+        "by_prompt": {
+            by: {value: figures(agree) for value, agree in sorted(values.items())}
+            for by, values in groups.items()
+        },
+        "shape_read": {k: dict(sorted(v.items())) for k, v in sorted(shape_read.items())},
+    }
+
+
 def round_trip(model: LoadedModel, every: int = 3) -> dict:
     """The probe on VAE round trips of whole rendered shots: held-out scene i with the
     (framing, motion) pairs k where (i + k) % every == 0, read in the generator's chunks."""
@@ -223,6 +266,7 @@ def evaluate(
     for i in it:
         results += run_story(model, pool, evs[i], i)
     out = summarize(evs, results)
+    out.update(breakdown(results))
     if seeds > 1:
         out["by_seed"] = {}
         first = 0
