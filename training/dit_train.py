@@ -98,6 +98,11 @@ class DiTTrainConfig:
     # held through the chunk (a still object) while the target moves as its caption says, so
     # the later steps learn to add the motion a still first step left out (0: off)
     freeze_prob: float = 0.0
+    # start_train, levels after the first: chance a chunk's clean input draws the object as a
+    # circle (same place, size, colour and motion) while the target keeps the caption's
+    # shape, so the later steps learn to put back the corners of a first step that drew a
+    # round blob; undertrained DiTs draw most squares and many triangles round (0: off)
+    round_prob: float = 0.0
     # extra x0-error weight on latent pixels the object covers (its rendered coverage pooled
     # to the latent grid and dilated by one latent pixel): the object is a small part of the
     # frame, so the plain objective learns the background long before the object's colour

@@ -37,6 +37,13 @@ first and the third, with per-chunk motion 0.48 -> 0.52 on the held-out stories)
 still chunks carry no loss), and `freeze_prob` hands later levels a still object (the
 chunk's first frame held) while the target moves.
 
+One option aims at shape (off in both recipes): `round_prob` hands later levels the same
+shot with its object drawn as a circle (same place, size, colour and motion) while the
+target keeps the caption's shape, so the later steps learn to put back corners that a
+first step drew round. An undertrained DiT draws most squares and many triangles round.
+In the quick recipe's last phase (model card) it raised shape from 0.53-0.55 to 0.66-0.68
+over two draws of stories, and lowered switches and framing.
+
 Every batch is a pure function of (seed, step), so a resumed run sees the same data.
 """
 
@@ -97,7 +104,7 @@ class StartTrainer(DiTTrainer):
             still.append(replace(ex, story=replace(ex.story, shots=shots)))
         return still
 
-    def _prepare(self, step: int) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    def _prepare(self, step: int) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         examples = self.examples(step)
         eps = self.noise(step)
         keys = [ex.story.clip_key(len(ex.story.shots) - 1) for ex in examples]
@@ -107,7 +114,11 @@ class StartTrainer(DiTTrainer):
         keys, weight = self.onsets(step, keys)
         frames = self.n_chunks * self.cfg.chunk_frames
         batch = build_batch(examples, self.cfg, self.cache, self.tokenizer, keys, frames)
-        return batch, eps, weight
+        rounds = None
+        if self.tc.round_prob:  # the same shots with the object drawn as a circle
+            circles = [k._replace(shape="circle") for k in keys]
+            rounds = torch.stack(self.cache.clips(circles, frames))
+        return batch, eps, weight, rounds
 
     def onsets(self, step: int, keys: list) -> tuple[list, torch.Tensor]:
         """With `onset_prob` (whole shots only), moving target shots that start moving at a
@@ -138,11 +149,16 @@ class StartTrainer(DiTTrainer):
         return self.levels[drawn].view(b, self.n_chunks)
 
     def loss(self, prepared, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        batch, eps, weight = prepared
+        batch, eps, weight, rounds = prepared
         b, cf = eps.shape[0], self.cfg.chunk_frames
         sigma = self.sigmas(step, b)  # (B, n_chunks)
         s = self.per_frame(sigma)
         base = batch.clean
+        if rounds is not None:
+            # a later level that was handed a round object where the caption's has corners
+            gen = torch.Generator().manual_seed(stable_seed(self.seed, step, "start-round"))
+            swap = (torch.rand(sigma.shape, generator=gen) < self.tc.round_prob) & (sigma < 1)
+            base = torch.where(self.per_frame(swap), rounds, base)
         if self.tc.freeze_prob:
             # a later level that was handed a still object: its chunk's first frame held
             # through the chunk, the target still moving as the caption says

@@ -198,10 +198,10 @@ def test_start_phase_targets_sit_where_the_noise_says_and_a_step_trains(tmp_path
     vae = _per_frame_vae()
     trainer = StartTrainer(CFG, dit, text, vae, tok, all_scenes()[:12], tc, seed=1)
     try:
-        batch, eps, _ = trainer._prepare(5)
+        batch, eps, *_ = trainer._prepare(5)
         assert batch.clean.shape == (3, CFG.chunk_frames, *CFG.latent_shape)
         assert batch.caption_index.shape == (3, CFG.context_frames + CFG.chunk_frames)
-        again, eps2, _ = trainer._prepare(5)
+        again, eps2, *_ = trainer._prepare(5)
         assert torch.equal(eps, eps2) and torch.equal(batch.clean, again.clean)
         starts = noise_start(eps[:, 0], CFG)
         for i, ex in enumerate(trainer.examples(5)):
@@ -245,7 +245,7 @@ def test_start_phase_later_levels_see_fresh_noise_and_faded_objects(tmp_path, mo
     try:
         monkeypatch.setattr(trainer, "flow", capture)
         prepared = trainer._prepare(0)
-        batch, eps, _ = prepared
+        batch, eps, *_ = prepared
         trainer.loss(prepared, 0)
         (noisy, t), sigma = seen[0], trainer.sigmas(0, 8)[:, 0]
         second = trainer.levels[1].item()
@@ -298,7 +298,7 @@ def test_whole_shot_phase_later_chunks_follow_the_placed_shot_with_fresh_noise(
     try:
         monkeypatch.setattr(trainer, "flow", capture)
         prepared = trainer._prepare(0)
-        batch, eps, _ = prepared
+        batch, eps, *_ = prepared
         n, cf = CFG.chunks_per_shot, CFG.chunk_frames
         assert batch.clean.shape == (6, CFG.latent_frames_per_shot, *CFG.latent_shape)
         starts = st.noise_start(eps[:, 0], CFG)
@@ -402,7 +402,7 @@ def test_onset_shots_start_moving_at_a_later_chunk_and_train_only_from_it(tmp_pa
             for s in range(20)
             if len({ex.story.shots[-1].motion == "still" for ex in trainer.examples(s)}) == 2
         )
-        batch, eps, weight = prepared = trainer._prepare(step)
+        batch, eps, weight, _ = prepared = trainer._prepare(step)
         n, cf = CFG.chunks_per_shot, CFG.chunk_frames
         starts = st.noise_start(eps[:, 0], CFG)
         offsets = clip_frame_offsets(CFG.vae, CFG.latent_frames_per_shot)
@@ -467,6 +467,49 @@ def test_frozen_later_levels_see_a_still_object_and_learn_the_moving_one(tmp_pat
         trainer.close()
 
 
+def test_rounded_later_levels_see_a_circle_and_learn_the_captions_shape(tmp_path):
+    """round_prob 1: a chunk at a later level is noised from the same shot with its object
+    drawn as a circle, while the loss compares with the caption's shape."""
+    import training.start_train as st
+    from model.text import build_umt5, load_tokenizer
+    from training.dit_train import DiTTrainConfig
+    from training.render import all_scenes, stable_seed
+    from training.run import init_dit
+    from training.tokenizer import save_tokenizer
+
+    seen = []
+    dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
+    tok = load_tokenizer(CFG.text, save_tokenizer(tmp_path / "tok"))
+    tc = DiTTrainConfig(
+        batch=6, level_weights=(0.0, 1.0, 0.0, 0.0), whole_shot=True, round_prob=1.0
+    )
+    vae = _per_frame_vae()
+    trainer = st.StartTrainer(CFG, dit, text, vae, tok, all_scenes(), tc, 2)
+    try:
+        trainer.flow = lambda batch, noisy, sigma, prompt: seen.append(noisy) or 0 * noisy
+        step = next(
+            s
+            for s in range(20)
+            if {"circle", "square"} <= {ex.story.scene.shape for ex in trainer.examples(s)}
+        )
+        prepared = trainer._prepare(step)
+        clean, rounds = prepared[0].clean, prepared[3]
+        loss, _ = trainer.loss(prepared, step)
+        gen = torch.Generator().manual_seed(stable_seed(2, step, "start-renoise"))
+        noise = torch.randn(clean.shape, generator=gen)
+        torch.testing.assert_close(seen[0], 0.5 * rounds + 0.5 * noise)
+        offsets = clip_frame_offsets(CFG.vae, CFG.latent_frames_per_shot)
+        for i, ex in enumerate(trainer.examples(step)):
+            key = ex.story.clip_key(len(ex.story.shots) - 1)
+            want = vae.encode_frames(render_frames(key._replace(shape="circle"), GEO, offsets))
+            torch.testing.assert_close(rounds[i], want, rtol=1e-4, atol=1e-5)
+            # a circle is its own round version; a square or triangle is not
+            assert torch.equal(rounds[i], clean[i]) == (key.shape == "circle")
+        torch.testing.assert_close(loss, 2 * (seen[0] - clean).pow(2).mean())
+    finally:
+        trainer.close()
+
+
 def test_object_mask_covers_the_objects_latent_pixels_and_one_around():
     """object_mask: the object's coverage of each latent pixel's 8x8 patch, dilated by one
     latent pixel; zero on the rest of the background."""
@@ -504,7 +547,7 @@ def test_object_weight_counts_errors_on_the_object_more_and_train_chunks_trims_s
     dit, text = init_dit(CFG, 0), build_umt5(CFG.text)
     trainer = st.StartTrainer(CFG, dit, text, _per_frame_vae(), tok, all_scenes()[:6], tc, 1)
     try:
-        batch, _, _ = trainer._prepare(0)
+        batch, *_ = trainer._prepare(0)
         n, cf = 2, CFG.chunk_frames
         assert batch.clean.shape == (2, n * cf, *CFG.latent_shape)
         assert batch.object_mask.shape == (2, n * cf, 1, CFG.latent_h, CFG.latent_w)
@@ -637,7 +680,7 @@ def test_centred_start_phase_targets_ignore_the_noise(tmp_path):
     tc = DiTTrainConfig(batch=3, layout="centred")
     trainer = StartTrainer(CFG, dit, text, _per_frame_vae(), tok, all_scenes()[:12], tc, seed=1)
     try:
-        batch, _, _ = trainer._prepare(5)
+        batch, *_ = trainer._prepare(5)
         keys = [ex.story.clip_key(len(ex.story.shots) - 1) for ex in trainer.examples(5)]
         assert all(k.start is None for k in keys)
         expected = torch.stack(trainer.cache.clips(keys, CFG.chunk_frames))
