@@ -169,9 +169,11 @@ def breakdown(results: list[ChunkResult]) -> dict:
             groups.setdefault(by, {}).setdefault(value, []).append(r.agreement)
 
     def figures(agree: list[dict[str, bool]]) -> dict:
-        out = {k: _frac([a[k] for a in agree]) for k in BROKEN_DOWN}
-        out["colour"] = _frac([a["background"] and a["colour"] for a in agree])
-        return out | {"chunks": len(agree)}
+        return {
+            "colour": _frac([a["background"] and a["colour"] for a in agree]),
+            **{k: _frac([a[k] for a in agree]) for k in BROKEN_DOWN if k != "colour"},
+            "chunks": len(agree),
+        }
 
     shape_read: dict[str, dict[str, int]] = {}
     for r in results:
