@@ -157,6 +157,7 @@ def breakdown(results: list[ChunkResult]) -> dict:
     of its chunks whose colour (background and object), shape, motion and framing agree,
     and its chunk count."""
     groups: dict[str, dict[str, list[dict[str, bool]]]] = {}
+    shape_read: dict[str, dict[str, int]] = {}
     for r in results:
         where = {
             "shape": r.expected["shape"],
@@ -167,6 +168,9 @@ def breakdown(results: list[ChunkResult]) -> dict:
         }
         for by, value in where.items():
             groups.setdefault(by, {}).setdefault(value, []).append(r.agreement)
+        read = str(r.read["shape"])  # "None": no object found
+        row = shape_read.setdefault(r.expected["shape"], {})
+        row[read] = row.get(read, 0) + 1
 
     def figures(agree: list[dict[str, bool]]) -> dict:
         return {
@@ -175,11 +179,6 @@ def breakdown(results: list[ChunkResult]) -> dict:
             "chunks": len(agree),
         }
 
-    shape_read: dict[str, dict[str, int]] = {}
-    for r in results:
-        read = str(r.read["shape"])  # "None": no object found
-        row = shape_read.setdefault(r.expected["shape"], {})
-        row[read] = row.get(read, 0) + 1
     return {
         "by_prompt": {
             by: {value: figures(agree) for value, agree in sorted(values.items())}
