@@ -1,8 +1,10 @@
 """What a size of the demo model would cost on this host, before training it: the production
 generator's time per chunk (real-time factor) and, optionally, the seconds of one step of the
-centred DiT phase, for variants of the demo preset.
+centred DiT phase (its attention mask as blocks, as training runs it, and dense), for
+variants of the demo preset.
 
     python -m bench.demo_sizes --variant patch=2 --variant patch=1 --train-steps 4
+    python -m bench.demo_sizes --train-steps 20 --train-chunks 4
 
 A variant changes the preset's sizes: `patch` (the DiT's spatial patch: `1`, or `1x2` for
 one latent pixel high and two wide), `dim`, `layers` (the DiT), `base` (the VAE's base
@@ -90,24 +92,42 @@ def time_generator(cfg: ModelConfig, shots: int) -> dict:
     }
 
 
-def time_training(cfg: ModelConfig, steps: int) -> dict:
-    """Seconds per step of the centred DiT phase (batch 8, its data prefetched on a thread)."""
+def time_training(cfg: ModelConfig, steps: int, chunks: int = 2) -> dict:
+    """Seconds per step of the centred DiT phase (batch 8, its data prefetched on a thread)
+    over `chunks` chunks of a shot (the centred phase trains 2, the quick recipe's last phase
+    all 4), with the attention mask as blocks (what training runs) and dense, the two
+    alternating step by step so that a change in the host's load falls on both."""
     from training.evaluate import random_demo_model
     from training.run import _centred, _tokenizer_and_scenes
     from training.start_train import StartTrainer
+    from training.teacher_forcing import shot_mask
 
     model = random_demo_model(cfg)
     dit, text = model.dit.requires_grad_(True), model.text.model.requires_grad_(True)
+    phase = dataclasses.replace(_centred(2 * steps + 1), train_chunks=chunks)
     with tempfile.TemporaryDirectory() as work:
         tok, scenes = _tokenizer_and_scenes(cfg, Path(work))
-        tr = StartTrainer(cfg, dit, text, model.vae, tok, scenes, _centred(steps + 1), 0)
+        tr = StartTrainer(cfg, dit, text, model.vae, tok, scenes, phase, 0)
+        masks = {
+            "blocks": tr.mask,
+            "dense": shot_mask(cfg.context_frames, chunks, cfg.chunk_frames, cfg.tokens_per_frame),
+        }
         tr.step(0)  # warm-up (and the first batch, which nothing prefetched)
-        t = time.perf_counter()
-        for s in range(1, steps + 1):
+        seconds = dict.fromkeys(masks, 0.0)
+        for s in range(1, 2 * steps + 1):
+            name = ("blocks", "dense")[s % 2]
+            tr.mask = masks[name]
+            t = time.perf_counter()
             tr.step(s)
-        seconds = (time.perf_counter() - t) / steps
+            seconds[name] += time.perf_counter() - t
         tr.close()
-    return {"train_steps": steps, "train_step_s": round(seconds, 2)}
+    return {
+        "train_steps": steps,
+        "train_chunks": chunks,
+        "train_step_s": round(seconds["blocks"] / steps, 2),
+        "train_step_dense_mask_s": round(seconds["dense"] / steps, 2),
+        "dense_over_blocks": round(seconds["dense"] / seconds["blocks"], 2),
+    }
 
 
 def main() -> None:
@@ -121,6 +141,12 @@ def main() -> None:
     )
     ap.add_argument("--shots", type=int, default=3, help="shots timed after the warm-up")
     ap.add_argument("--train-steps", type=int, default=0, help="DiT training steps to time")
+    ap.add_argument(
+        "--train-chunks",
+        type=int,
+        default=2,
+        help="chunks of a shot each training step trains (2: the centred phase; 4: every chunk)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument(
         "--save", default=None, help="append the JSON lines to bench/results/NAME.jsonl"
@@ -142,7 +168,7 @@ def main() -> None:
             **time_generator(cfg, args.shots),
         }
         if args.train_steps:
-            row.update(time_training(cfg, args.train_steps))
+            row.update(time_training(cfg, args.train_steps, args.train_chunks))
         emit({**row, **environment(torch.device("cpu")), "threads": args.threads}, args.save)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cache.kv import KVCache
-from model.attention import attention
+from model.attention import BlockMask, attention
 from model.config import ModelConfig
 from model.rope import RopeTables, apply_rope
 
@@ -201,7 +201,7 @@ class Pass:
     row per frame into `text_k`/`text_v` (L, B, S, T, H, d). With caches, `rows` holds one
     (cache, start, end) per batch row: the row's K/V are written at `[start, start+N)` and it
     attends over its cache's `[0, end)`. Without caches, attention runs over the pass's own
-    tokens with `mask`.
+    tokens with `mask` (dense, or a `BlockMask`).
     """
 
     __slots__ = (
@@ -226,7 +226,7 @@ class Pass:
         kv: KVCache | None = None,
         start: int = 0,
         end: int = 0,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
         backend: str = "sdpa",
         rows: list[tuple[KVCache, int, int]] | None = None,
         group_rows: bool = False,

@@ -45,7 +45,7 @@ from training.render import (
     sample_story,
     stable_seed,
 )
-from training.teacher_forcing import shot_mask, teacher_forced_flow
+from training.teacher_forcing import shot_blocks, teacher_forced_flow
 from training.vae_train import clip_frame_offsets
 from training.vocab import Scene
 
@@ -309,7 +309,7 @@ class DiTTrainer:
             params, lr=tc.lr, betas=(0.9, 0.99), weight_decay=tc.weight_decay
         )
         self.params = params
-        self.mask = shot_mask(
+        self.mask = shot_blocks(
             cfg.context_frames, cfg.chunks_per_shot, cfg.chunk_frames, cfg.tokens_per_frame
         )
         self.levels = torch.tensor(_sampler_sigmas(cfg), dtype=torch.float32)

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 from training.dit_train import Batch, DiTTrainer, Example, build_batch, encode_text
 from training.render import stable_seed
-from training.teacher_forcing import shot_mask
+from training.teacher_forcing import shot_blocks
 
 
 def noise_start(eps0: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -84,7 +84,7 @@ class StartTrainer(DiTTrainer):
         self.n_chunks = (self.tc.train_chunks or cfg.chunks_per_shot) if self.tc.whole_shot else 1
         if self.n_chunks > cfg.chunks_per_shot:
             raise ValueError(f"train_chunks {self.n_chunks} > chunks_per_shot")
-        self.mask = shot_mask(
+        self.mask = shot_blocks(
             cfg.context_frames, self.n_chunks, cfg.chunk_frames, cfg.tokens_per_frame
         )
 

@@ -6,13 +6,15 @@ per chunk)], with a mask reproducing inference exactly (docs/design/generator.md
 - clean chunk i -> context and clean chunks <= i (what its refresh pass sees);
 - noisy chunk i -> context, clean chunks < i and itself (what its denoise passes see).
 The noisy copy's output equals what chunk-by-chunk cached inference computes on the same
-clean history; a test holds the two together.
+clean history; a test holds the two together. The trainers pass the mask as a `BlockMask`
+(`shot_blocks`): only 40 to 50 percent of it attends, and its attention then skips the rest.
 """
 
 from __future__ import annotations
 
 import torch
 
+from model.attention import BlockMask
 from model.dit import CausalDiT, Pass
 
 
@@ -42,6 +44,13 @@ def shot_mask(
     return frames.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
+def shot_blocks(
+    context_frames: int, n_chunks: int, chunk_frames: int, tokens_per_frame: int, device=None
+) -> BlockMask:
+    """`shot_mask` as a `BlockMask`: the training forward's attention skips what it masks."""
+    return BlockMask(shot_mask(context_frames, n_chunks, chunk_frames, tokens_per_frame, device))
+
+
 def teacher_forced_flow(
     dit: CausalDiT,
     context: torch.Tensor,
@@ -52,7 +61,7 @@ def teacher_forced_flow(
     gen_flag: torch.Tensor,
     prompt_embeds: torch.Tensor,
     caption_index: torch.Tensor,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | BlockMask | None = None,
 ) -> torch.Tensor:
     """Flow predictions for the noisy copy of a shot, all chunks in one forward.
 
@@ -75,7 +84,7 @@ def teacher_forced_flow(
     captions = torch.cat([caption_index, shot_caps], dim=1)
     text_k, text_v = dit.text_kv(prompt_embeds)
     if mask is None:
-        mask = shot_mask(n_ctx, n_chunks, cfg.chunk_frames, cfg.tokens_per_frame, device)
+        mask = shot_blocks(n_ctx, n_chunks, cfg.chunk_frames, cfg.tokens_per_frame, device)
     t = torch.cat(
         [
             torch.zeros(b, n_ctx + n_shot, device=device),

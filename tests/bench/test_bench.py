@@ -60,6 +60,8 @@ def test_demo_sizes_times_variants_of_the_demo_preset():
     assert small["dit_params"] < shipped["dit_params"] == 1_226_944  # the shipped DiT's size
     for r in rows:
         assert r["frames"] == 9 + 3 * 12 and r["realtime_factor"] > 0 and r["train_step_s"] > 0
+        assert r["train_chunks"] == 2 and r["train_step_dense_mask_s"] > 0
+        assert r["dense_over_blocks"] > 0
     bad = subprocess.run(
         [sys.executable, "-m", "bench.demo_sizes", "--variant", "heads=3"],
         cwd=REPO,

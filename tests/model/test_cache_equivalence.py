@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.attention import BlockMask, attention
 from model.config import PRESETS
 from model.dit import build_dit
 from model.golden import caption_index_for, new_cache
 from model.sampler import FlowSchedule
 from model.steps import chunk_pass, prefill_context, refresh_cache
-from training.teacher_forcing import shot_mask, teacher_forced_flow
+from training.teacher_forcing import shot_blocks, shot_mask, teacher_forced_flow
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,85 @@ def test_mask_pattern():
         dtype=torch.bool,
     )
     assert torch.equal(m, expected)
+
+
+def test_block_mask_keeps_the_shot_masks_key_sets():
+    """One block per run of query rows with the same keys: a slice where they are contiguous
+    (context, clean chunks), an index where they are not (a noisy chunk skips the clean copy
+    of itself and of later chunks)."""
+    blocks = shot_blocks(context_frames=2, n_chunks=2, chunk_frames=1, tokens_per_frame=1).blocks
+    got = [(a, b, k if isinstance(k, slice) else k.tolist()) for a, b, k in blocks]
+    assert got == [
+        (0, 2, slice(0, 2)),
+        (2, 3, slice(0, 3)),
+        (3, 4, slice(0, 4)),
+        (4, 5, [0, 1, 4]),
+        (5, 6, [0, 1, 2, 5]),
+    ]
+
+
+def _random_mask(g: torch.Generator, n: int) -> torch.Tensor:
+    """Runs of rows sharing random (mostly non-contiguous) key sets, each set non-empty."""
+    rows, mask = 0, torch.zeros(n, n, dtype=torch.bool)
+    while rows < n:
+        run = int(torch.randint(1, 5, (1,), generator=g))
+        keys = torch.rand(n, generator=g) < 0.4
+        keys[int(torch.randint(0, n, (1,), generator=g))] = True
+        mask[rows : rows + run] = keys
+        rows += run
+    return mask
+
+
+@pytest.mark.parametrize("case", ["shot", "random"])
+def test_block_mask_attention_equals_the_dense_mask_with_its_gradients(case):
+    g = torch.Generator().manual_seed(3)
+    if case == "shot":
+        dense = shot_mask(context_frames=6, n_chunks=4, chunk_frames=3, tokens_per_frame=4)
+    else:
+        dense = _random_mask(g, 37)
+    n = dense.shape[0]
+    inputs = [torch.randn(2, n, 3, 8, generator=g, requires_grad=True) for _ in range(3)]
+    out = {}
+    for name, mask in (("dense", dense), ("blocks", BlockMask(dense))):
+        y = attention(*inputs, mask=mask)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        out[name] = (y.detach(), *(x.grad.clone() for x in inputs))
+        for x in inputs:
+            x.grad = None
+    if case == "random":
+        assert len(BlockMask(dense).blocks) > 5
+    for a, b in zip(out["dense"], out["blocks"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_block_mask_refuses_a_row_without_keys_and_a_wrong_size():
+    empty_row = torch.ones(4, 4, dtype=torch.bool)
+    empty_row[2] = False
+    with pytest.raises(ValueError, match="at least one key"):
+        BlockMask(empty_row)
+    blocks = BlockMask(torch.ones(4, 4, dtype=torch.bool))
+    q = torch.randn(1, 5, 2, 8)
+    with pytest.raises(ValueError, match="shape"):
+        attention(q, q, q, mask=blocks)
+
+
+def test_teacher_forcing_gives_the_same_flow_with_the_dense_mask(setup):
+    cfg, dit = setup
+    ctx, flags, prompt = _conditioning(cfg, 2)
+    g = torch.Generator().manual_seed(7)
+    n = cfg.latent_frames_per_shot
+    clean, noisy = (torch.randn(1, n, *cfg.latent_shape, generator=g) for _ in range(2))
+    chunk_t = torch.tensor([[999.0, 750.0, 500.0]])
+    gen_flag = flags[:, -1] + 1
+    captions = torch.cat(
+        [caption_index_for(flags, 3), caption_index_for(gen_flag, 3).expand(1, n)], dim=1
+    )
+    dense = shot_mask(cfg.context_frames, 3, cfg.chunk_frames, cfg.tokens_per_frame)
+    args = (dit, ctx, flags, clean, noisy, chunk_t, gen_flag, prompt, captions)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            teacher_forced_flow(*args), teacher_forced_flow(*args, mask=dense), rtol=0, atol=1e-5
+        )
 
 
 def test_cache_writes_only_its_slot(setup):
