@@ -49,9 +49,9 @@ class BlockMask:
     attend to the same keys, each with those keys (a slice where they are contiguous, an
     index otherwise). Attention over it is one unmasked call per block, which skips the
     masked-out scores a dense mask still computes: training's teacher-forced shots
-    (training/teacher_forcing.py) attend to 40 to 50 percent of their keys, and their
-    attention runs about twice as fast this way on CPU (bench/train_step.py). The result is
-    the dense mask's to float rounding."""
+    (training/teacher_forcing.py) attend to 40 to 50 percent of their keys, and the demo
+    preset's training step runs 1.1 to 1.2 times as fast this way on CPU
+    (`bench.demo_sizes --train-steps`). The result is the dense mask's to float rounding."""
 
     def __init__(self, mask: torch.Tensor):
         if mask.dim() != 2 or mask.dtype != torch.bool:
