@@ -234,7 +234,8 @@ class TrainDemoConfig:
     # after placement, at the placement phase's learning rate (1e-3: a DiT trained only to
     # place, not a settled one; measured with the last phase after it: 5e-4 and 2e-3 end
     # lower on shape, motion and switches: 0.41, 0.77, 0.33 and 0.47, 0.78, 0.35 against
-    # 0.53, 0.97, 0.69)
+    # 0.53, 0.97, 0.69); round_prob stays off: at 0.5 shape rose only to 0.59 after the
+    # last phase, and carry-over fell to 0.02 (the model card)
     cross: DiTTrainConfig = field(default_factory=lambda: replace(_cross(2500), lr=1e-3))
     # phase 15 (start_train): phase 14 again on stories of its own; quick skips it
     extend: DiTTrainConfig = field(default_factory=lambda: _extend(0))
