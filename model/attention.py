@@ -78,6 +78,7 @@ def _block_attention(
         if isinstance(keys, slice):
             kk, vv = k[:, keys], v[:, keys]
         else:
+            keys = keys.to(k.device)
             kk, vv = k.index_select(1, keys), v.index_select(1, keys)
         parts.append(attention(q[:, start:end], kk, vv, backend))
     return torch.cat(parts, dim=1)

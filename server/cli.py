@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=["quick", "full"],
         default="quick",
-        help="quick: under an hour on 2 CPU cores (55 minutes measured); full: the "
+        help="quick: under an hour on 2 CPU cores (52 to 55 minutes measured); full: the "
         "shipped weights' recipe: seventeen phases, better adherence (520 minutes measured)",
     )
     p.add_argument(

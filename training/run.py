@@ -189,8 +189,8 @@ def _carry(steps: int) -> DiTTrainConfig:
 
 @dataclass(frozen=True)
 class TrainDemoConfig:
-    """The `quick` recipe (the defaults): under an hour on 2 CPU cores (54.5 minutes
-    measured): the VAE phase, then three DiT phases in the crossing layout from a fresh
+    """The `quick` recipe (the defaults): under an hour on 2 CPU cores (54.5 and 52.0
+    minutes measured on two machines): the VAE phase, then three DiT phases in the crossing layout from a fresh
     DiT (placement, phase 14's two-chunk config and phase 17's every-chunk one, each at a
     higher learning rate than the full recipe's) and, between the first and the second,
     a short phase 11 (the decoder). `full_recipe()` is the longer one the shipped weights
