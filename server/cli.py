@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=["quick", "full"],
         default="quick",
-        help="quick: under an hour on 2 CPU cores (52 to 55 minutes measured); full: the "
+        help="quick: under an hour on 2 CPU cores (55.7 minutes measured); full: the "
         "shipped weights' recipe: seventeen phases, better adherence (520 minutes measured)",
     )
     p.add_argument(
@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="steps of the phase that repeats the one before on longer stories with more "
-        "colour changes (default 0; full 1000)",
+        help="steps of the phase on stories with earlier shots and more colour changes "
+        "(default 600: first chunks at sigma 1, whose colour often only the context frames "
+        "carry; full 1000: the object-weighted whole-shot phase on longer stories)",
     )
     p.add_argument(
         "--centre-steps",
