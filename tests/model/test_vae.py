@@ -346,3 +346,49 @@ def test_wan_vae_routes_its_model():
     vae = WanVAE.random(SMALL, seed=1)
     assert use_fast_cpu_kernels(vae.model) == 0  # already routed on construction
     assert all(type(m).__name__ != "WanRMS_norm" for m in vae.model.modules())
+
+
+def test_a_lone_frame_convolves_with_the_kernels_last_time_slice_only():
+    """A frame with nothing cached before it meets only the last time slice of a causal
+    kernel (the slices before it see the zero padding): the routed conv computes with that
+    slice alone, forward and backward, and says so in the weights it hands oneDNN."""
+    stock = AutoencoderKLWan(base_dim=SMALL.base_dim, z_dim=SMALL.z_dim, is_residual=False)
+    routed = build_autoencoder(SMALL)
+    routed.load_state_dict(stock.state_dict())
+    x = torch.rand(3, 3, 1, H, W, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    want = stock.encoder(x.clone(), feat_cache=[None] * 64, feat_idx=[0])
+    with torch.profiler.profile(record_shapes=True) as prof:
+        got = routed.encoder(x.clone(), feat_cache=[None] * 64, feat_idx=[0])
+    assert (got - want).abs().max().item() < 1e-5 * want.abs().max().item()
+    kernels = [  # the 3-D convs' weights (the spatial downsamplers are 2-D convs)
+        e.input_shapes[1]
+        for e in prof.events()
+        if e.name == "aten::mkldnn_convolution" and len(e.input_shapes[1]) == 5
+    ]
+    assert len(kernels) > 5 and all(k[2] == 1 for k in kernels)  # no 3-deep time kernel ran
+    # with an earlier frame cached the whole kernel still runs (the streaming decode)
+    conv = next(m for m in routed.encoder.modules() if getattr(m, "kernel_size", (1,))[0] == 3)
+    frame = torch.rand(1, conv.in_channels, 1, 4, 6, generator=torch.Generator().manual_seed(2))
+    cached = torch.rand(1, conv.in_channels, 2, 4, 6, generator=torch.Generator().manual_seed(3))
+    full = torch.nn.functional.conv3d(
+        torch.nn.functional.pad(torch.cat([cached, frame], 2), (1, 1, 1, 1)), conv.weight, conv.bias
+    )
+    torch.testing.assert_close(conv(frame, cached), full, rtol=1e-5, atol=1e-6)
+    alone = torch.nn.functional.conv3d(
+        torch.nn.functional.pad(frame, (1, 1, 1, 1, 2, 0)), conv.weight, conv.bias
+    )
+    torch.testing.assert_close(conv(frame), alone, rtol=1e-5, atol=1e-6)
+    # gradients reach the last slice and the input as the full kernel's would
+    w = conv.weight.detach().clone().requires_grad_(True)
+    f = frame.clone().requires_grad_(True)
+    f2 = frame.clone().requires_grad_(True)
+    ref = (
+        torch.nn.functional.conv3d(torch.nn.functional.pad(f, (1, 1, 1, 1, 2, 0)), w, conv.bias)
+        .square()
+        .sum()
+    )
+    ref.backward()
+    conv.weight.grad = None
+    conv(f2).square().sum().backward()
+    torch.testing.assert_close(conv.weight.grad, w.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(f2.grad, f.grad, rtol=1e-4, atol=1e-6)
