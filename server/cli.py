@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=["quick", "full"],
         default="quick",
-        help="quick: under an hour on 2 CPU cores (55.7 minutes measured); full: the "
+        help="quick: under an hour on 2 CPU cores (52.4 minutes measured); full: the "
         "shipped weights' recipe: seventeen phases, better adherence (520 minutes measured)",
     )
     p.add_argument(
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="steps of the phase on stories with earlier shots and more colour changes "
-        "(default 600: first chunks at sigma 1, whose colour often only the context frames "
+        "(default 800: first chunks at sigma 1, whose colour often only the context frames "
         "carry; full 1000: the object-weighted whole-shot phase on longer stories)",
     )
     p.add_argument(
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="steps of the phase that repeats the one before with vertical shots crossing "
-        "the frame (default 2500, from a DiT trained only to place; full 3000)",
+        "the frame (default 4000, from a DiT trained only to place; full 3000)",
     )
     p.add_argument(
         "--extend-steps",
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="steps of the phase after those rounds, their config with every chunk of a shot "
-        "trained (default 1600, straight after the crossing phase; full 2000)",
+        "trained (default 2650, straight after the crossing phase; full 2000)",
     )
     p.add_argument(
         "--decoder-stories",
@@ -426,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="torch CPU threads of the VAE and sharpen phases, which run alone (0 = every core)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes that share every DiT step, one torch thread each (default: the "
+        "recipe's, quick 2, full 1); each draws its share of the batch from a seed of its "
+        "own, so the count changes the run",
     )
     p.set_defaults(func=cmd_train_demo)
 

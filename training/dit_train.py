@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -319,6 +320,8 @@ class DiTTrainer:
                 f"{len(self.levels)} levels"
             )
         self._pool = ThreadPoolExecutor(max_workers=1)  # prefetch: data of step i+1 during step i
+        # data-parallel phases (training/parallel.py): averages the gradients over the ranks
+        self.reduce: Callable[[list[torch.nn.Parameter]], None] | None = None
         self._next: tuple[int, Future] | None = None
 
     def examples(self, step: int) -> list[Example]:
@@ -458,6 +461,8 @@ class DiTTrainer:
         loss, logs = self.loss(batch, step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.reduce is not None:
+            self.reduce(self.params)
         logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.tc.grad_clip))
         self.opt.step()
         return logs

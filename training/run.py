@@ -42,10 +42,16 @@ version was made from them, and the later ones from the checkpoints of the one b
 Checkpoints are written atomically every `checkpoint_s` seconds and at the end of a phase;
 `resume` continues from them. Data and noise are keyed by (seed, step), so a resumed run
 trains on the same batches as an uninterrupted one.
+
+With `workers` > 1 (the quick recipe: 2) every DiT phase runs that many processes that
+share each step (training/parallel.py): this process is rank 0 and writes the checkpoints,
+the others are spawned for the phase from its weights and optimiser state, so `resume`
+works as without them. Batches are then keyed by (seed, rank, step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -68,6 +74,7 @@ from training.decoder_train import (
     make_decoder_optimizer,
 )
 from training.dit_train import DiTTrainConfig, DiTTrainer
+from training.parallel import PhaseJob, Ranks, rank_config
 from training.render import ClipKey, Geometry, all_scenes, held_out_scenes, render_frames
 from training.start_train import StartTrainer
 from training.tokenizer import save_tokenizer
@@ -206,13 +213,15 @@ def _carry(steps: int) -> DiTTrainConfig:
 
 @dataclass(frozen=True)
 class TrainDemoConfig:
-    """The `quick` recipe (the defaults): under an hour on 2 CPU cores (55.7 minutes
-    measured; without phase 6, 54.5 and 52.0 on two machines): the VAE phase, then four DiT
-    phases in the crossing layout from a fresh DiT (placement, phase 6 as first chunks on
-    stories whose colour turned in an earlier shot, phase 14's two-chunk config and phase
-    17's every-chunk one, each at a higher learning rate than the full recipe's) and,
-    between the second and the third, a short phase 11 (the decoder). `full_recipe()` is
-    the longer one the shipped weights come from."""
+    """The `quick` recipe (the defaults): under an hour on 2 CPU cores (52.4 minutes of
+    phases measured; with one process and fewer steps 55.7, and before phase 6 54.5 and
+    52.0 on two machines): the VAE phase, then four DiT phases in the crossing layout from
+    a fresh DiT (placement, phase 6 as first chunks on stories whose colour turned in an
+    earlier shot, phase 14's two-chunk config and phase 17's every-chunk one, each at a
+    higher learning rate than the full recipe's) and, between the second and the third, a
+    short phase 11 (the decoder). Two processes share every DiT step (`workers`;
+    training/parallel.py), which bought the steps of the last three DiT phases (the model
+    card). `full_recipe()` is the longer one the shipped weights come from."""
 
     seed: int = 0
     vae: VAETrainConfig = field(default_factory=lambda: VAETrainConfig(layout="anchored"))
@@ -232,10 +241,10 @@ class TrainDemoConfig:
     # only in how much history they see); the quick recipe skips it
     polish: DiTTrainConfig = field(default_factory=lambda: _whole_shots(0))
     # phase 6 (start_train): phase 5 on longer stories with more colour turns; quick: first
-    # chunks at sigma 1 on such stories (`_quick_carry`; measured from the placement
-    # checkpoint with the later phases after it: carry-over 0.07 -> 0.25 and every other
-    # figure held or rose; the model card)
-    carry: DiTTrainConfig = field(default_factory=lambda: _quick_carry(600))
+    # chunks at sigma 1 on such stories (`_quick_carry`; measured at 600 steps from the
+    # placement checkpoint with the later phases after it: carry-over 0.07 -> 0.25 and every
+    # other figure held or rose; 800 since two workers made steps cheaper; the model card)
+    carry: DiTTrainConfig = field(default_factory=lambda: _quick_carry(800))
     # phase 7 (start_train): phase 5 in the centred layout; the quick recipe skips it
     centre: DiTTrainConfig = field(default_factory=lambda: _centred(0))
     # phase 8 (start_train): phase 7 again at a lower learning rate; the quick recipe skips it
@@ -257,7 +266,7 @@ class TrainDemoConfig:
     # lower on shape, motion and switches: 0.41, 0.77, 0.33 and 0.47, 0.78, 0.35 against
     # 0.53, 0.97, 0.69); round_prob stays off: at 0.5 shape rose only to 0.59 after the
     # last phase, and carry-over fell to 0.02 (the model card)
-    cross: DiTTrainConfig = field(default_factory=lambda: replace(_cross(2500), lr=1e-3))
+    cross: DiTTrainConfig = field(default_factory=lambda: replace(_cross(4000), lr=1e-3))
     # phase 15 (start_train): phase 14 again on stories of its own; quick skips it
     extend: DiTTrainConfig = field(default_factory=lambda: _extend(0))
     # phase 16 (start_train): phase 15 again on stories of its own, in rounds (each a fresh
@@ -271,7 +280,14 @@ class TrainDemoConfig:
     # phase's stories, motion 0.86 to 0.97 and switches 0.45 to 0.69, so 1.5e-3 is as good);
     # round_prob stays off: 0.25 or 0.5 raised shape by 0.11 to 0.15 on two draws and
     # ended with motion 0.84 to 0.85 and switches 0.43 to 0.47 (the model card)
-    whole: DiTTrainConfig = field(default_factory=lambda: replace(_whole(1600), lr=2e-3))
+    whole: DiTTrainConfig = field(default_factory=lambda: replace(_whole(2650), lr=2e-3))
+    # processes that share every DiT step (training/parallel.py): each draws batch / workers
+    # stories from a seed of its own, so the count is part of the recipe; quick: two (one
+    # process left the second core half idle: 1.5 to 1.6 times the steps a second, which
+    # bought phase 6 800 steps instead of 600, phase 14 4000 instead of 2500 and phase 17
+    # 2650 instead of 1600: shape 0.59 -> 0.75, consistency 0.48 -> 0.70, carry-over
+    # 0.25 -> 0.50, switches 0.72 -> 0.98; the model card)
+    workers: int = 2
     checkpoint_s: float = 120.0
 
 
@@ -308,6 +324,7 @@ def full_recipe(seed: int = 0) -> TrainDemoConfig:
         extra=_extra(2000),
         extra_rounds=7,
         whole=_whole(2000),
+        workers=1,
     )
 
 
@@ -381,12 +398,13 @@ def _discard_after(work: Path, name: str) -> None:
 
 
 def _run_phase(
-    name: str, trainer: DiTTrainer, work: Path, checkpoint_s: float, resume: bool
+    name: str, trainer: DiTTrainer, work: Path, checkpoint_s: float, resume: bool, workers: int = 1
 ) -> int:
     """Train `trainer`'s DiT and text encoder to its config's step count, checkpointing to
     work/NAME.pt (resumed from it with `resume`); returns the step it started at. When it
     trains at all, the later phases' checkpoints are discarded: they were built on other
-    weights."""
+    weights. With `workers` > 1, `trainer` is rank 0's (built with `rank_config`) and the
+    other ranks are spawned for the phase (training/parallel.py)."""
     dit, text, opt, steps = trainer.dit, trainer.text, trainer.opt, trainer.tc.steps
     path = work / f"{name}.pt"
     start = 0
@@ -407,14 +425,31 @@ def _run_phase(
 
     timer = _Checkpointer(checkpoint_s)
     bar = tqdm(range(start, steps), desc=name, unit="step", initial=start, total=steps)
+    ranks = contextlib.nullcontext()
+    if workers > 1 and start < steps:
+        job = PhaseJob(
+            type(trainer),
+            trainer.cfg.name,
+            replace(trainer.tc, batch=trainer.tc.batch * workers),
+            trainer.seed,
+            workers,
+            start,
+            str(work / f".{name}.handoff"),
+            str(work / f".{name}.store"),
+            str(work / "tokenizer"),
+        )
+        ranks = Ranks(trainer, job)
     try:
-        for step in bar:
-            logs = trainer.step(step)
-            bar.set_postfix(
-                loss=f"{logs['loss']:.4f}", x0=f"{logs['x0_mse']:.4f}", cache=len(trainer.cache)
-            )
-            if timer.due():
-                save(step + 1)
+        with ranks:
+            for step in bar:
+                logs = trainer.step(step)
+                bar.set_postfix(
+                    loss=f"{logs['loss']:.4f}", x0=f"{logs['x0_mse']:.4f}", cache=len(trainer.cache)
+                )
+                if timer.due():
+                    save(step + 1)
+            if isinstance(ranks, Ranks):
+                ranks.finish()
     finally:
         trainer.close()
     save(steps)
@@ -499,9 +534,13 @@ def init_dit(cfg: ModelConfig, seed: int) -> CausalDiT:
 def _tokenizer_and_scenes(cfg: ModelConfig, work: Path) -> tuple:
     """The tokenizer (written to work/tokenizer) and the training scenes (all but the
     held-out ones) of the DiT phases."""
-    tokenizer = load_tokenizer(cfg.text, save_tokenizer(work / "tokenizer"))
+    return load_tokenizer(cfg.text, save_tokenizer(work / "tokenizer")), training_scenes()
+
+
+def training_scenes() -> list:
+    """Every scene but the held-out ones (training/render.py)."""
     held = held_out_scenes()
-    return tokenizer, [s for s in all_scenes() if s not in held]
+    return [s for s in all_scenes() if s not in held]
 
 
 def train_dit_phase(
@@ -514,8 +553,9 @@ def train_dit_phase(
         torch.manual_seed(tc.seed + 2)
         text = build_umt5(cfg.text)
     tokenizer, scenes = _tokenizer_and_scenes(cfg, work)
-    trainer = DiTTrainer(cfg, dit, text, vae, tokenizer, scenes, tc.dit, tc.seed + tc.dit.data_seed)
-    start = _run_phase("dit", trainer, work, tc.checkpoint_s, resume)
+    pc = rank_config(tc.dit, tc.workers)
+    trainer = DiTTrainer(cfg, dit, text, vae, tokenizer, scenes, pc, tc.seed + tc.dit.data_seed)
+    start = _run_phase("dit", trainer, work, tc.checkpoint_s, resume, tc.workers)
     return dit, text, start
 
 
@@ -536,8 +576,11 @@ def train_start_phase(
     chunks; trains `dit` and `text` in place and leaves them in eval mode."""
     pc = getattr(tc, name) if pc is None else pc
     tokenizer, scenes = _tokenizer_and_scenes(cfg, work)
-    trainer = StartTrainer(cfg, dit, text, vae, tokenizer, scenes, pc, tc.seed + pc.data_seed)
-    _run_phase(name, trainer, work, tc.checkpoint_s, resume)
+    seed = tc.seed + pc.data_seed
+    trainer = StartTrainer(
+        cfg, dit, text, vae, tokenizer, scenes, rank_config(pc, tc.workers), seed
+    )
+    _run_phase(name, trainer, work, tc.checkpoint_s, resume, tc.workers)
 
 
 def export_weights(
@@ -739,6 +782,8 @@ def run_train_demo(args) -> int:
         later["decoder"] = replace(later["decoder"], stories=args.decoder_stories)
     if args.extra_rounds is not None:
         base = replace(base, extra_rounds=args.extra_rounds)
+    if args.workers is not None:
+        base = replace(base, workers=args.workers)
     tc = replace(base, vae=vae, dit=dit, **later)
     out = train_demo(
         args.work,

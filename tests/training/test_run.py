@@ -57,6 +57,7 @@ def _tiny_config(dit_steps: int) -> TrainDemoConfig:
         extra=replace(centred, lr=3e-4, layout="crossing", data_seed=9),
         extra_rounds=2,
         whole=replace(centred, lr=3e-4, layout="crossing", data_seed=16, train_chunks=0),
+        workers=1,  # two: tests/training/test_parallel.py
     )
 
 
