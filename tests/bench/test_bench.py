@@ -72,6 +72,26 @@ def test_demo_sizes_times_variants_of_the_demo_preset():
     assert bad.returncode == 2 and "bad variant item 'heads=3'" in bad.stderr
 
 
+def test_train_steps_times_a_phase_with_one_and_two_workers_and_the_encode_slice():
+    (row,) = run_bench(
+        "bench.train_steps",
+        "--phases",
+        "cross",
+        "--steps",
+        "3",
+        "--warm",
+        "1",
+        "--encode-frames",
+        "4",
+    )
+    assert row["bench"] == "train_steps" and row["baseline_workers"] == 1
+    assert set(row["seconds_per_step"]["cross"]) == {"1", "2"}
+    assert all(t > 0 for t in row["seconds_per_step"]["cross"].values())
+    assert row["speedup_over_workers"]["cross"]["1"] == 1.0
+    # the lone-frame slice computes what the whole kernel does, to float rounding
+    assert row["encode_max_relative_gap"] < 1e-5 and row["encode_speedup"] > 0
+
+
 def test_serve_runs_a_real_server_under_load_and_compares_variants():
     rows = run_bench(
         "bench.serve",
