@@ -709,7 +709,7 @@ def test_a_phase_data_seed_offsets_the_run_seed_of_its_batches(tmp_path):
 
     def by_phase(data_seed: int) -> dict:
         dit, text = fresh()
-        tc = TrainDemoConfig(seed=4, motion=replace(phase, data_seed=data_seed))
+        tc = TrainDemoConfig(seed=4, motion=replace(phase, data_seed=data_seed), workers=1)
         train_start_phase("motion", CFG, tc, tmp_path / f"w{data_seed}", vae, dit, text, False)
         return dit.state_dict()
 
