@@ -74,24 +74,15 @@ class _OneDNNCausalConv3d(WanCausalConv3d):
         ):
             weight = self.weight[:, :, k - 1 :].contiguous()
             pad_w, pad_h = self._padding[0], self._padding[2]
-            if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
-                return torch.mkldnn_convolution(
-                    x.contiguous(),
-                    weight,
-                    self.bias,
-                    (0, pad_h, pad_w),
-                    self.stride,
-                    self.dilation,
-                    self.groups,
-                )
-            return super()._conv_forward(F.pad(x, [pad_w, pad_w, pad_h, pad_h]), weight, self.bias)
+            return self._conv_forward(x, weight, self.bias, (0, pad_h, pad_w))
         return super().forward(x, cache_x)
 
-    def _conv_forward(self, x, weight, bias):
+    def _conv_forward(self, x, weight, bias, padding=None):
+        padding = self.padding if padding is None else padding  # (time, height, width)
         if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-            return super()._conv_forward(x, weight, bias)
+            return F.conv3d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
         return torch.mkldnn_convolution(
-            x.contiguous(), weight, bias, self.padding, self.stride, self.dilation, self.groups
+            x.contiguous(), weight, bias, padding, self.stride, self.dilation, self.groups
         )
 
 
